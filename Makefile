@@ -1,0 +1,39 @@
+# The two commands: `make demo` and `make test`. Each builds .venv from nothing but Python.
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed-$(shell cat pyproject.toml | cksum | cut -d' ' -f1)
+BENCH ?=
+
+.PHONY: demo test lint typecheck pytest bench venv clean fixtures
+
+venv: $(STAMP)
+
+$(STAMP): pyproject.toml
+	@bash scripts/ensure-venv.sh "$(PYTHON)" "$(VENV)"
+	$(PY) -m pip install --quiet --upgrade pip 2>&1 | grep -v '^WARNING: Location' || true
+	$(PY) -m pip install --quiet -e '.[device,train,dev]' 2>&1 | grep -v '^WARNING: Location' || true
+	$(PY) -c "import ai_edge_litert, torch, litert_torch, ai_edge_quantizer, pytest"
+	@rm -f $(VENV)/.installed-*
+	@touch $@
+
+demo: venv
+	$(PY) scripts/demo.py
+
+lint: venv
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
+
+typecheck: venv
+	$(VENV)/bin/mypy
+
+pytest: venv
+	$(PY) -m pytest
+
+test: lint typecheck pytest
+
+bench: venv
+	$(PY) -m bench.run $(BENCH)
+
+clean:
+	rm -rf $(VENV) build .pytest_cache .mypy_cache .ruff_cache

@@ -1,0 +1,109 @@
+"""torch definitions of the reference models. Every net takes the device's layout (channels
+last) and returns (logits, embedding) so the head can be fine-tuned on the device."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+__all__ = ["DigitsCNN", "MobileNetV2", "SensorCNN1D"]
+
+
+class DigitsCNN(nn.Module):
+    """Small CNN for 8x8 grey digits, NHWC in."""
+
+    def __init__(self, classes: int = 10, embedding: int = 64) -> None:
+        super().__init__()
+        self.features = nn.Sequential(
+            nn.Conv2d(1, 16, 3, padding=1),
+            nn.ReLU(),
+            nn.Conv2d(16, 32, 3, padding=1),
+            nn.ReLU(),
+            nn.MaxPool2d(2),
+            nn.Flatten(),
+            nn.Linear(32 * 4 * 4, embedding),
+            nn.ReLU(),
+        )
+        self.head = nn.Linear(embedding, classes)
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        embedding = self.features(x.permute(0, 3, 1, 2))
+        return self.head(embedding), embedding
+
+
+class SensorCNN1D(nn.Module):
+    """1-D CNN for multichannel sensor windows, NLC (time, channel) in."""
+
+    def __init__(self, channels: int, classes: int, embedding: int = 32) -> None:
+        super().__init__()
+        self.features = nn.Sequential(
+            nn.Conv1d(channels, 16, 5, padding=2),
+            nn.ReLU(),
+            nn.Conv1d(16, 32, 5, padding=2),
+            nn.ReLU(),
+            nn.AdaptiveAvgPool1d(1),
+            nn.Flatten(),
+            nn.Linear(32, embedding),
+            nn.ReLU(),
+        )
+        self.head = nn.Linear(embedding, classes)
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        embedding = self.features(x.permute(0, 2, 1))
+        return self.head(embedding), embedding
+
+
+def _conv_bn(inp: int, out: int, stride: int, groups: int = 1, kernel: int = 3) -> nn.Sequential:
+    return nn.Sequential(
+        nn.Conv2d(inp, out, kernel, stride, kernel // 2, groups=groups, bias=False),
+        nn.BatchNorm2d(out),
+        nn.ReLU6(inplace=True),
+    )
+
+
+class _InvertedResidual(nn.Module):
+    def __init__(self, inp: int, out: int, stride: int, expand: int) -> None:
+        super().__init__()
+        hidden = inp * expand
+        layers: list[nn.Module] = [] if expand == 1 else [_conv_bn(inp, hidden, 1, kernel=1)]
+        layers += [
+            _conv_bn(hidden, hidden, stride, groups=hidden),
+            nn.Conv2d(hidden, out, 1, bias=False),
+            nn.BatchNorm2d(out),
+        ]
+        self.block = nn.Sequential(*layers)
+        self.residual = stride == 1 and inp == out
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x + self.block(x) if self.residual else self.block(x)
+
+
+class MobileNetV2(nn.Module):
+    """MobileNetV2 (width 1.0, 224x224 RGB, NHWC in), the shape the benchmarks target."""
+
+    # expansion, channels, repeats, first stride
+    _SETTINGS = (
+        (1, 16, 1, 1),
+        (6, 24, 2, 2),
+        (6, 32, 3, 2),
+        (6, 64, 4, 2),
+        (6, 96, 3, 1),
+        (6, 160, 3, 2),
+        (6, 320, 1, 1),
+    )
+
+    def __init__(self, classes: int = 1000) -> None:
+        super().__init__()
+        layers: list[nn.Module] = [_conv_bn(3, 32, 2)]
+        channels = 32
+        for expand, out, repeats, stride in self._SETTINGS:
+            for i in range(repeats):
+                layers.append(_InvertedResidual(channels, out, stride if i == 0 else 1, expand))
+                channels = out
+        layers += [_conv_bn(channels, 1280, 1, kernel=1), nn.AdaptiveAvgPool2d(1), nn.Flatten()]
+        self.features = nn.Sequential(*layers)
+        self.head = nn.Linear(1280, classes)
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        embedding = self.features(x.permute(0, 3, 1, 2))
+        return self.head(embedding), embedding

@@ -1,0 +1,195 @@
+"""Reference models trained on real data that ships inside a package, built into bundles.
+
+`build_reference("digits", out_dir)` trains the small CNN on scikit-learn's 8x8 digits, converts
+and int8-quantises it with the official toolchain, packs it, and measures the acceptance
+figures (int8 vs torch agreement, accuracy loss, size ratio) on held-out data.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import numpy.typing as npt
+import torch
+from torch import nn
+
+from control_plane.toolchain.convert import export_float, quantize_int8
+from control_plane.toolchain.nets import DigitsCNN
+from edged.engine import Engine, EngineOptions
+from edged.packer import PackRequest, pack
+from edged_formats import read_bundle
+
+__all__ = ["DATASETS", "BuildReport", "Dataset", "build_reference", "train"]
+
+
+@dataclass(frozen=True)
+class Dataset:
+    """Raw samples as a device would see them (batch first), split three ways."""
+
+    name: str
+    labels: tuple[str, ...]
+    x_train: npt.NDArray[Any]
+    y_train: npt.NDArray[np.int64]
+    x_val: npt.NDArray[Any]
+    y_val: npt.NDArray[np.int64]
+    x_test: npt.NDArray[Any]
+    y_test: npt.NDArray[np.int64]
+    scale: float  # model input = raw * scale + offset
+    offset: float
+
+    def preprocess(self, raw: npt.NDArray[Any]) -> npt.NDArray[np.float32]:
+        return (raw.astype(np.float32) * self.scale + self.offset).astype(np.float32)
+
+
+def digits_dataset(seed: int = 0) -> Dataset:
+    """scikit-learn's 1,797 8x8 digits as uint8 pixels 0..16, split 60/20/20 stratified."""
+    from sklearn.datasets import load_digits
+    from sklearn.model_selection import train_test_split
+
+    digits = load_digits()
+    x = digits.images.astype(np.uint8)[..., None]
+    y = digits.target.astype(np.int64)
+    x_train, x_rest, y_train, y_rest = train_test_split(
+        x, y, test_size=0.4, random_state=seed, stratify=y
+    )
+    x_val, x_test, y_val, y_test = train_test_split(
+        x_rest, y_rest, test_size=0.5, random_state=seed, stratify=y_rest
+    )
+    return Dataset(
+        "digits",
+        tuple(str(i) for i in range(10)),
+        x_train,
+        y_train,
+        x_val,
+        y_val,
+        x_test,
+        y_test,
+        scale=1 / 16,
+        offset=0.0,
+    )
+
+
+@dataclass(frozen=True)
+class Recipe:
+    dataset: Callable[[], Dataset]
+    net: Callable[[Dataset], nn.Module]
+    bundle_name: str
+    epochs: int
+    lr: float
+
+
+DATASETS: dict[str, Recipe] = {
+    "digits": Recipe(
+        digits_dataset, lambda d: DigitsCNN(len(d.labels)), "digits-cnn", epochs=30, lr=2e-3
+    ),
+}
+
+
+def train(
+    module: nn.Module, data: Dataset, *, epochs: int, lr: float, seed: int = 0, batch_size: int = 64
+) -> nn.Module:
+    """Plain Adam + cross-entropy on the training split."""
+    torch.manual_seed(seed)
+    x = torch.from_numpy(data.preprocess(data.x_train))
+    y = torch.from_numpy(data.y_train)
+    optimiser = torch.optim.Adam(module.parameters(), lr=lr)
+    loss_fn = nn.CrossEntropyLoss()
+    module.train()
+    for _ in range(epochs):
+        order = torch.randperm(len(x))
+        for start in range(0, len(x), batch_size):
+            idx = order[start : start + batch_size]
+            optimiser.zero_grad()
+            logits, _ = module(x[idx])
+            loss_fn(logits, y[idx]).backward()
+            optimiser.step()
+    return module.eval()
+
+
+def torch_top1(module: nn.Module, data: Dataset, raw: npt.NDArray[Any]) -> npt.NDArray[np.intp]:
+    with torch.no_grad():
+        logits, _ = module(torch.from_numpy(data.preprocess(raw)))
+    return logits.argmax(dim=1).numpy()
+
+
+@dataclass(frozen=True)
+class BuildReport:
+    bundle: str
+    test_samples: int
+    torch_accuracy: float
+    int8_accuracy: float
+    accuracy_loss_pts: float
+    top1_agreement: float
+    float_bytes: int
+    int8_bytes: int
+    size_ratio: float
+
+    def to_json(self) -> str:
+        return json.dumps(asdict(self), indent=1)
+
+
+def build_reference(
+    name: str, out_dir: Path, *, version: str = "1.0.0", seed: int = 0
+) -> BuildReport:
+    """Train, convert, quantise, pack and evaluate one reference model; writes
+    `<bundle>-<version>.bundle`, `<name>-test.npz` (the held-out stream) and a report."""
+    recipe = DATASETS[name]
+    data = recipe.dataset()
+    torch.manual_seed(seed)
+    module = train(recipe.net(data), data, epochs=recipe.epochs, lr=recipe.lr, seed=seed)
+    sample = torch.from_numpy(data.preprocess(data.x_train[:1]))
+    float_model = export_float(module, sample)
+    int8_model = quantize_int8(float_model, data.preprocess(data.x_train[:500]))
+    head = module.head
+    assert isinstance(head, nn.Linear)
+    request = PackRequest(
+        model=int8_model,
+        labels=data.labels,
+        calibration=data.x_val,
+        calibration_labels=data.y_val,
+        name=recipe.bundle_name,
+        version=version,
+        input_scale=data.scale,
+        input_offset=data.offset,
+        output_kind="logits",
+        head=(head.weight.detach().numpy(), head.bias.detach().numpy()),
+    )
+    draft = read_bundle(pack(request))
+    int8_top1 = Engine(draft, EngineOptions()).predict(data.x_test).top1
+    float_top1 = torch_top1(module, data, data.x_test)
+    torch_acc = float(np.mean(float_top1 == data.y_test))
+    int8_acc = float(np.mean(int8_top1 == data.y_test))
+    report = BuildReport(
+        bundle=f"{recipe.bundle_name}-{version}.bundle",
+        test_samples=len(data.y_test),
+        torch_accuracy=round(torch_acc, 4),
+        int8_accuracy=round(int8_acc, 4),
+        accuracy_loss_pts=round(100 * (torch_acc - int8_acc), 2),
+        top1_agreement=round(float(np.mean(float_top1 == int8_top1)), 4),
+        float_bytes=len(float_model),
+        int8_bytes=len(int8_model),
+        size_ratio=round(len(int8_model) / len(float_model), 4),
+    )
+    metrics = {
+        "test_accuracy": report.int8_accuracy,
+        "torch_test_accuracy": torch_acc,
+        "int8_torch_agreement": report.top1_agreement,
+    }
+    bundle = pack(PackRequest(**{**request.__dict__, "metrics": metrics}))
+    out_dir.mkdir(parents=True, exist_ok=True)
+    (out_dir / report.bundle).write_bytes(bundle)
+    _save_npz(out_dir / f"{name}-test.npz", x=data.x_test, y=data.y_test)
+    (out_dir / f"{recipe.bundle_name}-{version}.report.json").write_text(report.to_json())
+    return report
+
+
+def _save_npz(path: Path, **arrays: npt.NDArray[Any]) -> None:
+    buffer = io.BytesIO()
+    np.savez_compressed(buffer, **arrays)  # type: ignore[arg-type]
+    path.write_bytes(buffer.getvalue())

@@ -1,0 +1,222 @@
+"""Model bundles: one uncompressed tar per model version, read and written as bytes.
+
+A bundle holds `manifest.json` (first), `model.tflite`, the labels file, the canary inputs and,
+for fine-tunable models, the float classifier head. `read_bundle` checks everything that can be
+checked without an interpreter and returns the members in memory; nothing touches the disk, so
+a refused bundle leaves nothing behind. Checks that need the model's tensors (shapes, dtypes)
+belong to the engine that loads it.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import tarfile
+from collections.abc import Mapping
+from dataclasses import dataclass
+
+import numpy as np
+import numpy.typing as npt
+
+from edged_formats.errors import BundleError, FormatError
+from edged_formats.manifest import _MEMBER, Manifest, MemberDigest
+
+__all__ = [
+    "MANIFEST_MEMBER",
+    "Bundle",
+    "BundleLimits",
+    "digest_members",
+    "read_bundle",
+    "write_bundle",
+]
+
+MANIFEST_MEMBER = "manifest.json"
+TFLITE_IDENTIFIER = b"TFL3"
+MIB = 1 << 20
+
+
+@dataclass(frozen=True, slots=True)
+class BundleLimits:
+    """Bounds a bundle must stay within before any member is read."""
+
+    max_member_bytes: int = 256 * MIB
+    max_total_bytes: int = 512 * MIB
+    max_members: int = 16
+
+
+@dataclass(frozen=True, slots=True)
+class Bundle:
+    """A checked bundle: the manifest and every member's bytes."""
+
+    manifest: Manifest
+    members: Mapping[str, bytes]
+
+    @property
+    def model(self) -> bytes:
+        return self.members["model.tflite"]
+
+    @property
+    def labels(self) -> tuple[str, ...]:
+        return _parse_labels(self.members[self.manifest.output.labels_member])
+
+    @property
+    def canary_inputs(self) -> npt.NDArray[np.generic]:
+        return _load_npy(self.members[self.manifest.canaries.member], "canaries")
+
+    def head_weights(self) -> tuple[npt.NDArray[np.float32], npt.NDArray[np.float32]] | None:
+        """The float classifier head as (weight [classes, embedding], bias [classes])."""
+        if self.manifest.head is None:
+            return None
+        with np.load(io.BytesIO(self.members[self.manifest.head.member])) as npz:
+            return npz["weight"].astype(np.float32), npz["bias"].astype(np.float32)
+
+    @property
+    def sha256(self) -> str:
+        """Digest of the manifest, which pins every member: the bundle's identity."""
+        return hashlib.sha256(self.manifest.to_json()).hexdigest()
+
+
+def digest_members(members: Mapping[str, bytes]) -> dict[str, MemberDigest]:
+    """The manifest's `members` table for these member bytes."""
+    return {
+        name: MemberDigest(sha256=hashlib.sha256(data).hexdigest(), size=len(data))
+        for name, data in members.items()
+    }
+
+
+def write_bundle(manifest: Manifest, members: Mapping[str, bytes]) -> bytes:
+    """Archive a manifest and its members; deterministic bytes for the same input."""
+    if dict(digest_members(members)) != dict(manifest.members):
+        raise BundleError("bundle members do not match the manifest's member table")
+    buffer = io.BytesIO()
+    with tarfile.open(fileobj=buffer, mode="w", format=tarfile.USTAR_FORMAT) as tar:
+        for name, data in [(MANIFEST_MEMBER, manifest.to_json()), *sorted(members.items())]:
+            info = tarfile.TarInfo(name)
+            info.size, info.mode, info.mtime = len(data), 0o644, 0
+            tar.addfile(info, io.BytesIO(data))
+    bundle = buffer.getvalue()
+    read_bundle(bundle)  # never write what we would refuse to read
+    return bundle
+
+
+def read_bundle(data: bytes, limits: BundleLimits | None = None) -> Bundle:
+    """Check a bundle archive and return its contents, or raise one `BundleError`."""
+    limits = limits or BundleLimits()
+    if len(data) > limits.max_total_bytes:
+        raise BundleError(
+            f"bundle is {len(data)} bytes, over the {limits.max_total_bytes}-byte limit"
+        )
+    members = _read_members(data, limits)
+    if MANIFEST_MEMBER not in members:
+        raise BundleError("bundle has no manifest.json")
+    try:
+        manifest = Manifest.from_json(members.pop(MANIFEST_MEMBER))
+    except FormatError as exc:
+        raise BundleError(f"bundle {exc}") from exc
+    _check_members(manifest, members)
+    bundle = Bundle(manifest, members)
+    _check_contents(bundle)
+    return bundle
+
+
+def _read_members(data: bytes, limits: BundleLimits) -> dict[str, bytes]:
+    members: dict[str, bytes] = {}
+    try:
+        with tarfile.open(fileobj=io.BytesIO(data), mode="r:") as tar:
+            for info in tar:
+                if not _MEMBER.match(info.name):
+                    raise BundleError(
+                        f"bundle member name '{info.name}' is not a plain file name and could "
+                        "escape the target directory"
+                    )
+                if not info.isreg():
+                    raise BundleError(f"bundle member '{info.name}' is not a regular file")
+                if info.name in members:
+                    raise BundleError(f"bundle holds member '{info.name}' twice")
+                if len(members) >= limits.max_members:
+                    raise BundleError(f"bundle has more than {limits.max_members} members")
+                if info.size > limits.max_member_bytes:
+                    raise BundleError(
+                        f"bundle member '{info.name}' is {info.size} bytes, over the "
+                        f"{limits.max_member_bytes}-byte limit"
+                    )
+                stream = tar.extractfile(info)
+                content = stream.read() if stream else b""
+                if len(content) != info.size:
+                    raise BundleError(f"bundle is truncated inside member '{info.name}'")
+                members[info.name] = content
+    except (tarfile.TarError, EOFError, OSError) as exc:
+        raise BundleError(f"bundle is not a readable tar archive ({exc})") from exc
+    return members
+
+
+def _check_members(manifest: Manifest, members: Mapping[str, bytes]) -> None:
+    listed, present = set(manifest.members), set(members)
+    if present - listed:
+        raise BundleError(f"bundle member '{sorted(present - listed)[0]}' is not in the manifest")
+    if listed - present:
+        raise BundleError(f"bundle lacks member '{sorted(listed - present)[0]}'")
+    actual = digest_members(members)
+    for name, expected in sorted(manifest.members.items()):
+        if actual[name].size != expected.size:
+            raise BundleError(
+                f"bundle member '{name}' is {actual[name].size} bytes but the manifest "
+                f"says {expected.size}"
+            )
+        if actual[name].sha256 != expected.sha256:
+            raise BundleError(f"bundle member '{name}' does not match its sha256 in the manifest")
+
+
+def _check_contents(bundle: Bundle) -> None:
+    manifest = bundle.manifest
+    if bundle.model[4:8] != TFLITE_IDENTIFIER:
+        raise BundleError("bundle model.tflite is not a TFLite flatbuffer (no TFL3 identifier)")
+    labels = bundle.labels
+    if len(labels) != manifest.output.num_classes:
+        raise BundleError(
+            f"bundle has {len(labels)} labels but the model outputs "
+            f"{manifest.output.num_classes} classes"
+        )
+    canaries = bundle.canary_inputs
+    expected_shape = (len(manifest.canaries.expected_top1), *manifest.input.shape[1:])
+    if canaries.shape != expected_shape:
+        raise BundleError(
+            f"bundle canary inputs have shape {list(canaries.shape)}, expected "
+            f"{list(expected_shape)}"
+        )
+    if manifest.head is not None and manifest.embedding is not None:
+        try:
+            head = bundle.head_weights()
+        except (ValueError, KeyError, OSError) as exc:
+            raise BundleError(
+                f"bundle head member is not an npz with weight and bias ({exc})"
+            ) from exc
+        assert head is not None
+        weight, bias = head
+        classes, size = manifest.output.num_classes, manifest.embedding.size
+        if weight.shape != (classes, size) or bias.shape != (classes,):
+            raise BundleError(
+                f"bundle head has weight {list(weight.shape)} and bias {list(bias.shape)}, "
+                f"expected [{classes}, {size}] and [{classes}]"
+            )
+
+
+def _parse_labels(data: bytes) -> tuple[str, ...]:
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise BundleError("bundle labels file is not UTF-8") from exc
+    labels = tuple(line.strip() for line in text.splitlines())
+    if not labels or any(not label for label in labels):
+        raise BundleError("bundle labels file has an empty label")
+    return labels
+
+
+def _load_npy(data: bytes, what: str) -> npt.NDArray[np.generic]:
+    try:
+        array = np.load(io.BytesIO(data), allow_pickle=False)
+    except (ValueError, OSError, EOFError) as exc:
+        raise BundleError(f"bundle {what} member is not a readable .npy array ({exc})") from exc
+    if not isinstance(array, np.ndarray):
+        raise BundleError(f"bundle {what} member is not a single .npy array")
+    return array

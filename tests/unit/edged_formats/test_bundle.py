@@ -1,0 +1,168 @@
+"""Bundle archives: written deterministically, read back exactly, refused with one sentence
+when unsafe or inconsistent, and never half-loaded."""
+
+from __future__ import annotations
+
+import io
+import tarfile
+
+import numpy as np
+import pytest
+
+from edged_formats import BundleError, BundleLimits, Manifest, read_bundle, write_bundle
+
+from .samples import manifest_dict, members, npy, npz
+
+
+def valid_bundle(with_head: bool = False) -> bytes:
+    content = members(with_head)
+    return write_bundle(Manifest.from_dict(manifest_dict(with_head, content)), content)
+
+
+def raw_tar(entries: list[tuple[tarfile.TarInfo, bytes]]) -> bytes:
+    buffer = io.BytesIO()
+    with tarfile.open(fileobj=buffer, mode="w", format=tarfile.GNU_FORMAT) as tar:
+        for info, data in entries:
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data) if info.isreg() else None)
+    return buffer.getvalue()
+
+
+def bundle_with(
+    content: dict[str, bytes],
+    manifest: dict | None = None,
+    extra: list[tuple[tarfile.TarInfo, bytes]] | None = None,
+) -> bytes:
+    """A tar with a manifest computed for `content` (unless given), bypassing write checks."""
+    manifest_bytes = Manifest.from_dict(manifest or manifest_dict(content=content)).to_json()
+    entries = [(tarfile.TarInfo("manifest.json"), manifest_bytes)]
+    entries += [(tarfile.TarInfo(name), data) for name, data in content.items()]
+    return raw_tar(entries + (extra or []))
+
+
+def test_round_trip_and_determinism() -> None:
+    """Reading a written bundle gives back every member; writing twice gives the same bytes."""
+    first, second = valid_bundle(with_head=True), valid_bundle(with_head=True)
+    assert first == second
+    bundle = read_bundle(first)
+    assert bundle.members == members(with_head=True)
+    assert bundle.labels == tuple(f"digit-{i}" for i in range(10))
+    assert bundle.canary_inputs.shape == (2, 8, 8, 1)
+    weight, bias = bundle.head_weights()
+    assert weight.shape == (10, 4) and bias.shape == (10,)
+    assert len(bundle.sha256) == 64
+
+
+def test_write_refuses_members_that_differ_from_manifest() -> None:
+    """The writer never produces a bundle whose table lies about its members."""
+    content = members()
+    manifest = Manifest.from_dict(manifest_dict(content=content))
+    content["labels.txt"] += b"extra\n"
+    with pytest.raises(BundleError, match="do not match the manifest"):
+        write_bundle(manifest, content)
+
+
+def _tampered(name: str, data: bytes) -> bytes:
+    content = members()
+    manifest = manifest_dict(content=content)
+    content[name] = data
+    return bundle_with(content, manifest)
+
+
+def _member_info(name: str, kind: bytes = tarfile.REGTYPE) -> tarfile.TarInfo:
+    info = tarfile.TarInfo(name)
+    info.type = kind
+    if kind == tarfile.SYMTYPE:
+        info.linkname = "/etc/passwd"
+    return info
+
+
+@pytest.mark.parametrize(
+    ("make", "message"),
+    [
+        (lambda: valid_bundle()[:3000], "truncated|not a readable tar"),
+        (lambda: b"\x00garbage" * 300, "not a readable tar|has no manifest"),
+        (lambda: b"", "not a readable tar"),
+        (
+            lambda: _tampered("model.tflite", b"\x1c\x00\x00\x00TFL3" + b"\x01" * 1024),
+            "member 'model.tflite' does not match its sha256",
+        ),
+        (lambda: _tampered("labels.txt", b"0\n"), "'labels.txt' is 2 bytes but the manifest says"),
+        (
+            lambda: bundle_with(members(), extra=[(_member_info("../../etc/cron.d/x"), b"x")]),
+            "'../../etc/cron.d/x' is not a plain file name and could escape",
+        ),
+        (lambda: bundle_with(members(), extra=[(_member_info("/abs"), b"x")]), "could escape"),
+        (
+            lambda: bundle_with(members(), extra=[(_member_info("link", tarfile.SYMTYPE), b"")]),
+            "member 'link' is not a regular file",
+        ),
+        (
+            lambda: bundle_with(members(), extra=[(_member_info("notes.txt"), b"hi")]),
+            "member 'notes.txt' is not in the manifest",
+        ),
+        (
+            lambda: bundle_with(members(), extra=[(_member_info("labels.txt"), b"x")]),
+            "holds member 'labels.txt' twice",
+        ),
+        (
+            lambda: bundle_with(
+                {k: v for k, v in members().items() if k != "canaries.npy"}, manifest_dict()
+            ),
+            "lacks member 'canaries.npy'",
+        ),
+    ],
+)
+def test_refuses_unsafe_or_inconsistent_archive(make, message: str) -> None:
+    """Each archive-level defect is refused with one sentence naming it."""
+    with pytest.raises(BundleError, match=message) as info:
+        read_bundle(make())
+    assert "\n" not in str(info.value)
+
+
+@pytest.mark.parametrize(
+    ("member", "data", "message"),
+    [
+        ("model.tflite", b"\x00" * 64, "not a TFLite flatbuffer"),
+        ("labels.txt", b"a\nb\n", "has 2 labels but the model outputs 10 classes"),
+        ("labels.txt", b"\xff\xfe\n" * 10, "labels file is not UTF-8"),
+        ("canaries.npy", npy(np.zeros((2, 4, 4, 1), np.uint8)), "canary inputs have shape"),
+        ("canaries.npy", b"not numpy", "canaries member is not a readable .npy"),
+        (
+            "head.npz",
+            npz(weight=np.ones((10, 3), np.float32), bias=np.zeros(10, np.float32)),
+            "head has weight \\[10, 3\\]",
+        ),
+        ("head.npz", b"PK-not-a-zip", "head member is not an npz"),
+    ],
+)
+def test_refuses_member_contents_that_disagree(member: str, data: bytes, message: str) -> None:
+    """Members whose contents contradict the manifest are refused even with honest hashes."""
+    content = members(with_head=True)
+    content[member] = data
+    with pytest.raises(BundleError, match=message):
+        read_bundle(bundle_with(content, manifest_dict(with_head=True, content=content)))
+
+
+def test_size_limits_apply_before_reading() -> None:
+    """Members or archives over the configured bounds are refused by size alone."""
+    bundle = valid_bundle()
+    with pytest.raises(BundleError, match=r"is \d+ bytes, over the 1000-byte limit"):
+        read_bundle(bundle, BundleLimits(max_member_bytes=1000))
+    with pytest.raises(BundleError, match="over the 2000-byte limit"):
+        read_bundle(bundle, BundleLimits(max_total_bytes=2000))
+    with pytest.raises(BundleError, match="more than 2 members"):
+        read_bundle(bundle, BundleLimits(max_members=2))
+
+
+def test_manifest_errors_surface_as_bundle_errors() -> None:
+    """An unknown format version inside an archive is a BundleError naming the manifest."""
+    content = members()
+    manifest = Manifest.from_dict(manifest_dict(content=content)).to_json()
+    manifest = manifest.replace(b'"format_version": 1', b'"format_version": 9')
+    data = raw_tar(
+        [(tarfile.TarInfo("manifest.json"), manifest)]
+        + [(tarfile.TarInfo(n), d) for n, d in content.items()]
+    )
+    with pytest.raises(BundleError, match="format_version 9 is unknown"):
+        read_bundle(data)

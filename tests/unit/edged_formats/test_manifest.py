@@ -1,0 +1,81 @@
+"""The bundle manifest schema: round trip and one clear refusal per kind of mistake."""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+import pytest
+
+from edged_formats import Manifest, ManifestError
+
+from .samples import manifest_dict
+
+
+def test_round_trip_is_lossless() -> None:
+    """A manifest read from JSON writes back the same JSON, extensions included."""
+    obj = manifest_dict()
+    obj["x-future-field"] = {"kept": True}
+    manifest = Manifest.from_dict(obj)
+    assert json.loads(manifest.to_json()) == obj
+    assert manifest.extensions == {"x-future-field": {"kept": True}}
+
+
+def _mutated(path: str, value: Any) -> dict[str, Any]:
+    obj = manifest_dict()
+    *parents, last = path.split("/")
+    target = obj
+    for key in parents:
+        target = target[key]
+    if value is KeyError:
+        del target[last]
+    else:
+        target[last] = value
+    return obj
+
+
+@pytest.mark.parametrize(
+    ("path", "value", "message"),
+    [
+        ("format_version", 2, "format_version 2 is unknown"),
+        ("format", "zip", "format must be 'edged-bundle'"),
+        ("name", KeyError, "missing the required field 'name'"),
+        ("name", "Bad Name!", "manifest name must be"),
+        ("input/shape", [1, 0, 8], "input.shape must be a non-empty list of positive"),
+        ("input/dtype", "float16", "input.dtype must be one of"),
+        ("input/layout", "NC", "'NC' does not fit shape"),
+        ("input/scale", 0, "scale must be finite and non-zero"),
+        ("input/colour", "rgb", "input has unknown field 'colour'"),
+        ("output/kind", "scores", "output.kind must be 'logits' or 'probabilities'"),
+        ("output/shape", "10", "output.shape must be list"),
+        ("members/model.tflite/sha256", "abc", "sha256 must be 64 lowercase hex"),
+        ("members/labels.txt", KeyError, "members does not list 'labels.txt'"),
+        ("canaries/expected_top1", [3, 10], "expects class 10 of 10"),
+        ("reference/feature_mean", [0.0], "feature_mean and feature_std must be equal"),
+        ("reference/granularity", "channel", "has 64 features but the input has 1 channels"),
+        ("reference/samples", True, "reference.samples must be int, not bool"),
+        ("metrics/accuracy", float("nan"), "metrics.accuracy must be a finite number"),
+        ("head", {"member": "head.npz"}, "members does not list 'head.npz'"),
+    ],
+)
+def test_refuses_bad_manifest_with_one_sentence(path: str, value: Any, message: str) -> None:
+    """Every schema violation names the field and the problem in one line."""
+    with pytest.raises(ManifestError, match=message) as info:
+        Manifest.from_dict(_mutated(path, value))
+    assert "\n" not in str(info.value)
+
+
+def test_refuses_non_json() -> None:
+    """Bytes that are not JSON are refused, not crashed on."""
+    with pytest.raises(ManifestError, match="not valid JSON"):
+        Manifest.from_json(b"\xff{not json")
+    with pytest.raises(ManifestError, match="must be a JSON object"):
+        Manifest.from_json(b"[1, 2]")
+
+
+def test_head_needs_an_embedding() -> None:
+    """A fine-tunable head without an embedding output to train on is refused."""
+    obj = manifest_dict(with_head=True)
+    obj["embedding"] = None
+    with pytest.raises(ManifestError, match="head needs an embedding"):
+        Manifest.from_dict(obj)
