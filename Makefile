@@ -5,7 +5,10 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed-$(shell cat pyproject.toml | cksum | cut -d' ' -f1)
 BENCH ?=
 
-.PHONY: demo test lint typecheck pytest bench venv clean fixtures
+LEGACY := .venv-legacy
+LEGACY_STAMP := $(LEGACY)/.installed-$(shell cat pyproject.toml | cksum | cut -d' ' -f1)
+
+.PHONY: demo test lint typecheck pytest pytest-legacy bench venv clean
 
 venv: $(STAMP)
 
@@ -30,10 +33,22 @@ typecheck: venv
 pytest: venv
 	$(PY) -m pytest
 
-test: lint typecheck pytest
+# The fallback runtime in its own environment: tflite-runtime needs numpy<2 and must work
+# without ai-edge-litert installed.
+$(LEGACY_STAMP): pyproject.toml
+	@bash scripts/ensure-venv.sh "$(PYTHON)" "$(LEGACY)"
+	$(LEGACY)/bin/python -m pip install --quiet -e '.[device-legacy,dev]' 2>&1 | grep -v '^WARNING: Location' || true
+	$(LEGACY)/bin/python -c "import tflite_runtime.interpreter, pytest"
+	@rm -f $(LEGACY)/.installed-*
+	@touch $@
+
+pytest-legacy: $(LEGACY_STAMP)
+	$(LEGACY)/bin/python -m pytest -p no:cacheprovider tests/unit tests/integration/edged
+
+test: lint typecheck pytest pytest-legacy
 
 bench: venv
 	$(PY) -m bench.run $(BENCH)
 
 clean:
-	rm -rf $(VENV) build .pytest_cache .mypy_cache .ruff_cache
+	rm -rf $(VENV) $(LEGACY) build .pytest_cache .mypy_cache .ruff_cache
