@@ -63,7 +63,7 @@ def cmd_inspect(args: argparse.Namespace) -> int:
 
 def cmd_bench(args: argparse.Namespace) -> int:
     engine = Engine.from_file(args.bundle, _engine_options(args))
-    sample = engine.bundle.canary_inputs[:1]
+    sample = engine.canary_inputs[:1]
     for _ in range(args.warmup):
         engine.predict(sample)
     latencies = []
@@ -73,7 +73,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
         engine.predict(sample)
         latencies.append(time.perf_counter() - t0)
     elapsed = time.perf_counter() - started
-    batch = np.resize(engine.bundle.canary_inputs, (args.batch, *engine.sample_shape))
+    batch = np.resize(engine.canary_inputs, (args.batch, *engine.sample_shape))
     t0 = time.perf_counter()
     rounds = max(1, args.iterations // args.batch)
     for _ in range(rounds):

@@ -8,9 +8,10 @@ table when raw samples are 8-bit, and written straight into the interpreter's in
 
 from __future__ import annotations
 
+import ctypes
 import threading
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -19,6 +20,7 @@ import numpy as np
 import numpy.typing as npt
 
 from edged.errors import InputError, ModelError, ModelMismatch
+from edged.input_map import InputMap
 from edged.runtime import Runtime, RuntimeName, load_runtime
 from edged_formats import Bundle, BundleLimits, FormatError, Manifest, read_bundle
 
@@ -161,52 +163,32 @@ class _LoadedModel:
     """A bundle made servable: sessions, the fused input map and the output decoding."""
 
     def __init__(self, bundle: Bundle, runtime: Runtime, options: EngineOptions) -> None:
-        self.bundle = bundle
+        # Keep only what serving needs: not the fine-tuning head, not the archive.
         self.manifest = bundle.manifest
+        self.model = bundle.model
+        self.labels = bundle.labels
+        self.canary_inputs = bundle.canary_inputs
         self.runtime = runtime
         self.options = options
-        self.single = _Session(runtime, bundle.model, self.manifest, 1, options)
+        self.single = _Session(runtime, self.model, self.manifest, 1, options)
         _check_tensors(self.single, self.manifest)
         self._batched: _Session | None = None
         self._batching_failed = options.max_batch == 1
         self.sample_shape = tuple(int(d) for d in self.single.input["shape"][1:])
-        self._affine = self._input_affine(self.single.input_quant)
-        self._luts: dict[np.dtype[Any], npt.NDArray[Any]] = {}
+        quant = self.single.input_quant
+        self.input_map = InputMap(
+            self.manifest.input.scale,
+            self.manifest.input.offset,
+            self.single.input["dtype"],
+            None if quant is None else (quant.scale, quant.zero_point),
+        )
 
     @property
     def version(self) -> str:
         return self.manifest.version
 
-    def _input_affine(self, quant: _Quant | None) -> tuple[float, float]:
-        spec = self.manifest.input
-        if quant is None:
-            return spec.scale, spec.offset
-        return spec.scale / quant.scale, spec.offset / quant.scale + quant.zero_point
-
-    def _lut(self, raw_dtype: np.dtype[Any]) -> npt.NDArray[Any]:
-        """Quantised tensor values for every 8-bit raw value, indexed by its bit pattern."""
-        lut = self._luts.get(raw_dtype)
-        if lut is None:
-            values = np.arange(256, dtype=np.uint8).view(raw_dtype).astype(np.float64)
-            lut = self._to_tensor_dtype(values * self._affine[0] + self._affine[1])
-            self._luts[raw_dtype] = lut
-        return lut
-
-    def _to_tensor_dtype(self, values: npt.NDArray[Any]) -> npt.NDArray[Any]:
-        dtype = np.dtype(self.single.input["dtype"])
-        if dtype.kind == "f":
-            return values.astype(dtype)
-        info = np.iinfo(dtype)
-        return np.clip(np.rint(values), info.min, info.max).astype(dtype)
-
     def _write_input(self, session: _Session, raw: npt.NDArray[Any]) -> None:
-        target = session.interpreter.tensor(session.input["index"])()
-        if raw.dtype.itemsize == 1 and raw.dtype.kind in "iu":
-            np.take(self._lut(raw.dtype), raw.view(np.uint8), out=target)
-        elif self.single.input_quant is None and self._affine == (1.0, 0.0):
-            target[...] = raw
-        else:
-            target[...] = self._to_tensor_dtype(raw * self._affine[0] + self._affine[1])
+        self.input_map.write(raw, session.interpreter.tensor(session.input["index"])())
 
     def _read(
         self, session: _Session, detail: dict[str, Any], quant: _Quant | None, count: int
@@ -236,7 +218,7 @@ class _LoadedModel:
             try:
                 self._batched = _Session(
                     self.runtime,
-                    self.bundle.model,
+                    self.model,
                     self.manifest,
                     self.options.max_batch,
                     self.options,
@@ -249,7 +231,7 @@ class _LoadedModel:
     def _check_batching(self) -> None:
         """A resized model must give the same answers as the batch-1 one, or we don't use it."""
         assert self._batched is not None
-        canaries = self.bundle.canary_inputs[: self.options.max_batch]
+        canaries = self.canary_inputs[: self.options.max_batch]
         padded = np.resize(canaries, (self.options.max_batch, *self.sample_shape))
         batch_scores, _ = self._invoke(self._batched, padded.astype(canaries.dtype))
         for i, sample in enumerate(canaries):
@@ -291,6 +273,13 @@ class _LoadedModel:
         return Prediction(scores, embeddings, self.manifest.version)
 
 
+def _release_freed_heap() -> None:
+    """glibc keeps freed heap pages (a multi-MB bundle read) in the process; hand them back so
+    a loaded model's idle RSS is what it uses. A no-op where malloc_trim does not exist."""
+    with suppress(OSError, AttributeError):
+        ctypes.CDLL(None).malloc_trim(0)
+
+
 def _softmax(logits: FloatArray) -> FloatArray:
     shifted = np.exp(logits - logits.max(axis=1, keepdims=True))
     return (shifted / shifted.sum(axis=1, keepdims=True)).astype(np.float32)
@@ -310,11 +299,13 @@ class Engine:
 
     @classmethod
     def from_file(cls, path: str | Path, options: EngineOptions | None = None) -> Engine:
-        return cls(open_bundle(path), options)
+        engine = cls(open_bundle(path), options)
+        _release_freed_heap()  # the archive bytes are gone; give their pages back
+        return engine
 
     def _prepare(self, bundle: Bundle) -> _LoadedModel:
         model = _LoadedModel(bundle, self.runtime, self.options)
-        model.predict(bundle.canary_inputs[:1])  # warm-up: first real inference
+        model.predict(model.canary_inputs[:1])  # warm-up: first real inference
         return model
 
     @property
@@ -322,12 +313,12 @@ class Engine:
         return self._model.manifest
 
     @property
-    def bundle(self) -> Bundle:
-        return self._model.bundle
+    def labels(self) -> tuple[str, ...]:
+        return self._model.labels
 
     @property
-    def labels(self) -> tuple[str, ...]:
-        return self._model.bundle.labels
+    def canary_inputs(self) -> npt.NDArray[Any]:
+        return self._model.canary_inputs
 
     @property
     def sample_shape(self) -> tuple[int, ...]:
@@ -341,15 +332,16 @@ class Engine:
     def canary_agreement(self) -> float:
         """Share of the bundle's canaries whose top-1 matches the manifest: the health check."""
         expected = np.asarray(self.manifest.canaries.expected_top1)
-        top1 = self.predict(self.bundle.canary_inputs).top1
+        top1 = self.predict(self.canary_inputs).top1
         return float(np.mean(top1 == expected))
 
     def swap(self, bundle: Bundle) -> str:
         """Serve `bundle` from the next invoke on; returns the version it replaced."""
         model = self._prepare(bundle)
         with self._lock:
-            previous, self._model = self._model, model
-        return previous.version
+            previous_version, self._model = self._model.version, model
+        _release_freed_heap()  # the old model's interpreter and buffers
+        return previous_version
 
     @contextmanager
     def interpreter(self) -> Iterator[Any]:

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import importlib
-import importlib.metadata
 import signal
 import subprocess
 import sys
@@ -86,7 +85,8 @@ def load_runtime(preferred: RuntimeName = "auto") -> Runtime:
         except ImportError as exc:
             errors.append(f"{name}: {exc}")
             continue
-        return Runtime(name, importlib.metadata.version(name), module)
+        package = importlib.import_module(_MODULES[name].split(".")[0])
+        return Runtime(name, str(getattr(package, "__version__", "unknown")), module)
     raise RuntimeUnavailable(
         "no TFLite runtime could be imported (install ai-edge-litert with "
         "`pip install 'edged[device]'`, or tflite-runtime with numpy<2): " + "; ".join(errors)

@@ -6,7 +6,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from edged.engine import Engine
+from edged.engine import Engine, open_bundle
 
 pytestmark = [pytest.mark.train, pytest.mark.slow]
 
@@ -36,7 +36,7 @@ def test_bundle_is_fine_tunable_and_self_describing(digits_build) -> None:
     assert x.dtype == np.uint8  # raw pixels as a device sees them, served through the LUT
     prediction = engine.predict(x)
     assert np.mean(prediction.top1 == y) == pytest.approx(report.int8_accuracy, abs=1e-4)
-    weight, bias = engine.bundle.head_weights()
+    weight, bias = open_bundle(out / report.bundle).head_weights()
     head_top1 = np.argmax(prediction.embeddings @ weight.T + bias, axis=1)
     assert np.mean(head_top1 == prediction.top1) >= 0.97
     assert engine.canary_agreement() == 1.0
