@@ -1,9 +1,10 @@
 """`make demo`: everything edged can do so far, end to end, on real parts.
 
-1. The cloud toolchain trains the digits CNN on scikit-learn's digits, converts it with
-   litert-torch, int8-quantises it with ai-edge-quantizer and packs a bundle.
-2. A separate device process (no torch) inspects the bundle and streams the held-out digits
-   through the LiteRT engine one by one: accuracy, latency and a confidence histogram.
+1. The cloud toolchain trains the reference models (a CNN on scikit-learn's digits, a 1-D CNN
+   on real smartwatch IMU recordings), converts them with litert-torch, int8-quantises them
+   with ai-edge-quantizer and packs bundles.
+2. Separate device processes (no torch) inspect each bundle and stream its held-out data
+   through the LiteRT engine one sample at a time: accuracy, latency, confidence histogram.
 """
 
 from __future__ import annotations
@@ -39,37 +40,41 @@ def run(*args: str, capture: bool = False) -> str:
     return result.stdout or ""
 
 
-def main() -> int:
-    out = Path(tempfile.mkdtemp(prefix="edged-demo-"))
-    step("cloud: train digits CNN (torch) -> litert-torch -> ai-edge-quantizer int8 -> bundle")
+def build(name: str, out: Path) -> Path:
+    step(f"cloud: edged-model build {name} (torch -> litert-torch -> ai-edge-quantizer int8)")
     report = json.loads(
-        run(str(BIN / "edged-model"), "build", "digits", "--out", str(out), capture=True)
+        run(str(BIN / "edged-model"), "build", name, "--out", str(out), capture=True)
     )
     print(
-        f"  held-out digits: torch {report['torch_accuracy']:.2%}, "
-        f"int8 {report['int8_accuracy']:.2%}, top-1 agreement {report['top1_agreement']:.2%}"
+        f"  held-out: torch {report['torch_accuracy']:.2%}, int8 {report['int8_accuracy']:.2%}, "
+        f"top-1 agreement {report['top1_agreement']:.2%}"
     )
     print(
         f"  size: float {report['float_bytes']} B -> int8 {report['int8_bytes']} B "
         f"({report['size_ratio']:.0%})"
     )
-    bundle = out / report["bundle"]
+    return out / report["bundle"]
 
+
+def serve(bundle: Path, data: Path) -> None:
     step(f"device: edged model inspect {bundle.name}")
     info = json.loads(run(str(BIN / "edged"), "model", "inspect", str(bundle), capture=True))
-    print(
-        f"  {info['name']} {info['version']}, {info['bytes']} B, runtime {info['model']['runtime']}"
-    )
+    print(f"  {info['name']} {info['version']}, {info['bytes']} B, {info['model']['runtime']}")
     spec = info["input"]
     print(
         f"  input {spec['shape']} {spec['dtype']} {spec['layout']}, "
-        f"raw*{spec['scale']:g}+{spec['offset']:g}; output {info['output']['kind']} over "
+        f"raw*{spec['scale']:.4g}{spec['offset']:+.4g}; output {info['output']['kind']} over "
         f"{len(info['labels'])} labels; embedding {info['embedding']['size']}"
     )
     print(f"  ops {', '.join(f'{k}x{v}' for k, v in info['model']['ops'].items())}")
+    step(f"device: edged replay {bundle.name} {data.name} (one sample at a time)")
+    run(str(BIN / "edged"), "replay", str(bundle), str(data))
 
-    step("device: edged replay (held-out digits streamed one sample at a time)")
-    run(str(BIN / "edged"), "replay", str(bundle), str(out / "digits-test.npz"))
+
+def main() -> int:
+    out = Path(tempfile.mkdtemp(prefix="edged-demo-"))
+    for name in ("digits", "sensor"):
+        serve(build(name, out), out / f"{name}-test.npz")
     print(f"\nartifacts in {out}")
     return 0
 

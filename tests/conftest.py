@@ -39,13 +39,22 @@ def tf_bundles(tmp_path_factory: pytest.TempPathFactory, tf_reference) -> dict[s
     return bundles
 
 
+def _reference_build(tmp_path_factory: pytest.TempPathFactory, name: str):
+    pytest.importorskip("torch", reason="the train extra (torch) is not installed")
+    from control_plane.toolchain.reference import build_reference
+
+    out = tmp_path_factory.mktemp(name)
+    return out, build_reference(name, out)
+
+
 @pytest.fixture(scope="session")
 def digits_build(tmp_path_factory: pytest.TempPathFactory):
     """The digits reference model built end to end by the project's toolchain (torch ->
     litert-torch -> ai-edge-quantizer -> bundle). About ten seconds, once per session."""
-    pytest.importorskip("torch", reason="the train extra (torch) is not installed")
-    from control_plane.toolchain.reference import build_reference
+    return _reference_build(tmp_path_factory, "digits")
 
-    out = tmp_path_factory.mktemp("reference")
-    report = build_reference("digits", out)
-    return out, report
+
+@pytest.fixture(scope="session")
+def sensor_build(tmp_path_factory: pytest.TempPathFactory):
+    """The smartwatch IMU 1-D CNN built the same way, once per session."""
+    return _reference_build(tmp_path_factory, "sensor")

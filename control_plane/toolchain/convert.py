@@ -51,9 +51,14 @@ def export_float(module: torch.nn.Module, sample_input: torch.Tensor) -> bytes:
 
 def quantize_int8(float_model: bytes, calibration: npt.NDArray[np.float32]) -> bytes:
     """Static int8 weights and activations, int8 input and outputs, calibrated on samples
-    shaped like the model input (batch 1 each, already preprocessed)."""
+    shaped like the model input (batch 1 each, already preprocessed).
+
+    Activation ranges are the true min/max over the calibration set (as TensorFlow's own
+    converter does), not the quantizer's default moving average, which clips wide-swinging
+    channels: on the sensor model that cost 5 points of int8/torch agreement."""
     from ai_edge_litert.interpreter import Interpreter
-    from ai_edge_quantizer import quantizer, recipe
+    from ai_edge_quantizer import calibrator, quantizer, recipe, recipe_manager
+    from ai_edge_quantizer.utils import qsv_utils
 
     signatures = Interpreter(model_content=float_model).get_signature_list()
     if len(signatures) != 1:
@@ -63,9 +68,15 @@ def quantize_int8(float_model: bytes, calibration: npt.NDArray[np.float32]) -> b
     samples = [{input_name: sample[None].astype(np.float32)} for sample in calibration]
     try:
         with _quiet():
+            manager = recipe_manager.RecipeManager()
+            manager.load_quantization_recipe(recipe.static_wi8_ai8())
+            ranges = calibrator.Calibrator(
+                bytes(float_model), qsv_update_func=qsv_utils.min_max_update
+            )
+            ranges.calibrate({signature: samples}, manager)
             quant = quantizer.Quantizer(bytearray(float_model))
             quant.load_quantization_recipe(recipe.static_wi8_ai8())
-            result = quant.quantize(quant.calibrate({signature: samples}))
+            result = quant.quantize(ranges.get_model_qsvs())
     except Exception as exc:  # the quantizer raises bare Exceptions of many kinds
         raise ConversionError(f"ai-edge-quantizer could not quantise the model: {exc}") from exc
     if result.quantized_model is None:

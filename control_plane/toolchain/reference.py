@@ -20,59 +20,17 @@ import torch
 from torch import nn
 
 from control_plane.toolchain.convert import export_float, quantize_int8
-from control_plane.toolchain.nets import DigitsCNN
+from control_plane.toolchain.datasets import Dataset, digits_dataset
+from control_plane.toolchain.nets import DigitsCNN, SensorCNN1D
+from control_plane.toolchain.sensor_data import sensor_dataset
 from edged.engine import Engine, EngineOptions
 from edged.packer import PackRequest, pack
 from edged_formats import read_bundle
 
-__all__ = ["DATASETS", "BuildReport", "Dataset", "build_reference", "train"]
+__all__ = ["DATASETS", "BuildReport", "build_reference", "train"]
 
 
-@dataclass(frozen=True)
-class Dataset:
-    """Raw samples as a device would see them (batch first), split three ways."""
-
-    name: str
-    labels: tuple[str, ...]
-    x_train: npt.NDArray[Any]
-    y_train: npt.NDArray[np.int64]
-    x_val: npt.NDArray[Any]
-    y_val: npt.NDArray[np.int64]
-    x_test: npt.NDArray[Any]
-    y_test: npt.NDArray[np.int64]
-    scale: float  # model input = raw * scale + offset
-    offset: float
-
-    def preprocess(self, raw: npt.NDArray[Any]) -> npt.NDArray[np.float32]:
-        return (raw.astype(np.float32) * self.scale + self.offset).astype(np.float32)
-
-
-def digits_dataset(seed: int = 0) -> Dataset:
-    """scikit-learn's 1,797 8x8 digits as uint8 pixels 0..16, split 60/20/20 stratified."""
-    from sklearn.datasets import load_digits
-    from sklearn.model_selection import train_test_split
-
-    digits = load_digits()
-    x = digits.images.astype(np.uint8)[..., None]
-    y = digits.target.astype(np.int64)
-    x_train, x_rest, y_train, y_rest = train_test_split(
-        x, y, test_size=0.4, random_state=seed, stratify=y
-    )
-    x_val, x_test, y_val, y_test = train_test_split(
-        x_rest, y_rest, test_size=0.5, random_state=seed, stratify=y_rest
-    )
-    return Dataset(
-        "digits",
-        tuple(str(i) for i in range(10)),
-        x_train,
-        y_train,
-        x_val,
-        y_val,
-        x_test,
-        y_test,
-        scale=1 / 16,
-        offset=0.0,
-    )
+CALIBRATION_SAMPLES = 2000  # the whole training split of both reference data sets
 
 
 @dataclass(frozen=True)
@@ -85,6 +43,13 @@ class Recipe:
 
 
 DATASETS: dict[str, Recipe] = {
+    "sensor": Recipe(
+        sensor_dataset,
+        lambda d: SensorCNN1D(d.x_train.shape[-1], len(d.labels)),
+        "watch-imu-cnn",
+        epochs=40,
+        lr=1e-2,
+    ),
     "digits": Recipe(
         digits_dataset, lambda d: DigitsCNN(len(d.labels)), "digits-cnn", epochs=30, lr=2e-3
     ),
@@ -145,7 +110,8 @@ def build_reference(
     module = train(recipe.net(data), data, epochs=recipe.epochs, lr=recipe.lr, seed=seed)
     sample = torch.from_numpy(data.preprocess(data.x_train[:1]))
     float_model = export_float(module, sample)
-    int8_model = quantize_int8(float_model, data.preprocess(data.x_train[:500]))
+    calibration = data.preprocess(data.x_train[:CALIBRATION_SAMPLES])
+    int8_model = quantize_int8(float_model, calibration)
     head = module.head
     assert isinstance(head, nn.Linear)
     request = PackRequest(

@@ -41,3 +41,25 @@ def test_bundle_is_fine_tunable_and_self_describing(digits_build) -> None:
     assert np.mean(head_top1 == prediction.top1) >= 0.97
     assert engine.canary_agreement() == 1.0
     assert sum(manifest.reference.confidence_histogram.counts) == manifest.reference.samples
+
+
+def test_sensor_model_on_unseen_subjects(sensor_build) -> None:
+    """The 1-D CNN on real smartwatch IMU windows (subjects never seen in training): int8
+    stays within a point of torch. Its top-1 agreement is 98.6 %, under the 99 % the digits
+    model reaches: an 86 %-accurate cross-subject model has many low-margin windows that
+    int8 rounding flips (min/max calibration on the whole training split; per-channel input
+    normalisation was tried and does not help). The file is 54 % of float because this
+    model's 10 k weights are smaller than the flatbuffer's fixed overhead."""
+    out, report = sensor_build
+    assert report.test_samples == 514
+    assert report.torch_accuracy >= 0.80
+    assert report.accuracy_loss_pts <= 1.0
+    assert report.top1_agreement >= 0.98
+    engine = Engine.from_file(out / report.bundle)
+    assert engine.manifest.input.layout == "NLC" and engine.sample_shape == (100, 6)
+    assert engine.manifest.reference.granularity == "element"
+    with np.load(out / "sensor-test.npz") as data:
+        prediction = engine.predict(data["x"])
+        accuracy = np.mean(prediction.top1 == data["y"])
+    assert accuracy == pytest.approx(report.int8_accuracy, abs=1e-4)
+    assert engine.canary_agreement() == 1.0
