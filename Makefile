@@ -8,7 +8,7 @@ BENCH ?=
 LEGACY := .venv-legacy
 LEGACY_STAMP := $(LEGACY)/.installed-$(shell cat pyproject.toml | cksum | cut -d' ' -f1)
 
-.PHONY: demo test lint typecheck pytest pytest-legacy bench venv clean
+.PHONY: demo test lint typecheck pytest pytest-legacy bench venv clean broker
 
 venv: $(STAMP)
 
@@ -20,7 +20,7 @@ $(STAMP): pyproject.toml
 	@rm -f $(VENV)/.installed-*
 	@touch $@
 
-demo: venv
+demo: venv broker
 	$(PY) scripts/demo.py
 
 lint: venv
@@ -30,8 +30,28 @@ lint: venv
 typecheck: venv
 	$(VENV)/bin/mypy
 
-pytest: venv
+pytest: venv broker
 	$(PY) -m pytest
+
+# The tests (and the demo) start their own Mosquitto on a free loopback port; install the
+# package when it is missing and we can (root + apt-get). The system service is not used.
+broker:
+	@command -v mosquitto >/dev/null 2>&1 || [ -x /usr/sbin/mosquitto ] || { \
+	  if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then \
+	    echo "mosquitto missing: apt-get install mosquitto"; \
+	    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq mosquitto >/dev/null \
+	      || echo "!!! apt-get install mosquitto FAILED" >&2; \
+	  fi; \
+	  command -v mosquitto >/dev/null 2>&1 || [ -x /usr/sbin/mosquitto ] || { \
+	    echo "!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!" >&2; \
+	    echo "!!! WARNING: mosquitto is not installed and could not be installed here" >&2; \
+	    echo "!!! (needs root and apt-get). Every broker test will be SKIPPED." >&2; \
+	    echo "!!! Install it: sudo apt-get install mosquitto   (or brew install mosquitto)" >&2; \
+	    echo "!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!" >&2; \
+	  }; \
+	}
+
+RUNTIME_TESTS := $(addprefix tests/integration/edged/,test_engine.py test_cli.py test_no_torch.py)
 
 # The fallback runtime in its own environment: tflite-runtime needs numpy<2 and must work
 # without ai-edge-litert installed.
@@ -42,8 +62,8 @@ $(LEGACY_STAMP): pyproject.toml
 	@rm -f $(LEGACY)/.installed-*
 	@touch $@
 
-pytest-legacy: $(LEGACY_STAMP)
-	$(LEGACY)/bin/python -m pytest -p no:cacheprovider tests/unit tests/integration/edged
+pytest-legacy: $(LEGACY_STAMP) broker
+	$(LEGACY)/bin/python -m pytest -p no:cacheprovider tests/unit $(RUNTIME_TESTS)
 
 test: lint typecheck pytest pytest-legacy
 

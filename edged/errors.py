@@ -4,13 +4,21 @@
     ├── RuntimeUnavailable      no TFLite runtime importable (configuration of the install)
     ├── ModelError              a model or bundle that cannot be served (bad data)
     │   └── ModelMismatch       manifest and .tflite disagree on tensors
-    └── InputError              an input that does not fit the model (bad data from a source)
+    ├── InputError              an input that does not fit the model (bad data from a source)
+    └── IdentityError           the device key file is unusable (permissions, length, I/O)
 
 Messages are one sentence naming the problem; bundle format errors from edged_formats are
 re-raised as ModelError with the original as the cause.
 """
 
-__all__ = ["EdgedError", "InputError", "ModelError", "ModelMismatch", "RuntimeUnavailable"]
+__all__ = [
+    "EdgedError",
+    "IdentityError",
+    "InputError",
+    "ModelError",
+    "ModelMismatch",
+    "RuntimeUnavailable",
+]
 
 
 class EdgedError(Exception):
@@ -31,3 +39,7 @@ class ModelMismatch(ModelError):
 
 class InputError(EdgedError):
     """An input whose shape or type does not fit the loaded model."""
+
+
+class IdentityError(EdgedError):
+    """The device key file cannot be read, trusted or written."""

@@ -2,12 +2,24 @@
 
     FormatError            any malformed data handed to this package
     ├── ManifestError      a manifest that is not valid JSON or breaks the schema
-    └── BundleError        an archive that is unsafe, incomplete or disagrees with its manifest
+    ├── BundleError        an archive that is unsafe, incomplete or disagrees with its manifest
+    └── WireError          an uplink message or record that cannot be accepted
+        ├── MessageError   bad data: topic, CBOR, schema version, types or bounds
+        └── SignatureError origin not proven: the signature does not verify
+            └── UnknownDevice  no verify key on record for the topic's device
 
 Every message is one sentence naming the problem, fit to show an operator as is.
 """
 
-__all__ = ["BundleError", "FormatError", "ManifestError"]
+__all__ = [
+    "BundleError",
+    "FormatError",
+    "ManifestError",
+    "MessageError",
+    "SignatureError",
+    "UnknownDevice",
+    "WireError",
+]
 
 
 class FormatError(ValueError):
@@ -20,3 +32,19 @@ class ManifestError(FormatError):
 
 class BundleError(FormatError):
     """A model bundle archive that is unsafe, incomplete or inconsistent."""
+
+
+class WireError(FormatError):
+    """An uplink message (or a record meant for one) that cannot be accepted."""
+
+
+class MessageError(WireError):
+    """A message, payload or record that breaks the wire schema or its bounds."""
+
+
+class SignatureError(WireError):
+    """A message whose origin cannot be proven with the device's key."""
+
+
+class UnknownDevice(SignatureError):
+    """A message from a device that has no verify key on record."""

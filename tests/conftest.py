@@ -1,11 +1,17 @@
-"""Session fixtures shared by the whole suite: real models, real bundles."""
+"""Session fixtures shared by the whole suite: real models, real bundles, a real broker."""
 
 from __future__ import annotations
 
+import os
+from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
+
+from tests.support.broker import MosquittoBroker, find_mosquitto
+from tests.support.proxy import FaultProxy
 
 FIXTURES = Path(__file__).parent / "fixtures"
 TF_MODELS = ("digits_float", "digits_int8_io_int8", "digits_int8_io_uint8", "digits_int8_io_float")
@@ -58,3 +64,62 @@ def digits_build(tmp_path_factory: pytest.TempPathFactory):
 def sensor_build(tmp_path_factory: pytest.TempPathFactory):
     """The smartwatch IMU 1-D CNN built the same way, once per session."""
     return _reference_build(tmp_path_factory, "sensor")
+
+
+MOSQUITTO_MISSING = "mosquitto not installed: run `make test`, which installs it"
+
+
+@pytest.fixture(scope="session")
+def mosquitto_binary() -> str:
+    """Path of the mosquitto binary; skips broker tests loudly when absent (fails under CI)."""
+    binary = find_mosquitto()
+    if binary is None:
+        if os.environ.get("CI"):
+            pytest.fail(f"{MOSQUITTO_MISSING} (CI must not skip the broker tests)")
+        pytest.skip(MOSQUITTO_MISSING)
+    return binary
+
+
+@pytest.fixture(scope="session")
+def mosquitto(
+    mosquitto_binary: str, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[MosquittoBroker]:
+    """One Mosquitto for the whole session on a free 127.0.0.1 port. Shared: never stop it
+    (take `broker` for that); use topics of your own."""
+    with MosquittoBroker(
+        binary=mosquitto_binary, workdir=tmp_path_factory.mktemp("mosquitto")
+    ) as b:
+        yield b
+
+
+@pytest.fixture
+def broker_factory(
+    mosquitto_binary: str, tmp_path: Path
+) -> Iterator[Callable[..., MosquittoBroker]]:
+    """Start extra brokers with options (persistence=True, max_queued_messages=..., see
+    MosquittoBroker); every one is stopped after the test. Logs stay in tmp_path/broker-N."""
+    started: list[MosquittoBroker] = []
+
+    def start(**options: Any) -> MosquittoBroker:
+        workdir = tmp_path / f"broker-{len(started)}"
+        b = MosquittoBroker(binary=mosquitto_binary, workdir=workdir, **options)
+        started.append(b)
+        b.start()
+        return b
+
+    yield start
+    for b in started:
+        b.close()
+
+
+@pytest.fixture
+def broker(broker_factory: Callable[..., MosquittoBroker]) -> MosquittoBroker:
+    """A fresh broker for this test alone: stop(), kill() and start() it at will."""
+    return broker_factory()
+
+
+@pytest.fixture
+def fault_proxy(broker: MosquittoBroker) -> Iterator[FaultProxy]:
+    """A fault-injecting TCP proxy in front of `broker`: connect clients to its port."""
+    with FaultProxy(broker.host, broker.port) as proxy:
+        yield proxy

@@ -1,0 +1,82 @@
+"""Bandwidth budget for metered links, pure: a token bucket (bytes per second) and a byte
+allowance per UTC day. It answers how long to wait before sending; it never sleeps itself."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from dataclasses import dataclass
+
+__all__ = ["Budget", "BudgetConfig"]
+
+DAY = 86_400
+
+
+@dataclass(frozen=True, slots=True)
+class BudgetConfig:
+    """`bytes_per_s` None means unlimited; `burst_bytes` defaults to one second's worth (at
+    least one maximum message, so a message never waits forever); `bytes_per_day` None
+    means unlimited."""
+
+    bytes_per_s: float | None = None
+    burst_bytes: int | None = None
+    bytes_per_day: int | None = None
+
+    def __post_init__(self) -> None:
+        if self.bytes_per_s is not None and not self.bytes_per_s > 0:
+            raise ValueError("bytes_per_s must be positive")
+        if self.bytes_per_day is not None and self.bytes_per_day <= 0:
+            raise ValueError("bytes_per_day must be positive")
+
+
+class Budget:
+    """Call `delay(n)` before sending n bytes: 0 means send now (and the bytes are charged),
+    a positive number is how many seconds to wait before asking again."""
+
+    def __init__(
+        self,
+        config: BudgetConfig,
+        *,
+        monotonic: Callable[[], float],
+        wall: Callable[[], float],
+        max_message: int,
+    ) -> None:
+        self.config = config
+        self._monotonic = monotonic
+        self._wall = wall
+        rate = config.bytes_per_s
+        self._burst = float(max(config.burst_bytes or (rate or 0), max_message))
+        self._tokens = self._burst
+        self._refilled = monotonic()
+        self._day = self._day_of(wall())
+        self.spent_today = 0
+
+    @staticmethod
+    def _day_of(wall: float) -> int:
+        return int(wall // DAY)
+
+    def delay(self, size: int) -> float:
+        today = self._day_of(self._wall())
+        if today != self._day:
+            self._day, self.spent_today = today, 0
+        limit = self.config.bytes_per_day
+        if limit is not None and self.spent_today + size > limit:
+            return max(1.0, (today + 1) * DAY - self._wall())
+        rate = self.config.bytes_per_s
+        if rate is not None:
+            now = self._monotonic()
+            self._tokens = min(self._burst, self._tokens + (now - self._refilled) * rate)
+            self._refilled = now
+            if self._tokens < size:
+                return (size - self._tokens) / rate
+            self._tokens -= size
+        self.spent_today += size
+        return 0.0
+
+    @property
+    def unlimited(self) -> bool:
+        return self.config.bytes_per_s is None and self.config.bytes_per_day is None
+
+    @property
+    def burst(self) -> float:
+        return self._burst if self.config.bytes_per_s is not None else math.inf

@@ -1,0 +1,546 @@
+"""The store-and-forward outbox: what the daemon hands over is never lost, never fills the
+disk, and leaves only once the broker has acknowledged it.
+
+- One SQLite file in WAL mode, one connection, one writer task. `put` for a durable class
+  returns once its record is committed with synchronous=FULL; concurrent puts share one
+  transaction (group commit), so speed comes from batching, not from weaker durability.
+  Relaxed classes (high-rate telemetry) return at once and commit with synchronous=NORMAL:
+  a power cut may lose the last commits, never corrupts the file.
+- Record classes carry a priority, a TTL on the outbox clock (device uptime, immune to wall
+  clock jumps) and a share of a disk quota, which also shrinks to keep `min_free_bytes` free
+  on the filesystem. Over quota, `plan_eviction` decides: oldest of the lowest class first,
+  the highest class last; every drop is counted and reported as an event.
+- Every record carries the idempotency key (device, boot epoch, sequence); the boot epoch
+  lives beside the database so a replaced database never reuses keys.
+- `lease` hands out records in priority order without handing the same one out twice;
+  `ack` deletes them (after the broker's PUBACK); `release` returns unacknowledged ones after
+  a disconnect. A crash in between means redelivery, which receivers de-duplicate by key.
+- A corrupt or truncated file is moved aside and replaced, and an `outbox_recovered` event
+  is queued: never a crash loop.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import dataclasses
+import logging
+import math
+import shutil
+import sqlite3
+import time
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import cbor2
+
+from edged.atomic import atomic_write
+from edged.errors import EdgedError
+from edged.outbox_policy import (
+    DEFAULT_CLASSES,
+    OutboxClock,
+    RecordClass,
+    check_classes,
+    plan_eviction,
+)
+from edged.outbox_store import ROW_OVERHEAD, Store
+from edged_formats import FormatError
+from edged_formats.wire import Record
+
+__all__ = ["Outbox", "OutboxConfig", "OutboxError", "OutboxFull", "OutboxStats"]
+
+MIB = 1 << 20
+log = logging.getLogger(__name__)
+
+
+class OutboxError(EdgedError):
+    """The outbox could not take or keep a record."""
+
+
+class OutboxFull(OutboxError):
+    """A record does not fit: the quota is held by records of higher priority."""
+
+
+@dataclass(frozen=True, slots=True)
+class OutboxConfig:
+    """Where the outbox lives and the bounds it keeps."""
+
+    path: Path
+    classes: tuple[RecordClass, ...] = DEFAULT_CLASSES
+    quota_bytes: int = 64 * MIB
+    min_free_bytes: int = 64 * MIB
+    max_record_bytes: int = 1 * MIB
+    max_group: int = 4096
+    relaxed_flush_s: float = 0.25
+    expiry_interval_s: float = 1.0
+    drop_report_interval_s: float = 60.0
+
+    def __post_init__(self) -> None:
+        check_classes(self.classes)
+        if self.quota_bytes < 64 * 1024:
+            raise ValueError("quota_bytes must be at least 64 KiB")
+        if self.max_record_bytes > self.quota_bytes // 4:
+            raise ValueError("max_record_bytes must be at most a quarter of quota_bytes")
+
+
+@dataclass(slots=True)
+class ClassStats:
+    """Counters of one record class since the outbox opened, and what it holds now."""
+
+    stored: int = 0
+    stored_bytes: int = 0
+    enqueued: int = 0
+    acked: int = 0
+    dropped_quota: int = 0
+    refused: int = 0
+    expired: int = 0
+
+
+@dataclass(frozen=True, slots=True)
+class OutboxStats:
+    boot: int
+    by_class: dict[str, ClassStats] = field(default_factory=dict)
+    recovered: str | None = None
+
+    @property
+    def depth(self) -> int:
+        return sum(s.stored for s in self.by_class.values())
+
+    @property
+    def stored_bytes(self) -> int:
+        return sum(s.stored_bytes for s in self.by_class.values())
+
+
+@dataclass(slots=True)
+class _Put:
+    klass: RecordClass
+    created: float
+    body: bytes
+    done: asyncio.Future[int] | None
+    seq: int = 0
+    internal: bool = False  # the outbox's own report: refusing it must not trigger another
+
+
+@dataclass(slots=True)
+class _Ack:
+    seqs: Sequence[int]
+    done: asyncio.Future[None]
+
+
+class Outbox:
+    """Use as `async with Outbox(config) as outbox:`; all methods run on one event loop."""
+
+    def __init__(
+        self,
+        config: OutboxConfig,
+        *,
+        monotonic: Callable[[], float] = time.monotonic,
+        wall: Callable[[], float] = time.time,
+        free_bytes: Callable[[Path], int] | None = None,
+    ) -> None:
+        self.config = config
+        self._monotonic = monotonic
+        self._wall = wall
+        self._free_bytes = free_bytes or (lambda path: shutil.disk_usage(path).free)
+        self._classes = {c.name: c for c in config.classes}
+        self._by_priority = sorted(config.classes, key=lambda c: c.priority)
+        self._stats = {c.name: ClassStats() for c in config.classes}
+        self._queue: asyncio.Queue[_Put | _Ack | None] = asyncio.Queue()
+        self._leased: dict[int, str] = {}
+        self._cursor = {c.name: 0 for c in config.classes}
+        self._store: Store | None = None
+        self._writer: asyncio.Task[None] | None = None
+        self._recovered: str | None = None
+        self._last_expiry = -math.inf
+        self._reported_drops = 0
+        self._last_drop_report = -math.inf
+        self.boot = 0
+        self._next_seq = 1
+        self._durable_queued = 0
+        self._wake = asyncio.Event()
+        self.commits = 0
+        self._available = asyncio.Event()
+        self._available.set()  # whatever the file holds at open
+
+    # -- lifecycle ----------------------------------------------------------------------------
+
+    async def __aenter__(self) -> Outbox:
+        await self.open()
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.close()
+
+    async def open(self) -> None:
+        self.boot = self._next_boot_epoch()
+        await self._open_store()
+        self._writer = asyncio.create_task(self._write_loop(), name="outbox-writer")
+
+    async def _open_store(self) -> None:
+        store, recovered = await Store.open(self.config.path)
+        self._store = store
+        self._next_seq = await store.last_seq() + 1
+        resume = max(await store.meta("clock", 0.0), await store.max_clock())
+        self._clock = OutboxClock(resume, self._monotonic)
+        usage = await store.usage()
+        for cls in self.config.classes:
+            count, size = usage.get(cls.priority, (0, 0))
+            self._stats[cls.name].stored, self._stats[cls.name].stored_bytes = count, size
+        self._leased.clear()
+        self._cursor = {c.name: 0 for c in self.config.classes}
+        if recovered:
+            self._recovered = recovered
+            self._queue_event("outbox_recovered", {"reason": recovered})
+
+    async def close(self) -> None:
+        """Commit everything already handed over, then close the file."""
+        if self._writer is not None:
+            await self._queue.put(None)
+            self._wake.set()
+            await self._writer
+            self._writer = None
+        if self._store is not None:
+            await self._store.close()
+            self._store = None
+
+    def _next_boot_epoch(self) -> int:
+        """Boot epochs count up in a file beside the database. Without one (a new device or
+        a lost file) they start at the wall-clock second, so keys never repeat."""
+        path = self.config.path.with_name(self.config.path.name + ".boot")
+        try:
+            previous = int(path.read_text().strip())
+        except (OSError, ValueError):
+            previous = int(self._wall())
+        path.parent.mkdir(parents=True, exist_ok=True)
+        atomic_write(path, f"{previous + 1}\n".encode())
+        return previous + 1
+
+    # -- producers ----------------------------------------------------------------------------
+
+    async def put(self, kind: str, body: Any, *, created: float | None = None) -> int | None:
+        """Hand a record over. Durable classes return its sequence once it is on disk;
+        relaxed classes return None at once. OutboxFull if it cannot fit."""
+        item = self._item(kind, body, created)
+        if not item.klass.durable:
+            self._queue.put_nowait(item)
+            return None
+        item.done = asyncio.get_running_loop().create_future()
+        self._enqueue(item)
+        return await item.done
+
+    async def put_many(self, kind: str, bodies: Iterable[Any]) -> list[int]:
+        """Several records of one durable class in one commit; their sequences."""
+        loop = asyncio.get_running_loop()
+        items = [self._item(kind, body, None) for body in bodies]
+        for item in items:
+            item.done = loop.create_future()
+            self._enqueue(item)
+        return [await item.done for item in items if item.done is not None]
+
+    def _enqueue(self, item: _Put | _Ack) -> None:
+        """Durable work wakes a writer that is gathering relaxed records."""
+        if isinstance(item, _Ack) or item.klass.durable:
+            self._durable_queued += 1
+            self._wake.set()
+        self._queue.put_nowait(item)
+
+    def _item(self, kind: str, body: Any, created: float | None) -> _Put:
+        if self._writer is None:
+            raise OutboxError("the outbox is not open")
+        klass = self._classes.get(kind)
+        if klass is None:
+            raise OutboxError(f"unknown record class {kind!r} (known: {', '.join(self._classes)})")
+        try:
+            Record(kind, 0, 0, 0.0, body)  # what the wire will accept, checked now, not at send
+            encoded = cbor2.dumps(body)
+        except (FormatError, cbor2.CBOREncodeError, TypeError, ValueError) as exc:
+            raise OutboxError(f"a {kind} record body cannot be sent ({exc})") from exc
+        if len(encoded) > self.config.max_record_bytes:
+            raise OutboxError(
+                f"a {kind} record of {len(encoded)} bytes exceeds max_record_bytes "
+                f"({self.config.max_record_bytes})"
+            )
+        self._stats[kind].enqueued += 1
+        return _Put(klass, self._wall() if created is None else created, encoded, None)
+
+    def _queue_event(self, name: str, detail: dict[str, Any]) -> None:
+        event_class = self._by_priority[0]
+        body = cbor2.dumps({"event": name, **detail})
+        self._enqueue(_Put(event_class, self._wall(), body, None, internal=True))
+
+    # -- the uplink's side --------------------------------------------------------------------
+
+    async def lease(self, max_records: int, max_bytes: int) -> list[Record]:
+        """Records not yet handed out, highest priority first, oldest first, up to the
+        bounds; each is handed out once until `release`d or `ack`ed."""
+        store = self._require_store()
+        leased: list[Record] = []
+        budget = max_bytes
+        for cls in self._by_priority:
+            while len(leased) < max_records and budget > 0:
+                rows = await store.after(cls.priority, self._cursor[cls.name], 256)
+                if not rows:
+                    break
+                for seq, boot, created, body in rows:
+                    self._cursor[cls.name] = max(self._cursor[cls.name], int(seq))
+                    if int(seq) in self._leased:
+                        continue
+                    if len(leased) >= max_records or (leased and len(body) > budget):
+                        self._cursor[cls.name] = int(seq) - 1
+                        budget = 0
+                        break
+                    self._leased[int(seq)] = cls.name
+                    leased.append(
+                        Record(cls.name, int(boot), int(seq), float(created), cbor2.loads(body))
+                    )
+                    budget -= len(body)
+        return leased
+
+    def release(self, seqs: Iterable[int] | None = None) -> None:
+        """Make leased records available again (all of them by default)."""
+        chosen = list(self._leased) if seqs is None else [s for s in seqs if s in self._leased]
+        for seq in chosen:
+            name = self._leased.pop(seq)
+            self._cursor[name] = min(self._cursor[name], seq - 1)
+        if chosen:
+            self._available.set()
+
+    async def wait_for_records(self) -> None:
+        """Return when records may be available to lease: new ones committed or leased ones
+        released since the last call."""
+        await self._available.wait()
+        self._available.clear()
+
+    async def ack(self, seqs: Sequence[int]) -> None:
+        """The broker has these: delete them."""
+        for seq in seqs:
+            self._leased.pop(seq, None)
+        done = asyncio.get_running_loop().create_future()
+        self._enqueue(_Ack(list(seqs), done))
+        await done
+
+    async def flush(self) -> None:
+        """Return once everything handed over so far, relaxed records included, is committed."""
+        await self.ack([])
+
+    # -- reading state ------------------------------------------------------------------------
+
+    def stats(self) -> OutboxStats:
+        return OutboxStats(
+            self.boot,
+            {name: dataclasses.replace(s) for name, s in self._stats.items()},
+            self._recovered,
+        )
+
+    async def integrity(self) -> str:
+        return await self._require_store().integrity()
+
+    def _require_store(self) -> Store:
+        if self._store is None:
+            raise OutboxError("the outbox is not open")
+        return self._store
+
+    # -- the one writer -----------------------------------------------------------------------
+
+    async def _write_loop(self) -> None:
+        closing = False
+        while not closing:
+            group, closing = await self._gather()
+            if not group:
+                continue
+            try:
+                await self._commit_group(group)
+            except Exception as exc:  # the writer must outlive any one failure
+                log.exception("outbox writer failed a group of %d", len(group))
+                error = OutboxError(f"the outbox could not commit ({exc})")
+                for item in group:
+                    if item.done is not None and not item.done.done():
+                        item.done.set_exception(error)
+                await asyncio.sleep(1.0)
+
+    async def _gather(self) -> tuple[list[_Put | _Ack], bool]:
+        """The next group: everything queued, up to max_group. A group of only relaxed
+        records waits up to relaxed_flush_s for more, unless durable work arrives."""
+        first = await self._queue.get()
+        if first is None:
+            return [], True
+        group: list[_Put | _Ack] = [first]
+        if self._durable_queued == 0:
+            self._wake.clear()
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._wake.wait(), self.config.relaxed_flush_s)
+        closing = False
+        while len(group) < self.config.max_group and not self._queue.empty():
+            item = self._queue.get_nowait()
+            if item is None:
+                closing = True
+                break
+            group.append(item)
+        self._durable_queued -= sum(
+            1 for item in group if isinstance(item, _Ack) or item.klass.durable
+        )
+        return group, closing
+
+    async def _commit_group(self, group: list[_Put | _Ack]) -> None:
+        puts = [item for item in group if isinstance(item, _Put)]
+        acks = [item for item in group if isinstance(item, _Ack)]
+        durable = any(p.klass.durable for p in puts)
+        try:
+            accepted, refused = await self._transaction(puts, acks, durable)
+        except sqlite3.DatabaseError as exc:
+            error = OutboxError(f"the outbox could not commit ({exc})")
+            for item in group:
+                if item.done is not None and not item.done.done():
+                    item.done.set_exception(error)
+            await self._recover_if_damaged(exc)
+            return
+        if accepted:
+            self._available.set()
+        for item in accepted:
+            if item.done is not None and not item.done.done():
+                item.done.set_result(item.seq)
+        for item in refused:
+            if item.done is not None and not item.done.done():
+                item.done.set_exception(
+                    OutboxFull(
+                        f"the outbox is full: no room for a {item.klass.name} record within the "
+                        f"{self._quota()}-byte quota"
+                    )
+                )
+        for ack in acks:
+            if not ack.done.done():
+                ack.done.set_result(None)
+        self._report_drops()
+
+    async def _transaction(
+        self, puts: list[_Put], acks: list[_Ack], durable: bool
+    ) -> tuple[list[_Put], list[_Put]]:
+        store = self._require_store()
+        now = self._clock.now()
+        await store.set_synchronous(full=durable)
+        await store.begin()
+        try:
+            changes = {name: [0, 0] for name in self._classes}  # records, bytes
+            removed = await store.delete([s for ack in acks for s in ack.seqs])
+            self._apply_removed(removed, changes, "acked")
+            if now - self._last_expiry >= self.config.expiry_interval_s:
+                for cls in self.config.classes:
+                    count, size = await store.expire(cls.priority, now - cls.ttl_s)
+                    self._count(cls.name, changes, -count, -size, "expired", count)
+            accepted, refused = await self._make_room(store, puts, changes)
+            rows = []
+            for item in accepted:
+                item.seq, self._next_seq = self._next_seq, self._next_seq + 1
+                rows.append(
+                    (
+                        item.seq,
+                        item.klass.priority,
+                        self.boot,
+                        now,
+                        item.created,
+                        len(item.body),
+                        item.body,
+                    )
+                )
+                self._count(item.klass.name, changes, 1, len(item.body) + ROW_OVERHEAD, None, 0)
+            await store.insert(rows)
+            await store.set_meta("clock", now)
+            await store.commit()
+            self.commits += 1
+        except BaseException:
+            await store.rollback()
+            await self._reload_usage()
+            raise
+        if now - self._last_expiry >= self.config.expiry_interval_s:
+            self._last_expiry = now
+        for name, (count, size) in changes.items():
+            self._stats[name].stored += count
+            self._stats[name].stored_bytes += size
+        return accepted, refused
+
+    async def _make_room(
+        self, store: Store, puts: list[_Put], changes: dict[str, list[int]]
+    ) -> tuple[list[_Put], list[_Put]]:
+        incoming: dict[str, int] = {}
+        for item in puts:
+            incoming[item.klass.name] = incoming.get(item.klass.name, 0) + len(item.body)
+            incoming[item.klass.name] += ROW_OVERHEAD
+        stored = {n: s.stored_bytes + changes[n][1] for n, s in self._stats.items()}
+        plan = plan_eviction(self.config.classes, stored, incoming, self._quota())
+        for name, size in plan.evict.items():
+            count, freed = await store.delete_oldest(self._classes[name].priority, size)
+            self._count(name, changes, -count, -freed, "dropped_quota", count)
+        refused: list[_Put] = []
+        for name, excess in plan.refuse.items():
+            remaining = excess
+            for item in [p for p in puts if p.klass.name == name]:  # oldest first
+                if remaining <= 0:
+                    break
+                refused.append(item)
+                remaining -= len(item.body) + ROW_OVERHEAD
+                if not item.internal:
+                    self._stats[name].refused += 1
+        refused_ids = {id(item) for item in refused}
+        return [p for p in puts if id(p) not in refused_ids], refused
+
+    def _quota(self) -> int:
+        """The configured quota, shrunk so the filesystem keeps `min_free_bytes` free."""
+        stored = sum(s.stored_bytes for s in self._stats.values())
+        free = self._free_bytes(self.config.path.parent)
+        return max(0, min(self.config.quota_bytes, stored + free - self.config.min_free_bytes))
+
+    def _apply_removed(
+        self, removed: dict[int, tuple[int, int]], changes: dict[str, list[int]], counter: str
+    ) -> None:
+        by_priority = {c.priority: c.name for c in self.config.classes}
+        for klass, (count, size) in removed.items():
+            if klass in by_priority:
+                self._count(by_priority[klass], changes, -count, -size, counter, count)
+
+    def _count(
+        self,
+        name: str,
+        changes: dict[str, list[int]],
+        records: int,
+        size: int,
+        counter: str | None,
+        amount: int,
+    ) -> None:
+        changes[name][0] += records
+        changes[name][1] += size
+        if counter:
+            setattr(self._stats[name], counter, getattr(self._stats[name], counter) + amount)
+
+    async def _reload_usage(self) -> None:
+        with contextlib.suppress(sqlite3.Error):
+            usage = await self._require_store().usage()
+            for cls in self.config.classes:
+                count, size = usage.get(cls.priority, (0, 0))
+                self._stats[cls.name].stored, self._stats[cls.name].stored_bytes = count, size
+
+    async def _recover_if_damaged(self, exc: sqlite3.DatabaseError) -> None:
+        """A damaged file (not a full disk or a busy lock) is replaced, once per failure."""
+        if isinstance(exc, sqlite3.OperationalError):
+            return
+        with contextlib.suppress(sqlite3.Error):
+            await self._require_store().close()
+        await self._open_store()
+
+    def _report_drops(self) -> None:
+        """Queue one `outbox_dropped` event per interval while records are being dropped."""
+        dropped = sum(s.dropped_quota + s.refused for s in self._stats.values())
+        now = self._clock.now()
+        interval = self.config.drop_report_interval_s
+        if dropped > self._reported_drops and now - self._last_drop_report >= interval:
+            self._queue_event(
+                "outbox_dropped",
+                {
+                    "by_class": {
+                        name: {"dropped_quota": s.dropped_quota, "refused": s.refused}
+                        for name, s in self._stats.items()
+                    }
+                },
+            )
+            self._reported_drops, self._last_drop_report = dropped, now

@@ -1,0 +1,242 @@
+"""The uplink: drains the outbox to the broker, and keeps a connection to drain through.
+
+A supervisor loop owns the connection: it connects, drains until the link drops, hands every
+unacknowledged record back to the outbox, and reconnects after an exponential backoff with
+full jitter (tenacity's `wait_random_exponential`), so a fleet reconnecting after a broker
+restart spreads out instead of stampeding. Draining takes leased records in priority order,
+packs them per channel into signed CBOR messages up to `max_message_bytes`, keeps up to
+`window` messages in flight, respects the bandwidth budget, and acknowledges records to the
+outbox only when the broker's PUBACK for their message arrives.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from nacl.signing import SigningKey
+from tenacity import (
+    AsyncRetrying,
+    RetryCallState,
+    retry_if_exception_type,
+    wait_random_exponential,
+)
+
+from edged.budget import Budget, BudgetConfig
+from edged.mqtt_link import LinkConfig, LinkError, MqttLink
+from edged.outbox import Outbox
+from edged_formats.wire import Record, encode_batch_raw, encode_record, message_size, topic_for
+
+__all__ = ["Uplink", "UplinkConfig", "UplinkStats"]
+
+log = logging.getLogger(__name__)
+
+
+class _HealthySessionEnded(Exception):
+    """A connection that lasted long enough ended: reconnect with a fresh backoff."""
+
+
+@dataclass(frozen=True, slots=True)
+class UplinkConfig:
+    device_id: str
+    link: LinkConfig
+    max_message_bytes: int = 64 * 1024
+    window: int = 32
+    budget: BudgetConfig = field(default_factory=BudgetConfig)
+    backoff_initial_s: float = 1.0
+    backoff_max_s: float = 120.0
+    healthy_after_s: float = 30.0  # a connection that lasted this long resets the backoff
+
+    def __post_init__(self) -> None:
+        if not 1024 <= self.max_message_bytes <= 16 * 1024 * 1024:
+            raise ValueError("max_message_bytes must be between 1 KiB and 16 MiB")
+        if not 1 <= self.window <= 1024:
+            raise ValueError("window must be between 1 and 1024")
+
+
+@dataclass(slots=True)
+class UplinkStats:
+    state: str = "starting"
+    connects: int = 0
+    connect_failures: int = 0
+    messages: int = 0
+    records: int = 0
+    bytes: int = 0
+    last_error: str = ""
+
+
+@dataclass(slots=True)
+class _Message:
+    channel: str
+    records: list[Record] = field(default_factory=list)
+    encoded: list[bytes] = field(default_factory=list)
+    record_bytes: int = 0
+
+    def size_with(self, device: str, extra: int) -> int:
+        return message_size(device, self.channel, len(self.records) + 1, self.record_bytes + extra)
+
+
+class Uplink:
+    """`await uplink.run()` until cancelled; `stats` says how it is doing."""
+
+    def __init__(
+        self,
+        config: UplinkConfig,
+        outbox: Outbox,
+        signing_key: SigningKey,
+        *,
+        monotonic: Callable[[], float] = time.monotonic,
+        wall: Callable[[], float] = time.time,
+    ) -> None:
+        self.config = config
+        self.outbox = outbox
+        self._key = signing_key
+        self._monotonic = monotonic
+        self._channel_of = {c.name: c.channel for c in outbox.config.classes}
+        self._budget = Budget(
+            config.budget, monotonic=monotonic, wall=wall, max_message=config.max_message_bytes
+        )
+        self._wait = wait_random_exponential(
+            multiplier=config.backoff_initial_s, max=config.backoff_max_s
+        )
+        self.stats = UplinkStats()
+        self.connected = asyncio.Event()
+
+    # -- supervisor -------------------------------------------------------------------------
+
+    async def run(self) -> None:
+        """Connect, drain, and after every loss reconnect with jittered exponential backoff;
+        a connection that stayed up `healthy_after_s` starts the backoff afresh."""
+        while True:
+            retrying = AsyncRetrying(
+                wait=self._wait,
+                retry=retry_if_exception_type(LinkError),
+                before_sleep=self._on_backoff,
+            )
+            with contextlib.suppress(_HealthySessionEnded):
+                async for attempt in retrying:
+                    with attempt:
+                        await self._supervised_session()
+
+    async def _supervised_session(self) -> None:
+        started = self._monotonic()
+        try:
+            await self._session()
+        except LinkError as exc:
+            self.stats.last_error = str(exc)
+            if not self.connected.is_set():
+                self.stats.connect_failures += 1
+            log.warning("uplink: %s", exc)
+            if self._monotonic() - started >= self.config.healthy_after_s:
+                raise _HealthySessionEnded from exc
+            raise
+        finally:
+            self.connected.clear()
+            self.outbox.release()
+
+    def _on_backoff(self, retry_state: RetryCallState) -> None:
+        delay = retry_state.next_action.sleep if retry_state.next_action else 0.0
+        self.stats.state = f"backoff {delay:.1f}s"
+
+    def _state_message(self, online: bool) -> tuple[str, bytes]:
+        record = Record("state", self.outbox.boot, 0, time.time(), {"online": online})
+        data = encode_batch_raw(self.config.device_id, "state", [encode_record(record)], self._key)
+        return topic_for(self.config.device_id, "state"), data
+
+    async def _session(self) -> None:
+        self.stats.state = "connecting"
+        link = MqttLink(self.config.link, will=self._state_message(online=False))
+        try:
+            await link.connect()
+            self.stats.connects += 1
+            topic, data = self._state_message(online=True)
+            await link.publish(topic, data, retain=True)
+            self.stats.state = "connected"
+            self.connected.set()
+            await self._drain(link)
+        finally:
+            await link.close()
+
+    # -- draining ---------------------------------------------------------------------------
+
+    async def _drain(self, link: MqttLink) -> None:
+        in_flight: set[asyncio.Task[None]] = set()
+        down = asyncio.create_task(link.disconnected.wait())
+        ready: asyncio.Task[None] | None = None
+        try:
+            while not link.disconnected.is_set():
+                room = self.config.window - len(in_flight)
+                messages = await self._next_messages(room) if room > 0 else []
+                for message in messages:
+                    await self._spend(message, link)
+                    task = asyncio.create_task(self._send(link, message))
+                    in_flight.add(task)
+                    task.add_done_callback(in_flight.discard)
+                if messages and len(in_flight) < self.config.window:
+                    continue
+                waiters: set[asyncio.Future[Any]] = {down, *in_flight}
+                if not in_flight:
+                    if ready is None or ready.done():
+                        ready = asyncio.create_task(self.outbox.wait_for_records())
+                    waiters.add(ready)
+                done, _ = await asyncio.wait(waiters, return_when=asyncio.FIRST_COMPLETED)
+                for finished in done:
+                    if finished not in (down, ready):
+                        finished.result()  # a failed send ends the session
+        finally:
+            down.cancel()
+            if ready is not None:
+                ready.cancel()
+            for task in list(in_flight):
+                task.cancel()
+            await asyncio.gather(*in_flight, return_exceptions=True)
+        raise LinkError(f"connection lost ({link.disconnect_reason})")
+
+    async def _next_messages(self, room: int) -> list[_Message]:
+        limit = self.config.max_message_bytes
+        records = await self.outbox.lease(room * 512, room * limit)
+        messages: dict[str, list[_Message]] = {}
+        for record in records:
+            channel = self._channel_of[record.kind]
+            batches = messages.setdefault(channel, [])
+            encoded = encode_record(record)
+            current = batches[-1] if batches else None
+            if current is None or current.size_with(self.config.device_id, len(encoded)) > limit:
+                current = _Message(channel)
+                batches.append(current)
+            current.records.append(record)
+            current.encoded.append(encoded)
+            current.record_bytes += len(encoded)
+        packed = [m for batches in messages.values() for m in batches]
+        for message in packed[room:]:
+            self.outbox.release(r.seq for r in message.records)
+        return packed[:room]
+
+    async def _spend(self, message: _Message, link: MqttLink) -> None:
+        size = message_size(
+            self.config.device_id, message.channel, len(message.records), message.record_bytes
+        )
+        while (delay := self._budget.delay(size)) > 0:
+            self.stats.state = f"budget wait {delay:.1f}s"
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(link.disconnected.wait(), delay)
+            if link.disconnected.is_set():
+                raise LinkError(f"connection lost ({link.disconnect_reason})")
+        self.stats.state = "connected"
+
+    async def _send(self, link: MqttLink, message: _Message) -> None:
+        data = encode_batch_raw(self.config.device_id, message.channel, message.encoded, self._key)
+        try:
+            await link.publish(topic_for(self.config.device_id, message.channel), data)
+        except LinkError:
+            self.outbox.release(r.seq for r in message.records)
+            raise
+        await self.outbox.ack([r.seq for r in message.records])
+        self.stats.messages += 1
+        self.stats.records += len(message.records)
+        self.stats.bytes += len(data)
