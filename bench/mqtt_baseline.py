@@ -110,7 +110,7 @@ def _mosquitto_version(binary: str) -> str:
 
 
 def run() -> Result:
-    from tests.support.broker import MosquittoBroker
+    from control_plane.local_broker import MosquittoBroker
 
     payload_size, count = 100, 20000
     with MosquittoBroker() as broker:

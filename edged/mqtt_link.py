@@ -73,6 +73,10 @@ class MqttLink:
         self._connected.add_done_callback(_retrieve)  # a late failure nobody awaits is fine
         self.disconnected = asyncio.Event()
         self.disconnect_reason = ""
+        # How many unacknowledged QoS 1 messages the broker accepts (CONNACK Receive
+        # Maximum). paho neither enforces it nor lets it be set once connected, so callers
+        # (the uplink's window) keep within it; strict brokers disconnect clients that don't.
+        self.receive_maximum = config.max_inflight
         client = paho.Client(
             CallbackAPIVersion.VERSION2, client_id=config.client_id, protocol=paho.MQTTv5
         )
@@ -89,7 +93,9 @@ class MqttLink:
         client.max_queued_messages_set(0)
         client.reconnect_delay_set(min_delay=86_400, max_delay=86_400)  # never: see module doc
         # paho's thread -> the event loop; nothing else crosses.
-        client.on_connect = lambda _c, _u, _f, rc, _p: self._threadsafe(self._on_connect, rc)
+        client.on_connect = lambda _c, _u, _f, rc, props: self._threadsafe(
+            self._on_connect, rc, props
+        )
         client.on_disconnect = lambda _c, _u, _f, rc, _p: self._threadsafe(self._on_disconnect, rc)
         client.on_publish = lambda _c, _u, mid, rc, _p: self._threadsafe(self._on_publish, mid, rc)
         self._client = client
@@ -140,9 +146,12 @@ class MqttLink:
 
     # -- callbacks, on the event loop -------------------------------------------------------
 
-    def _on_connect(self, reason: ReasonCode) -> None:
+    def _on_connect(self, reason: ReasonCode, properties: Properties | None) -> None:
         if self._connected.done():
             return
+        broker_limit = getattr(properties, "ReceiveMaximum", None)
+        if isinstance(broker_limit, int) and broker_limit > 0:
+            self.receive_maximum = min(self.config.max_inflight, broker_limit)
         if reason.is_failure:
             self._connected.set_exception(LinkError(f"the broker refused the connection: {reason}"))
         else:

@@ -67,6 +67,7 @@ class UplinkStats:
     messages: int = 0
     records: int = 0
     bytes: int = 0
+    window: int = 0  # messages in flight allowed on the current connection
     last_error: str = ""
 
 
@@ -168,16 +169,17 @@ class Uplink:
         in_flight: set[asyncio.Task[None]] = set()
         down = asyncio.create_task(link.disconnected.wait())
         ready: asyncio.Task[None] | None = None
+        window = self.stats.window = min(self.config.window, link.receive_maximum)
         try:
             while not link.disconnected.is_set():
-                room = self.config.window - len(in_flight)
+                room = window - len(in_flight)
                 messages = await self._next_messages(room) if room > 0 else []
                 for message in messages:
                     await self._spend(message, link)
                     task = asyncio.create_task(self._send(link, message))
                     in_flight.add(task)
                     task.add_done_callback(in_flight.discard)
-                if messages and len(in_flight) < self.config.window:
+                if messages and len(in_flight) < window:
                     continue
                 waiters: set[asyncio.Future[Any]] = {down, *in_flight}
                 if not in_flight:

@@ -10,7 +10,7 @@ from typing import Any
 import numpy as np
 import pytest
 
-from tests.support.broker import MosquittoBroker, find_mosquitto
+from control_plane.local_broker import MosquittoBroker, find_mosquitto
 from tests.support.proxy import FaultProxy
 
 FIXTURES = Path(__file__).parent / "fixtures"

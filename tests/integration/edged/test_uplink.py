@@ -61,6 +61,11 @@ async def running_uplink(outbox: Outbox, port: int, **overrides):
             await task
 
 
+async def until(condition) -> None:
+    while not condition():
+        await asyncio.sleep(0.01)
+
+
 async def drained(outbox: Outbox, timeout: float = 20.0) -> None:
     async def empty() -> None:
         while outbox.stats().depth:
@@ -90,6 +95,7 @@ async def test_drains_signed_packed_messages_in_priority_order(tmp_path, broker)
     assert data[0].channel == "events"  # highest priority first
     assert {b.channel for b in data} == {"events", "telemetry", "samples"}
     assert all(len(m.payload) <= 4096 for m in sub.messages)
+    assert uplink.stats.window == 20  # Mosquitto's Receive Maximum, below our window of 32
     states = [b.records[0].body for b in batches if b.channel == "state"]
     assert states[0] == {"online": True}
 
@@ -115,6 +121,7 @@ async def test_broker_outage_under_load_loses_nothing(tmp_path, broker_factory) 
             async with running_uplink(outbox, broker.port) as uplink:
                 await produce(200)
                 broker.stop()
+                await asyncio.wait_for(until(lambda: not uplink.connected.is_set()), 10)
                 await produce(1500)  # ~0.8 MB into a 0.5 MB quota while the broker is down
                 stats = outbox.stats()
                 assert stats.stored_bytes <= 512 * 1024

@@ -13,7 +13,7 @@ import paho.mqtt.client as mqtt
 import pytest
 from paho.mqtt.enums import CallbackAPIVersion
 
-from tests.support.broker import BrokerError, MosquittoBroker
+from control_plane.local_broker import BrokerError, MosquittoBroker
 from tests.support.proxy import FaultProxy
 from tests.support.subscriber import MqttSubscriber
 

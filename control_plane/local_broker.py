@@ -1,4 +1,6 @@
-"""A real Mosquitto broker as a child process on a free 127.0.0.1 port.
+"""A Mosquitto broker as a supervised child process on a free 127.0.0.1 port: what the tests,
+the benchmarks and `make demo` run, and the single-machine broker the control plane will
+supervise when no broker URL is configured (anonymous access on loopback only).
 
     with MosquittoBroker() as broker:        # writes mosquitto.conf, starts, waits for the port
         ...broker.host, broker.port...
