@@ -10,8 +10,7 @@ from __future__ import annotations
 
 import ctypes
 import threading
-from collections.abc import Iterator
-from contextlib import contextmanager, suppress
+from contextlib import suppress
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -135,6 +134,11 @@ def _find_output(outputs: dict[str, dict[str, Any]], name: str, what: str) -> di
 
 def _check_tensors(session: _Session, manifest: Manifest) -> None:
     """Refuse a manifest that disagrees with the model's own tensors."""
+    if session.input["name"] != manifest.input.name:
+        raise ModelMismatch(
+            f"manifest input '{manifest.input.name}' is not the model's input "
+            f"'{session.input['name']}'"
+        )
     checks = [
         ("input", session.input, manifest.input.shape, manifest.input.dtype),
         ("output", session.output, manifest.output.shape, manifest.output.dtype),
@@ -223,17 +227,16 @@ class _LoadedModel:
                     self.options.max_batch,
                     self.options,
                 )
-                self._check_batching()
+                self._check_batching(self._batched)
             except (ModelError, ValueError, RuntimeError):
                 self._batched, self._batching_failed = None, True
         return self._batched
 
-    def _check_batching(self) -> None:
+    def _check_batching(self, batched: _Session) -> None:
         """A resized model must give the same answers as the batch-1 one, or we don't use it."""
-        assert self._batched is not None
         canaries = self.canary_inputs[: self.options.max_batch]
         padded = np.resize(canaries, (self.options.max_batch, *self.sample_shape))
-        batch_scores, _ = self._invoke(self._batched, padded.astype(canaries.dtype))
+        batch_scores, _ = self._invoke(batched, padded.astype(canaries.dtype))
         for i, sample in enumerate(canaries):
             single, _ = self._invoke(self.single, sample[None])
             if not np.allclose(single[0], batch_scores[i], atol=1e-5):
@@ -247,7 +250,17 @@ class _LoadedModel:
             )
         if raw.dtype.kind not in "iuf":
             raise InputError(f"input dtype {raw.dtype} is not numeric")
+        if raw.dtype.kind == "f" and not np.isfinite(raw).all():
+            raise InputError("input holds NaN or infinite values")
         count = raw.shape[0]
+        if count == 0:
+            classes = self.manifest.output.num_classes
+            size = self.manifest.embedding.size if self.manifest.embedding else None
+            return Prediction(
+                np.zeros((0, classes), np.float32),
+                None if size is None else np.zeros((0, size), np.float32),
+                self.manifest.version,
+            )
         batched = self._batched_session() if count > 1 else None
         if batched is None:
             parts = [self._invoke(self.single, raw[i : i + 1]) for i in range(count)]
@@ -330,9 +343,13 @@ class Engine:
             return self._model.predict(np.asarray(raw))
 
     def canary_agreement(self) -> float:
-        """Share of the bundle's canaries whose top-1 matches the manifest: the health check."""
-        expected = np.asarray(self.manifest.canaries.expected_top1)
-        top1 = self.predict(self.canary_inputs).top1
+        """Share of the bundle's canaries whose top-1 matches the manifest: the health check.
+        Inputs, expectations and model are taken together, so a concurrent swap cannot mix
+        one version's canaries with another's."""
+        with self._lock:
+            model = self._model
+            top1 = model.predict(model.canary_inputs).top1
+        expected = np.asarray(model.manifest.canaries.expected_top1)
         return float(np.mean(top1 == expected))
 
     def swap(self, bundle: Bundle) -> str:
@@ -342,9 +359,3 @@ class Engine:
             previous_version, self._model = self._model.version, model
         _release_freed_heap()  # the old model's interpreter and buffers
         return previous_version
-
-    @contextmanager
-    def interpreter(self) -> Iterator[Any]:
-        """The batch-1 interpreter, locked, for inspection and benchmarks."""
-        with self._lock:
-            yield self._model.single.interpreter

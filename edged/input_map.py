@@ -40,6 +40,7 @@ class InputMap:
         else:
             self.a, self.b = scale / quant[0], offset / quant[0] + quant[1]
         self._byte_writers: dict[np.dtype[Any], Any] = {}
+        self._byte_tables: dict[np.dtype[Any], npt.NDArray[Any]] = {}
 
     def strategy(self, raw_dtype: npt.DTypeLike) -> str:
         """Which path samples of `raw_dtype` take: shift, pairs, table, copy or affine."""
@@ -67,7 +68,7 @@ class InputMap:
             elif kind == "pairs" and flat.size % 2 == 0:
                 np.take(table, flat.view(np.uint16), out=out.view(np.uint16))
             else:
-                np.take(self._table(raw.dtype), flat, out=out)
+                np.take(self._byte_tables[raw.dtype], flat, out=out)
         elif self.strategy(raw.dtype) == "copy":
             target[...] = raw
         else:
@@ -95,7 +96,7 @@ class InputMap:
         return cached
 
     def _choose_byte_writer(self, raw_dtype: np.dtype[Any]) -> tuple[str, Any]:
-        table = self._table(raw_dtype)
+        table = self._byte_tables[raw_dtype] = self._table(raw_dtype)
         if self.tensor_dtype.itemsize != 1:
             return "table", table
         bits = table.view(np.uint8).astype(np.int64)

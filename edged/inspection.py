@@ -58,7 +58,8 @@ def inspect_path(path: str | Path) -> dict[str, Any]:
     """A report for a bundle (manifest, members and model) or a bare .tflite file."""
     path = Path(path)
     try:
-        head = path.open("rb").read(8)
+        with path.open("rb") as handle:
+            head = handle.read(8)
     except OSError as exc:
         raise ModelError(f"{path}: cannot read ({exc.strerror})") from exc
     if head[4:8] == TFLITE_IDENTIFIER:

@@ -11,7 +11,9 @@ from __future__ import annotations
 
 import hashlib
 import io
+import math
 import tarfile
+import zipfile
 from collections.abc import Mapping
 from dataclasses import dataclass
 
@@ -26,6 +28,8 @@ __all__ = [
     "Bundle",
     "BundleLimits",
     "digest_members",
+    "load_npy",
+    "load_npz",
     "read_bundle",
     "write_bundle",
 ]
@@ -42,6 +46,7 @@ class BundleLimits:
     max_member_bytes: int = 256 * MIB
     max_total_bytes: int = 512 * MIB
     max_members: int = 16
+    max_manifest_bytes: int = 4 * MIB
 
 
 @dataclass(frozen=True, slots=True)
@@ -61,14 +66,14 @@ class Bundle:
 
     @property
     def canary_inputs(self) -> npt.NDArray[np.generic]:
-        return _load_npy(self.members[self.manifest.canaries.member], "canaries")
+        return load_npy(self.members[self.manifest.canaries.member], "canaries")
 
     def head_weights(self) -> tuple[npt.NDArray[np.float32], npt.NDArray[np.float32]] | None:
         """The float classifier head as (weight [classes, embedding], bias [classes])."""
         if self.manifest.head is None:
             return None
-        with np.load(io.BytesIO(self.members[self.manifest.head.member])) as npz:
-            return npz["weight"].astype(np.float32), npz["bias"].astype(np.float32)
+        arrays = load_npz(self.members[self.manifest.head.member], "head", ("weight", "bias"))
+        return arrays["weight"].astype(np.float32), arrays["bias"].astype(np.float32)
 
     @property
     def sha256(self) -> str:
@@ -120,26 +125,14 @@ def read_bundle(data: bytes, limits: BundleLimits | None = None) -> Bundle:
 
 
 def _read_members(data: bytes, limits: BundleLimits) -> dict[str, bytes]:
+    """Every header is checked (names, types, declared sizes) before any content is read,
+    so a crafted archive cannot make the reader allocate more than the file holds."""
     members: dict[str, bytes] = {}
     try:
         with tarfile.open(fileobj=io.BytesIO(data), mode="r:") as tar:
-            for info in tar:
-                if not _MEMBER.match(info.name):
-                    raise BundleError(
-                        f"bundle member name '{info.name}' is not a plain file name and could "
-                        "escape the target directory"
-                    )
-                if not info.isreg():
-                    raise BundleError(f"bundle member '{info.name}' is not a regular file")
-                if info.name in members:
-                    raise BundleError(f"bundle holds member '{info.name}' twice")
-                if len(members) >= limits.max_members:
-                    raise BundleError(f"bundle has more than {limits.max_members} members")
-                if info.size > limits.max_member_bytes:
-                    raise BundleError(
-                        f"bundle member '{info.name}' is {info.size} bytes, over the "
-                        f"{limits.max_member_bytes}-byte limit"
-                    )
+            infos = tar.getmembers()
+            _check_headers(infos, limits, len(data))
+            for info in infos:
                 stream = tar.extractfile(info)
                 content = stream.read() if stream else b""
                 if len(content) != info.size:
@@ -148,6 +141,35 @@ def _read_members(data: bytes, limits: BundleLimits) -> dict[str, bytes]:
     except (tarfile.TarError, EOFError, OSError) as exc:
         raise BundleError(f"bundle is not a readable tar archive ({exc})") from exc
     return members
+
+
+def _check_headers(infos: list[tarfile.TarInfo], limits: BundleLimits, archive: int) -> None:
+    if len(infos) > limits.max_members:
+        raise BundleError(f"bundle has more than {limits.max_members} members")
+    seen: set[str] = set()
+    for info in infos:
+        if not _MEMBER.fullmatch(info.name):
+            raise BundleError(
+                f"bundle member name {info.name!r} is not a plain file name and could "
+                "escape the target directory"
+            )
+        if not info.isreg() or info.issparse():
+            raise BundleError(f"bundle member '{info.name}' is not a regular file")
+        if info.name in seen:
+            raise BundleError(f"bundle holds member '{info.name}' twice")
+        seen.add(info.name)
+        bound = (
+            limits.max_manifest_bytes if info.name == MANIFEST_MEMBER else limits.max_member_bytes
+        )
+        if info.size > bound:
+            raise BundleError(
+                f"bundle member '{info.name}' is {info.size} bytes, over the {bound}-byte limit"
+            )
+    declared = sum(info.size for info in infos)
+    if declared > archive:
+        raise BundleError(
+            f"bundle members declare {declared} bytes but the archive holds only {archive}"
+        )
 
 
 def _check_members(manifest: Manifest, members: Mapping[str, bytes]) -> None:
@@ -184,14 +206,8 @@ def _check_contents(bundle: Bundle) -> None:
             f"bundle canary inputs have shape {list(canaries.shape)}, expected "
             f"{list(expected_shape)}"
         )
-    if manifest.head is not None and manifest.embedding is not None:
-        try:
-            head = bundle.head_weights()
-        except (ValueError, KeyError, OSError) as exc:
-            raise BundleError(
-                f"bundle head member is not an npz with weight and bias ({exc})"
-            ) from exc
-        assert head is not None
+    head = bundle.head_weights()
+    if head is not None and manifest.embedding is not None:
         weight, bias = head
         classes, size = manifest.output.num_classes, manifest.embedding.size
         if weight.shape != (classes, size) or bias.shape != (classes,):
@@ -212,11 +228,48 @@ def _parse_labels(data: bytes) -> tuple[str, ...]:
     return labels
 
 
-def _load_npy(data: bytes, what: str) -> npt.NDArray[np.generic]:
+def load_npy(data: bytes, what: str) -> npt.NDArray[np.generic]:
+    """A plain (no objects, no pickles) .npy array whose header agrees with its byte count,
+    so a header claiming a terabyte is refused before anything is allocated."""
+    stream = io.BytesIO(data)
     try:
-        array = np.load(io.BytesIO(data), allow_pickle=False)
-    except (ValueError, OSError, EOFError) as exc:
+        version = np.lib.format.read_magic(stream)
+        if version == (1, 0):
+            shape, fortran, dtype = np.lib.format.read_array_header_1_0(stream)
+        elif version == (2, 0):
+            shape, fortran, dtype = np.lib.format.read_array_header_2_0(stream)
+        else:
+            raise ValueError(f"unsupported .npy version {version}")
+    except (ValueError, OSError, EOFError, SyntaxError) as exc:
         raise BundleError(f"bundle {what} member is not a readable .npy array ({exc})") from exc
-    if not isinstance(array, np.ndarray):
-        raise BundleError(f"bundle {what} member is not a single .npy array")
-    return array
+    if dtype.hasobject:
+        raise BundleError(f"bundle {what} member holds Python objects, not numbers")
+    expected = math.prod(shape) * dtype.itemsize
+    if expected != len(data) - stream.tell():
+        raise BundleError(
+            f"bundle {what} member declares shape {list(shape)} of {dtype} ({expected} bytes) "
+            f"but holds {len(data) - stream.tell()}"
+        )
+    array = np.frombuffer(data, dtype=dtype, offset=stream.tell()).reshape(
+        shape, order="F" if fortran else "C"
+    )
+    return array.copy()
+
+
+def load_npz(data: bytes, what: str, names: tuple[str, ...]) -> dict[str, npt.NDArray[np.generic]]:
+    """The named arrays of an .npz, each read only after its declared size is checked
+    against the member's own size (no decompression bombs)."""
+    try:
+        with zipfile.ZipFile(io.BytesIO(data)) as archive:
+            infos = {info.filename: info for info in archive.infolist()}
+            wanted = {f"{name}.npy" for name in names}
+            if set(infos) != wanted:
+                raise BundleError(
+                    f"bundle {what} member must hold exactly {', '.join(sorted(wanted))}"
+                )
+            total = sum(info.file_size for info in infos.values())
+            if total > 64 * len(data) + 4096:
+                raise BundleError(f"bundle {what} member expands to {total} bytes: refused")
+            return {name: load_npy(archive.read(f"{name}.npy"), what) for name in names}
+    except (zipfile.BadZipFile, zipfile.LargeZipFile, ValueError, OSError, EOFError) as exc:
+        raise BundleError(f"bundle {what} member is not a readable .npz ({exc})") from exc

@@ -37,6 +37,8 @@ OUTPUT_KINDS = ("logits", "probabilities")
 _SHA256 = re.compile(r"^[0-9a-f]{64}$")
 _NAME = re.compile(r"^[a-z0-9][a-z0-9._-]{0,63}$")
 _MEMBER = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
+# Versions end up in slot and file names: no separators, no leading dot.
+_VERSION = re.compile(r"[A-Za-z0-9][A-Za-z0-9._+-]{0,63}")
 
 
 def _fail(where: str, problem: str) -> ManifestError:
@@ -90,7 +92,7 @@ class MemberDigest:
     size: int
 
     def __post_init__(self) -> None:
-        if not _SHA256.match(self.sha256):
+        if not _SHA256.fullmatch(self.sha256):
             raise _fail("member digest", "sha256 must be 64 lowercase hex digits")
         if self.size < 0:
             raise _fail("member digest", "size must not be negative")
@@ -139,7 +141,8 @@ class OutputSpec:
 
     @property
     def num_classes(self) -> int:
-        return self.shape[-1]
+        """Every value after the batch axis is one class score."""
+        return math.prod(self.shape[1:])
 
 
 @dataclass(frozen=True, slots=True)
@@ -171,11 +174,6 @@ class ConfidenceHistogram:
     def __post_init__(self) -> None:
         if len(self.counts) < 2 or any(c < 0 for c in self.counts):
             raise _fail("reference.confidence_histogram", "needs at least 2 non-negative counts")
-
-    @property
-    def edges(self) -> tuple[float, ...]:
-        n = len(self.counts)
-        return tuple(i / n for i in range(n + 1))
 
 
 @dataclass(frozen=True, slots=True)
@@ -236,17 +234,21 @@ class Manifest:
     format_version: int = FORMAT_VERSION
 
     def __post_init__(self) -> None:
-        if self.format_version != FORMAT_VERSION:
-            raise _fail(
-                "format_version",
-                f"{self.format_version} is unknown (this reader knows {FORMAT_VERSION})",
-            )
-        if not _NAME.match(self.name):
+        _check_format_version(self.format_version)
+        if not _NAME.fullmatch(self.name):
             raise _fail("name", "must be 1-64 lowercase letters, digits, '.', '_' or '-'")
-        if not self.version or len(self.version) > 64:
-            raise _fail("version", "must be a non-empty string of at most 64 characters")
+        for field_name, value in (
+            ("version", self.version),
+            ("parent_version", self.parent_version),
+        ):
+            if value is not None and not _VERSION.fullmatch(value):
+                raise _fail(
+                    field_name,
+                    "must be 1-64 letters, digits, '.', '_', '+' or '-', not starting "
+                    "with a punctuation mark",
+                )
         for member in self.members:
-            if not _MEMBER.match(member):
+            if not _MEMBER.fullmatch(member):
                 raise _fail("members", f"has an unsafe member name '{member}'")
         needed = {"model.tflite", self.output.labels_member, self.canaries.member}
         if self.head is not None:
@@ -275,8 +277,10 @@ class Manifest:
     @classmethod
     def from_json(cls, data: bytes | str) -> Manifest:
         try:
-            obj = json.loads(data)
-        except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+            obj = json.loads(data, parse_constant=_refuse_constant)
+        except RecursionError as exc:
+            raise ManifestError("manifest is nested too deeply") from exc
+        except ValueError as exc:  # JSONDecodeError, UnicodeDecodeError, huge integers
             raise ManifestError(f"manifest is not valid JSON ({exc})") from exc
         if not isinstance(obj, dict):
             raise ManifestError("manifest must be a JSON object")
@@ -284,9 +288,7 @@ class Manifest:
 
     @classmethod
     def from_dict(cls, obj: Mapping[str, Any]) -> Manifest:
-        version = _get(obj, "format_version", int, "")
-        if version != FORMAT_VERSION:
-            raise _fail("format_version", f"{version} is unknown (this reader knows 1)")
+        _check_format_version(_get(obj, "format_version", int, ""))  # before anything else
         if _get(obj, "format", str, "") != "edged-bundle":
             raise _fail("format", "must be 'edged-bundle'")
         members = _members_from(_get(obj, "members", dict, ""))
@@ -375,7 +377,19 @@ class Manifest:
         return out
 
     def to_json(self) -> bytes:
-        return json.dumps(self.to_dict(), sort_keys=True, indent=1).encode()
+        try:
+            return json.dumps(self.to_dict(), sort_keys=True, indent=1, allow_nan=False).encode()
+        except ValueError as exc:
+            raise ManifestError(f"manifest cannot be written as JSON ({exc})") from exc
+
+
+def _check_format_version(version: int) -> None:
+    if version != FORMAT_VERSION:
+        raise _fail("format_version", f"{version} is unknown (this reader knows {FORMAT_VERSION})")
+
+
+def _refuse_constant(name: str) -> Any:
+    raise ValueError(f"{name} is not a number JSON allows")
 
 
 def _members_from(d: Mapping[str, Any]) -> dict[str, MemberDigest]:

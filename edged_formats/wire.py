@@ -77,7 +77,7 @@ DEFAULT_LIMITS = WireLimits()
 
 def topic_for(device: str, channel: str) -> str:
     """The uplink topic of `device` for `channel`, e.g. `edged/v1/dev-1a2b/telemetry`."""
-    if not isinstance(device, str) or not _DEVICE.match(device):
+    if not isinstance(device, str) or not _DEVICE.fullmatch(device):
         raise MessageError("device id must be 1-64 characters of a-z, 0-9 or '-'")
     if channel not in CHANNELS:
         raise MessageError(f"channel {channel!r} is not one of {', '.join(CHANNELS)}")
@@ -138,7 +138,7 @@ class Record:
     body: Any = None
 
     def __post_init__(self) -> None:
-        if not isinstance(self.kind, str) or not _KIND.match(self.kind):
+        if not isinstance(self.kind, str) or not _KIND.fullmatch(self.kind):
             raise MessageError(
                 "record kind must be 1-64 characters of a-z, 0-9, '.', '_' or '-' "
                 "starting with a letter"

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import threading
+import time
 
 import numpy as np
 import pytest
@@ -79,16 +80,21 @@ def test_hot_swap_drops_no_in_flight_work(tf_bundles, tf_reference) -> None:
             except BaseException as exc:
                 errors.append(exc)
 
+    def wait_until(count: int) -> None:
+        deadline = time.monotonic() + 30
+        while len(seen) < count and not errors:
+            assert time.monotonic() < deadline, f"only {len(seen)} predictions in 30 s"
+            time.sleep(0.001)
+
     threads = [threading.Thread(target=worker) for _ in range(4)]
     for t in threads:
         t.start()
-    while len(seen) < 50:
-        pass
-    assert engine.swap(replacement) == "1.0.0"
-    count_at_swap = len(seen)
-    while len(seen) < count_at_swap + 50:
-        pass
-    stop.set()
+    try:
+        wait_until(50)
+        assert engine.swap(replacement) == "1.0.0"
+        wait_until(len(seen) + 50)
+    finally:
+        stop.set()
     for t in threads:
         t.join()
     assert not errors
@@ -136,6 +142,10 @@ def _with_manifest_change(path, change) -> bytes:
             lambda f: f["output"].update(name="logits"),
             "manifest output 'logits' is not an output of the model",
         ),
+        (
+            lambda f: f["input"].update(name="images"),
+            "manifest input 'images' is not the model's input 'serving_default_image:0'",
+        ),
     ],
 )
 def test_refuses_manifest_that_disagrees_with_tflite(change, message, tf_bundles) -> None:
@@ -180,6 +190,12 @@ def test_refuses_inputs_that_do_not_fit(tf_bundles) -> None:
         engine.predict(np.zeros((1, 8, 8), np.float32))
     with pytest.raises(InputError, match="is not numeric"):
         engine.predict(np.array([[["a"] * 1] * 8] * 8)[None])
+    bad = np.zeros((2, 8, 8, 1), np.float32)
+    bad[1, 3, 3, 0] = np.nan
+    with pytest.raises(InputError, match="NaN or infinite"):
+        engine.predict(bad)
+    empty = engine.predict(np.zeros((0, 8, 8, 1), np.float32))
+    assert empty.probabilities.shape == (0, 10) and empty.top1.shape == (0,)
     assert engine.predict(np.zeros((1, 8, 8, 1), np.float32)).probabilities.shape == (1, 10)
 
 
@@ -201,3 +217,31 @@ def test_names_missing_runtime() -> None:
                 load_runtime(name)  # type: ignore[arg-type]
     expected = "ai-edge-litert" if installed["ai-edge-litert"] else "tflite-runtime"
     assert load_runtime().name == expected
+
+
+def test_health_check_is_consistent_during_swaps(tf_bundles) -> None:
+    """canary_agreement running while bundles swap back and forth never mixes one version's
+    canaries with another's expectations."""
+    first = open_bundle(tf_bundles["digits_float"])
+    second = open_bundle(tf_bundles["digits_int8_io_int8"])
+    engine = Engine(first)
+    errors: list[BaseException] = []
+    results: list[float] = []
+    stop = threading.Event()
+
+    def check() -> None:
+        while not stop.is_set():
+            try:
+                results.append(engine.canary_agreement())
+            except BaseException as exc:
+                errors.append(exc)
+
+    checker = threading.Thread(target=check)
+    checker.start()
+    try:
+        for i in range(40):
+            engine.swap(second if i % 2 == 0 else first)
+    finally:
+        stop.set()
+        checker.join()
+    assert not errors and results and set(results) == {1.0}

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import io
 import tarfile
+import zipfile
 
 import numpy as np
 import pytest
@@ -12,6 +13,15 @@ import pytest
 from edged_formats import BundleError, BundleLimits, Manifest, read_bundle, write_bundle
 
 from .samples import manifest_dict, members, npy, npz
+
+
+def _npy_claiming(shape: tuple[int, ...], descr: str = "<f8") -> bytes:
+    """A valid .npy header claiming `shape` of `descr`, followed by 16 bytes."""
+    header = io.BytesIO()
+    np.lib.format.write_array_header_1_0(
+        header, {"descr": descr, "fortran_order": False, "shape": shape}
+    )
+    return header.getvalue() + b"\0" * 16
 
 
 def valid_bundle(with_head: bool = False) -> bytes:
@@ -133,7 +143,9 @@ def test_refuses_unsafe_or_inconsistent_archive(make, message: str) -> None:
             npz(weight=np.ones((10, 3), np.float32), bias=np.zeros(10, np.float32)),
             "head has weight \\[10, 3\\]",
         ),
-        ("head.npz", b"PK-not-a-zip", "head member is not an npz"),
+        ("head.npz", b"PK-not-a-zip", "head member is not a readable .npz"),
+        ("head.npz", npz(weight=np.ones((10, 4), np.float32)), "must hold exactly bias.npy"),
+        ("canaries.npy", _npy_claiming((2,), descr="|O"), "holds Python objects"),
     ],
 )
 def test_refuses_member_contents_that_disagree(member: str, data: bytes, message: str) -> None:
@@ -166,3 +178,47 @@ def test_manifest_errors_surface_as_bundle_errors() -> None:
     )
     with pytest.raises(BundleError, match="format_version 9 is unknown"):
         read_bundle(data)
+
+
+def _npz_bomb() -> bytes:
+    """An .npz whose 'weight' inflates from a few kB to 64 MB."""
+    buffer = io.BytesIO()
+    with zipfile.ZipFile(buffer, "w", zipfile.ZIP_DEFLATED) as archive:
+        archive.writestr("weight.npy", npy(np.zeros((4096, 4096), np.float32)))
+        archive.writestr("bias.npy", npy(np.zeros(10, np.float32)))
+    return buffer.getvalue()
+
+
+@pytest.mark.parametrize(
+    ("member", "data", "message"),
+    [
+        ("canaries.npy", _npy_claiming((1 << 20, 1 << 20)), r"declares shape \[1048576, 1048576\]"),
+        ("head.npz", _npz_bomb(), "expands to .* bytes: refused"),
+    ],
+)
+def test_refuses_size_bombs_before_allocating(member: str, data: bytes, message: str) -> None:
+    """Headers claiming huge arrays and compressed members that inflate are refused by
+    arithmetic on their headers, before any allocation."""
+    content = members(with_head=True)
+    content[member] = data
+    with pytest.raises(BundleError, match=message):
+        read_bundle(bundle_with(content, manifest_dict(with_head=True, content=content)))
+
+
+def test_refuses_sparse_members_and_inflated_declarations() -> None:
+    """A GNU sparse member (tiny on disk, huge when read) and declared sizes beyond the
+    archive are refused from the headers alone; so is an oversized manifest."""
+    content = members()
+    sparse = tarfile.TarInfo("notes.txt")
+    sparse.type = tarfile.GNUTYPE_SPARSE
+    with pytest.raises(BundleError, match=r"'notes\.txt' is not a regular file"):
+        read_bundle(bundle_with(content, extra=[(sparse, b"")]))
+    with pytest.raises(BundleError, match=r"'manifest.json' is \d+ bytes, over the 100-byte"):
+        read_bundle(valid_bundle(), BundleLimits(max_manifest_bytes=100))
+    data = bytearray(valid_bundle())
+    # rewrite the size field of the first header (manifest.json) to claim 1 GiB
+    data[124:136] = b"%011o\0" % (1 << 30)
+    checksum = sum(data[:148]) + 8 * 32 + sum(data[156:512])
+    data[148:156] = b"%06o\0 " % checksum
+    with pytest.raises(BundleError, match=r"over the|declare|not a readable tar"):
+        read_bundle(bytes(data))

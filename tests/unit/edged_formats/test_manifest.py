@@ -56,6 +56,9 @@ def _mutated(path: str, value: Any) -> dict[str, Any]:
         ("reference/samples", True, "reference.samples must be int, not bool"),
         ("metrics/accuracy", float("nan"), "metrics.accuracy must be a finite number"),
         ("head", {"member": "head.npz"}, "members does not list 'head.npz'"),
+        ("name", "digits\n", "manifest name must be"),
+        ("version", "../../etc/x", "manifest version must be 1-64 letters"),
+        ("parent_version", "1.0/evil", "manifest parent_version must be"),
     ],
 )
 def test_refuses_bad_manifest_with_one_sentence(path: str, value: Any, message: str) -> None:
@@ -79,3 +82,24 @@ def test_head_needs_an_embedding() -> None:
     obj["embedding"] = None
     with pytest.raises(ManifestError, match="head needs an embedding"):
         Manifest.from_dict(obj)
+
+
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [
+        ("[" * 100_000 + "]" * 100_000, "nested too deeply|not valid JSON"),
+        ('{"format_version": ' + "9" * 5000 + "}", "not valid JSON"),
+        ('{"format_version": NaN}', "NaN is not a number JSON allows"),
+    ],
+)
+def test_refuses_hostile_json(text: str, message: str) -> None:
+    """Deep nesting, 5000-digit integers and NaN are refused with a sentence, not a crash."""
+    with pytest.raises(ManifestError, match=message):
+        Manifest.from_json(text)
+
+
+def test_class_count_is_every_value_after_the_batch_axis() -> None:
+    """An output of shape [1, 2, 5] has 10 class scores, so it needs 10 labels."""
+    obj = manifest_dict()
+    obj["output"]["shape"] = [1, 2, 5]
+    assert Manifest.from_dict(obj).output.num_classes == 10
