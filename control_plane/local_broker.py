@@ -78,7 +78,9 @@ class MosquittoBroker:
             raise BrokerError("mosquitto not installed: run `make test`, which installs it")
         self._owns_workdir = workdir is None
         self.workdir = (
-            Path(tempfile.mkdtemp(prefix="edged-mosquitto-")) if workdir is None else workdir
+            Path(tempfile.mkdtemp(prefix="edged-mosquitto-"))
+            if workdir is None
+            else Path(workdir).resolve()
         )
         self.workdir.mkdir(parents=True, exist_ok=True)
         self.host = host

@@ -3,10 +3,15 @@
 from __future__ import annotations
 
 import argparse
+import asyncio
+import errno
 import json
+import math
 import sys
 import time
-from collections.abc import Sequence
+import zipfile
+import zlib
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -14,31 +19,123 @@ import numpy as np
 import numpy.typing as npt
 
 from edged import __version__
+from edged.atomic import atomic_write
 from edged.engine import Engine, EngineOptions
 from edged.errors import EdgedError, InputError
 from edged.inspection import inspect_path
+from edged_formats import FormatError
 
 __all__ = ["main"]
 
+# What a malformed .npy/.npz raises from numpy and zipfile while being read (OSErrors go to
+# main(), which names the file).
+_NPY_ERRORS = (ValueError, EOFError, zipfile.BadZipFile, zlib.error)
+
+
+def bounded_int(low: int, high: int | None = None) -> Callable[[str], int]:
+    """An argparse `type` for an integer in [low, high]; argparse reports anything else."""
+
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"'{text}' is not an integer") from None
+        if value < low or (high is not None and value > high):
+            limits = f"at least {low}" if high is None else f"between {low} and {high}"
+            raise argparse.ArgumentTypeError(f"must be {limits}, not {value}")
+        return value
+
+    return parse
+
+
+positive_int = bounded_int(1)
+
+
+def finite_float(text: str) -> float:
+    """An argparse `type` for a finite number (no NaN, no infinity)."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"'{text}' is not a number") from None
+    if not math.isfinite(value):
+        raise argparse.ArgumentTypeError(f"must be a finite number, not {text}")
+    return value
+
+
+def nonzero_float(text: str) -> float:
+    """An argparse `type` for a finite, non-zero number."""
+    value = finite_float(text)
+    if value == 0:
+        raise argparse.ArgumentTypeError("must not be zero")
+    return value
+
 
 def _load_samples(
-    path: str, sample_shape: tuple[int, ...] | None = None
+    path: str, *, labels: bool = True
 ) -> tuple[npt.NDArray[Any], npt.NDArray[Any] | None]:
-    """Samples (and labels, if the file has `y`) from .npy or .npz (`x`, optional `y`)."""
+    """Samples (and labels, if wanted and the file has `y`) from .npy or .npz (`x`, optional
+    `y`); InputError naming the file for anything that is not a non-empty batch of finite
+    numbers with one integer label per sample."""
     try:
         loaded = np.load(path, allow_pickle=False)
-    except (OSError, ValueError) as exc:
+    except _NPY_ERRORS as exc:
         raise InputError(f"{path}: not a readable .npy/.npz file ({exc})") from exc
     if isinstance(loaded, np.ndarray):
         x, y = loaded, None
     else:
         with loaded:
-            if "x" not in loaded:
+            if "x" not in loaded.files:
                 raise InputError(f"{path}: the .npz has no array named 'x'")
-            x, y = loaded["x"], loaded.get("y", None)
-    if sample_shape is not None and x.shape == sample_shape:
-        x = x[None]
+            x = _npz_array(loaded, "x", path)
+            y = _npz_array(loaded, "y", path) if labels and "y" in loaded.files else None
+    if x.dtype.kind not in "iuf":
+        raise InputError(f"{path}: samples must be integers or floats, not {x.dtype}")
+    if x.ndim == 0 or len(x) == 0:
+        raise InputError(f"{path}: the file holds no samples (shape {list(x.shape)})")
+    if x.dtype.kind == "f" and not np.all(np.isfinite(x)):
+        raise InputError(f"{path}: samples hold NaN or infinite values")
+    if y is not None:
+        if y.dtype.kind not in "iu":
+            raise InputError(f"{path}: labels 'y' must be integer class indices, not {y.dtype}")
+        if y.shape != (len(x),):
+            raise InputError(
+                f"{path}: labels 'y' have shape {list(y.shape)}, expected one per sample "
+                f"([{len(x)}])"
+            )
     return x, y
+
+
+def _npz_array(npz: Any, name: str, path: str) -> npt.NDArray[Any]:
+    try:
+        return np.asarray(npz[name])
+    except _NPY_ERRORS as exc:
+        # numpy refuses object arrays with ValueError when pickles are not allowed
+        raise InputError(f"{path}: array '{name}' is not a plain numeric array ({exc})") from exc
+
+
+def _load_labels(path: str) -> list[str]:
+    try:
+        text = Path(path).read_bytes().decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise InputError(f"{path}: the labels file is not UTF-8 text") from exc
+    labels = [line.strip() for line in text.splitlines() if line.strip()]
+    if not labels:
+        raise InputError(f"{path}: the labels file has no labels")
+    return labels
+
+
+def _load_head(path: str) -> tuple[npt.NDArray[Any], npt.NDArray[Any]]:
+    try:
+        npz = np.load(path, allow_pickle=False)
+    except _NPY_ERRORS as exc:
+        raise InputError(f"{path}: not a readable .npz file ({exc})") from exc
+    if isinstance(npz, np.ndarray):
+        raise InputError(f"{path}: the head must be an .npz with 'weight' and 'bias'")
+    with npz:
+        missing = [name for name in ("weight", "bias") if name not in npz.files]
+        if missing:
+            raise InputError(f"{path}: the head .npz has no array named '{missing[0]}'")
+        return _npz_array(npz, "weight", path), _npz_array(npz, "bias", path)
 
 
 def _engine_options(args: argparse.Namespace) -> EngineOptions:
@@ -94,8 +191,10 @@ def cmd_bench(args: argparse.Namespace) -> int:
 
 
 def cmd_predict(args: argparse.Namespace) -> int:
+    x, _ = _load_samples(args.input, labels=False)
     engine = Engine.from_file(args.bundle, _engine_options(args))
-    x, _ = _load_samples(args.input, engine.sample_shape)
+    if x.shape == engine.sample_shape:  # one sample, not a batch
+        x = x[None]
     prediction = engine.predict(x)
     labels = engine.labels
     for probabilities in prediction.probabilities:
@@ -116,12 +215,12 @@ def cmd_predict(args: argparse.Namespace) -> int:
 def cmd_pack(args: argparse.Namespace) -> int:
     from edged.packer import PackRequest, pack
 
-    labels = [line.strip() for line in Path(args.labels).read_text().splitlines() if line.strip()]
+    out = Path(args.output or f"{args.name}-{args.version}.bundle")
+    if args.output and not out.parent.is_dir():  # before the packing work
+        raise FileNotFoundError(errno.ENOENT, "no such directory for the bundle", str(out.parent))
+    labels = _load_labels(args.labels)
     x, y = _load_samples(args.calibration)
-    head = None
-    if args.head:
-        with np.load(args.head) as npz:
-            head = (npz["weight"], npz["bias"])
+    head = _load_head(args.head) if args.head else None
     bundle = pack(
         PackRequest(
             model=Path(args.model).read_bytes(),
@@ -135,26 +234,38 @@ def cmd_pack(args: argparse.Namespace) -> int:
             input_offset=args.offset,
             output_kind=args.output_kind,
             embedding_output=args.embedding,
+            output_name=args.output_tensor,
             head=head,
         )
     )
-    out = Path(args.output or f"{args.name}-{args.version}.bundle")
-    out.write_bytes(bundle)
+    try:
+        atomic_write(out, bundle)
+    except OSError as exc:  # name the bundle, not the temporary file beside it
+        raise OSError(exc.errno, exc.strerror, str(out)) from exc
     print(f"wrote {out} ({len(bundle)} bytes)")
     return 0
 
 
 def cmd_replay(args: argparse.Namespace) -> int:
     """Stream a dataset file through the engine one sample at a time, like a live source."""
-    engine = Engine.from_file(args.bundle, _engine_options(args))
     x, y = _load_samples(args.data)
-    latencies, top1, confidence = [], [], []
-    for sample in x:
-        t0 = time.perf_counter()
-        prediction = engine.predict(sample[None])
-        latencies.append(time.perf_counter() - t0)
-        top1.append(int(prediction.top1[0]))
-        confidence.append(float(prediction.confidence[0]))
+    engine = Engine.from_file(args.bundle, _engine_options(args))
+    if y is not None and (y.min() < 0 or y.max() >= len(engine.labels)):
+        raise InputError(
+            f"{args.data}: labels 'y' must be class indices from 0 to {len(engine.labels) - 1}"
+        )
+    from edged.replay import ForwardTo, replay
+
+    if args.rate is not None and args.rate <= 0:
+        raise InputError(f"--rate must be a positive number of samples per second, not {args.rate}")
+    forward = None
+    if args.forward:
+        host, _, port = args.forward.rpartition(":")
+        if not host or not port.isdigit():
+            raise InputError(f"--forward {args.forward!r} is not HOST:PORT")
+        forward = ForwardTo(Path(args.state_dir), host, int(port))
+    result = asyncio.run(replay(engine, x, rate_hz=args.rate, forward=forward))
+    latencies, top1, confidence = result.latencies_s, result.top1, result.confidence
     counts, edges = np.histogram(confidence, bins=10, range=(0.0, 1.0))
     report: dict[str, Any] = {
         "model": f"{engine.manifest.name} {engine.manifest.version}",
@@ -168,6 +279,16 @@ def cmd_replay(args: argparse.Namespace) -> int:
             for lo, hi, c in zip(edges[:-1], edges[1:], counts, strict=True)
         },
     }
+    if result.outbox is not None and result.uplink is not None:
+        report["forwarded"] = {
+            "device_id": result.device_id,
+            "kept_samples": result.kept_samples,
+            "max_depth": result.max_depth,
+            "left_in_outbox": result.outbox.depth,
+            "connects": result.uplink.connects,
+            "messages": result.uplink.messages,
+            "records": result.uplink.records,
+        }
     if args.json:
         print(json.dumps(report, indent=1))
         return 0
@@ -189,7 +310,9 @@ def _parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
 
     def engine_flags(p: argparse.ArgumentParser) -> None:
-        p.add_argument("--threads", type=int, default=1, help="interpreter threads (default 1)")
+        p.add_argument(
+            "--threads", type=bounded_int(1, 64), default=1, help="interpreter threads (default 1)"
+        )
         p.add_argument("--no-xnnpack", action="store_true", help="use the reference kernels")
 
     model = sub.add_parser("model", help="inspect, benchmark and pack models")
@@ -199,9 +322,11 @@ def _parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_inspect)
     p = model_sub.add_parser("bench", help="latency percentiles and throughput")
     p.add_argument("bundle")
-    p.add_argument("--iterations", type=int, default=200)
-    p.add_argument("--warmup", type=int, default=20)
-    p.add_argument("--batch", type=int, default=8, help="batch size for the batched figure")
+    p.add_argument("--iterations", type=positive_int, default=200)
+    p.add_argument("--warmup", type=bounded_int(0), default=20)
+    p.add_argument(
+        "--batch", type=bounded_int(1, 1024), default=8, help="batch size for the batched figure"
+    )
     engine_flags(p)
     p.set_defaults(func=cmd_bench)
     p = model_sub.add_parser("pack", help="wrap a .tflite made elsewhere into a bundle")
@@ -210,15 +335,25 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--calibration",
         required=True,
-        help=".npz with raw samples 'x' (and optional labels 'y'), or .npy",
+        help=".npz with raw samples 'x' (and optional labels 'y'), or .npy; required because "
+        "the bundle's reference statistics (for drift detection) and its canaries (the "
+        "health check after an update) are measured on it",
     )
     p.add_argument("--name", required=True)
     p.add_argument("--version", required=True)
     p.add_argument("--parent-version")
-    p.add_argument("--scale", type=float, default=1.0, help="model input = raw*scale+offset")
-    p.add_argument("--offset", type=float, default=0.0)
+    p.add_argument(
+        "--scale", type=nonzero_float, default=1.0, help="model input = raw*scale+offset"
+    )
+    p.add_argument("--offset", type=finite_float, default=0.0)
     p.add_argument("--output-kind", choices=["auto", "logits", "probabilities"], default="auto")
-    p.add_argument("--embedding", help="name of the embedding output tensor")
+    p.add_argument(
+        "--output-tensor",
+        metavar="NAME",
+        help="name of the class output tensor (needed when several outputs have one value "
+        "per label)",
+    )
+    p.add_argument("--embedding", metavar="NAME", help="name of the embedding output tensor")
     p.add_argument("--head", help=".npz with the float head's 'weight' and 'bias'")
     p.add_argument("-o", "--output", help="bundle path (default NAME-VERSION.bundle)")
     p.set_defaults(func=cmd_pack)
@@ -226,13 +361,22 @@ def _parser() -> argparse.ArgumentParser:
     p = sub.add_parser("predict", help="run a bundle on samples from a .npy/.npz file")
     p.add_argument("bundle")
     p.add_argument("input", help=".npy with one sample or a batch, or .npz with 'x'")
-    p.add_argument("--top", type=int, default=3)
+    p.add_argument("--top", type=positive_int, default=3, help="labels shown per sample")
     engine_flags(p)
     p.set_defaults(func=cmd_predict)
     p = sub.add_parser("replay", help="stream a dataset file through a bundle and report")
     p.add_argument("bundle")
     p.add_argument("data", help=".npz with 'x' (and 'y' for accuracy)")
     p.add_argument("--json", action="store_true")
+    p.add_argument("--rate", type=finite_float, help="samples per second (default: flat out)")
+    p.add_argument(
+        "--forward",
+        metavar="HOST:PORT",
+        help="send telemetry and uncertain samples through the outbox and uplink to a broker",
+    )
+    p.add_argument(
+        "--state-dir", default="edged-state", help="device key and outbox (with --forward)"
+    )
     engine_flags(p)
     p.set_defaults(func=cmd_replay)
     return parser
@@ -242,11 +386,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     try:
         return int(args.func(args))
-    except EdgedError as exc:
+    except (EdgedError, FormatError) as exc:
         print(f"edged: error: {exc}", file=sys.stderr)
         return 2
     except OSError as exc:
-        print(f"edged: error: {exc.filename or ''}: {exc.strerror}", file=sys.stderr)
+        problem = exc.strerror or str(exc) or type(exc).__name__
+        where = f"{exc.filename}: " if exc.filename else ""
+        print(f"edged: error: {where}{problem}", file=sys.stderr)
         return 2
 
 

@@ -1,5 +1,9 @@
 """Wrap a .tflite made anywhere into a bundle, measuring its reference statistics and canaries
-on calibration data with the same engine that will serve it."""
+on calibration data with the same engine that will serve it.
+
+`pack` checks the request before any inference (labels, calibration data, the model's tensors)
+and raises one ModelError sentence for anything it cannot pack, format errors included.
+"""
 
 from __future__ import annotations
 
@@ -8,19 +12,21 @@ import io
 import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
+from numbers import Real
 from typing import Any, Literal
 
 import numpy as np
 import numpy.typing as npt
 
 from edged.engine import Engine, EngineOptions
-from edged.errors import ModelError, ModelMismatch
+from edged.errors import InputError, ModelError, ModelMismatch
 from edged.runtime import load_runtime
 from edged_formats import (
     Bundle,
     Canaries,
     ConfidenceHistogram,
     EmbeddingSpec,
+    FormatError,
     HeadSpec,
     InputSpec,
     Manifest,
@@ -30,6 +36,7 @@ from edged_formats import (
     write_bundle,
 )
 from edged_formats.bundle import digest_members
+from edged_formats.manifest import TENSOR_DTYPES
 
 __all__ = ["PackRequest", "pack"]
 
@@ -43,7 +50,11 @@ _LAYOUT_BY_RANK = {4: "NHWC", 3: "NLC", 2: "NC"}
 @dataclass(frozen=True)
 class PackRequest:
     """What the packer needs besides the model: labels and raw calibration samples (batch
-    first, as sources will deliver them), optionally their true labels for metrics."""
+    first, as sources will deliver them), optionally their true labels for metrics.
+
+    `output_name` names the class output when several outputs have one value per label;
+    `embedding_output` names the embedding output (needed with `head` when the model has
+    more than one other output)."""
 
     model: bytes
     labels: Sequence[str]
@@ -56,16 +67,26 @@ class PackRequest:
     input_offset: float = 0.0
     output_kind: Literal["auto", "logits", "probabilities"] = "auto"
     embedding_output: str | None = None
+    output_name: str | None = None
     head: tuple[npt.NDArray[np.float32], npt.NDArray[np.float32]] | None = None
     metrics: Mapping[str, float] = field(default_factory=dict)
 
 
 def pack(request: PackRequest) -> bytes:
     """Bundle bytes for the request; ModelError naming the problem when it cannot be packed."""
-    if len(request.calibration) < 2:
-        raise ModelError("calibration data needs at least 2 samples")
+    _check_request(request)
+    try:
+        return _pack(request)
+    except FormatError as exc:  # the manifest's own checks: name, version, scale, ...
+        raise ModelError(f"cannot pack: {exc}") from exc
+    except InputError as exc:  # the engine refused the calibration data
+        raise ModelError(f"calibration data: {exc}") from exc
+
+
+def _pack(request: PackRequest) -> bytes:
     details = _tensor_details(request.model)
     input_detail, output_detail, embedding_detail = _pick_tensors(details, request)
+    _check_fit(request, input_detail, embedding_detail)
     members = {
         "model.tflite": request.model,
         "labels.txt": "".join(f"{label}\n" for label in request.labels).encode(),
@@ -75,8 +96,6 @@ def pack(request: PackRequest) -> bytes:
         weight, bias = request.head
         members["head.npz"] = _npz(weight=weight.astype(np.float32), bias=bias.astype(np.float32))
     rank = len(input_detail["shape"])
-    if rank not in _LAYOUT_BY_RANK:
-        raise ModelError(f"input rank {rank} is not supported (edged serves NHWC, NLC and NC)")
     base = dict(
         name=request.name,
         version=request.version,
@@ -104,6 +123,10 @@ def pack(request: PackRequest) -> bytes:
         kind = "logits"
         draft = _bundle(base, members, _output(output_detail, kind), reference, placeholder)
         probabilities = Engine(draft, EngineOptions(max_batch=1)).predict(request.calibration)
+    if not np.all(np.isfinite(probabilities.probabilities)):
+        raise ModelError(
+            f"output '{output_detail['name']}' gives non-finite scores on the calibration data"
+        )
     canary_idx = _pick_canaries(probabilities.probabilities)
     members["canaries.npy"] = _npy(request.calibration[canary_idx])
     canaries = Canaries("canaries.npy", tuple(int(i) for i in probabilities.top1[canary_idx]))
@@ -140,30 +163,180 @@ def _tensor_details(model: bytes) -> tuple[list[dict[str, Any]], list[dict[str, 
     return interpreter.get_input_details(), interpreter.get_output_details()
 
 
+def _check_request(request: PackRequest) -> None:
+    """Refuse, before loading the model, what no model could be packed with."""
+    _check_labels(request.labels)
+    x = request.calibration
+    if not isinstance(x, np.ndarray) or x.dtype.kind not in "iuf":
+        kind = x.dtype if isinstance(x, np.ndarray) else type(x).__name__
+        raise ModelError(f"calibration data must be an integer or float array, not {kind}")
+    if x.ndim < 2 or len(x) < 2:
+        raise ModelError(
+            f"calibration data needs at least 2 samples, batch first (it has shape {list(x.shape)})"
+        )
+    if x.dtype.kind == "f" and not np.all(np.isfinite(x)):
+        bad = int(np.count_nonzero(~np.isfinite(x)))
+        raise ModelError(f"calibration data holds {bad} non-finite values (NaN or infinity)")
+    if request.calibration_labels is not None:
+        _check_calibration_labels(np.asarray(request.calibration_labels), len(x), request.labels)
+    if not (math.isfinite(request.input_scale) and request.input_scale != 0):
+        raise ModelError(f"input scale must be a finite non-zero number, not {request.input_scale}")
+    if not math.isfinite(request.input_offset):
+        raise ModelError(f"input offset must be a finite number, not {request.input_offset}")
+    for key, value in request.metrics.items():
+        if isinstance(value, bool) or not isinstance(value, Real) or not math.isfinite(value):
+            raise ModelError(f"metric '{key}' must be a finite number, not {value!r}")
+    if request.head is not None:
+        arrays = [np.asarray(a) for a in request.head]
+        if any(a.dtype.kind not in "iuf" or not np.all(np.isfinite(a)) for a in arrays):
+            raise ModelError("the head's weight and bias must be arrays of finite numbers")
+
+
+def _check_labels(labels: Sequence[str]) -> None:
+    if len(labels) < 2:
+        raise ModelError(f"a classifier needs at least 2 labels, got {len(labels)}")
+    seen: set[str] = set()
+    for label in labels:
+        if not isinstance(label, str) or [label] != label.splitlines() or label != label.strip():
+            raise ModelError(
+                f"label {label!r} is not one line of text without surrounding whitespace"
+            )
+        if label in seen:
+            raise ModelError(f"label {label!r} appears more than once")
+        seen.add(label)
+
+
+def _check_calibration_labels(truth: npt.NDArray[Any], samples: int, labels: Sequence[str]) -> None:
+    if truth.dtype.kind not in "iu":
+        raise ModelError(f"calibration labels must be integer class indices, not {truth.dtype}")
+    if truth.shape != (samples,):
+        raise ModelError(
+            f"calibration labels have shape {list(truth.shape)}, expected one per sample "
+            f"([{samples}])"
+        )
+    if truth.min() < 0 or truth.max() >= len(labels):
+        raise ModelError(
+            f"calibration labels must be class indices from 0 to {len(labels) - 1}, "
+            f"found {int(truth.min())} to {int(truth.max())}"
+        )
+
+
+def _check_fit(
+    request: PackRequest, input_detail: dict[str, Any], embedding: dict[str, Any] | None
+) -> None:
+    """Refuse calibration data or a head that do not fit the model's tensors."""
+    name = input_detail["name"]
+    shape = [int(d) for d in input_detail["shape"]]
+    if len(shape) not in _LAYOUT_BY_RANK:
+        raise ModelError(
+            f"input rank {len(shape)} is not supported (edged serves NHWC, NLC and NC)"
+        )
+    if list(request.calibration.shape[1:]) != shape[1:]:
+        raise ModelMismatch(
+            f"calibration samples have shape {list(request.calibration.shape[1:])} but the "
+            f"model input '{name}' takes samples of shape {shape[1:]}"
+        )
+    if request.head is not None and embedding is not None:
+        weight, bias = (np.shape(a) for a in request.head)
+        classes, size = len(request.labels), _values(embedding)
+        if weight != (classes, size) or bias != (classes,):
+            raise ModelMismatch(
+                f"the head has weight {list(weight)} and bias {list(bias)}, but the model "
+                f"needs [{classes}, {size}] and [{classes}]"
+            )
+
+
 def _pick_tensors(
     details: tuple[list[dict[str, Any]], list[dict[str, Any]]], request: PackRequest
 ) -> tuple[dict[str, Any], dict[str, Any], dict[str, Any] | None]:
     inputs, outputs = details
     if len(inputs) != 1:
         raise ModelMismatch(f"the model has {len(inputs)} inputs; edged serves one")
-    classes = [d for d in outputs if int(np.prod(d["shape"][1:])) == len(request.labels)]
-    if not classes:
-        sizes = ", ".join(str(int(np.prod(d["shape"][1:]))) for d in outputs)
-        raise ModelMismatch(
-            f"no model output has {len(request.labels)} values, one per label (outputs: {sizes})"
-        )
-    embedding = None
-    if request.embedding_output is not None or request.head is not None:
-        others = [d for d in outputs if d is not classes[0]]
-        wanted = request.embedding_output
-        matches = [d for d in others if wanted is None or d["name"] == wanted]
-        if len(matches) != 1:
+    _check_dtype(inputs[0], "input")
+    output = _pick_output(outputs, request)
+    return inputs[0], output, _pick_embedding(outputs, output, request)
+
+
+def _pick_output(outputs: list[dict[str, Any]], request: PackRequest) -> dict[str, Any]:
+    """The class output: the named one, else the only one with a value per label."""
+    count = len(request.labels)
+    if request.output_name is not None:
+        output = _named(outputs, request.output_name)
+        if _values(output) != count:
             raise ModelMismatch(
-                f"cannot tell which output is the embedding among "
-                f"{', '.join(d['name'] for d in others) or 'none'}"
+                f"output '{output['name']}' has {_values(output)} values, not one per label "
+                f"({count})"
             )
-        embedding = matches[0]
-    return inputs[0], classes[0], embedding
+    else:
+        candidates = [d for d in outputs if _values(d) == count]
+        if len(candidates) > 1:  # a named embedding is not a candidate for the class output
+            candidates = [d for d in candidates if d["name"] != request.embedding_output]
+        if not candidates:
+            sizes = ", ".join(str(_values(d)) for d in outputs)
+            raise ModelMismatch(
+                f"no model output has {count} values, one per label (outputs: {sizes})"
+            )
+        if len(candidates) > 1:
+            raise ModelMismatch(
+                f"outputs {_names(candidates)} all have {count} values: name the class "
+                f"output (output_name, --output-tensor)"
+            )
+        output = candidates[0]
+    shape = [int(d) for d in output["shape"]]
+    if any(d != 1 for d in shape[1:-1]):
+        raise ModelMismatch(
+            f"output '{output['name']}' has shape {shape}, not [batch, classes]: it is not "
+            f"one score per label"
+        )
+    _check_dtype(output, "output")
+    return output
+
+
+def _pick_embedding(
+    outputs: list[dict[str, Any]], output: dict[str, Any], request: PackRequest
+) -> dict[str, Any] | None:
+    """The embedding output: the named one, else (with a head) the only other output."""
+    if request.embedding_output is not None:
+        if request.embedding_output == output["name"]:
+            raise ModelMismatch(
+                f"output '{output['name']}' cannot be both the class output and the embedding"
+            )
+        embedding = _named(outputs, request.embedding_output)
+    elif request.head is not None:
+        others = [d for d in outputs if d is not output]
+        if len(others) != 1:
+            raise ModelMismatch(
+                f"cannot tell which output is the embedding among {_names(others)}: name it"
+            )
+        embedding = others[0]
+    else:
+        return None
+    _check_dtype(embedding, "embedding")
+    return embedding
+
+
+def _named(outputs: list[dict[str, Any]], name: str) -> dict[str, Any]:
+    for detail in outputs:
+        if detail["name"] == name:
+            return detail
+    raise ModelMismatch(f"the model has no output named '{name}' (outputs: {_names(outputs)})")
+
+
+def _names(details: list[dict[str, Any]]) -> str:
+    return ", ".join(f"'{d['name']}'" for d in details) or "none"
+
+
+def _values(detail: dict[str, Any]) -> int:
+    return math.prod(int(d) for d in detail["shape"][1:])
+
+
+def _check_dtype(detail: dict[str, Any], what: str) -> None:
+    dtype = np.dtype(detail["dtype"]).name
+    if dtype not in TENSOR_DTYPES:
+        raise ModelMismatch(
+            f"the model {what} '{detail['name']}' is {dtype}; edged serves "
+            f"{', '.join(TENSOR_DTYPES)}"
+        )
 
 
 def _output(detail: dict[str, Any], kind: str) -> OutputSpec:

@@ -172,13 +172,15 @@ class Uplink:
         window = self.stats.window = min(self.config.window, link.receive_maximum)
         try:
             while not link.disconnected.is_set():
+                for finished in [t for t in in_flight if t.done()]:
+                    in_flight.discard(finished)
+                    finished.result()
                 room = window - len(in_flight)
                 messages = await self._next_messages(room) if room > 0 else []
                 for message in messages:
                     await self._spend(message, link)
                     task = asyncio.create_task(self._send(link, message))
                     in_flight.add(task)
-                    task.add_done_callback(in_flight.discard)
                 if messages and len(in_flight) < window:
                     continue
                 waiters: set[asyncio.Future[Any]] = {down, *in_flight}
@@ -187,9 +189,10 @@ class Uplink:
                         ready = asyncio.create_task(self.outbox.wait_for_records())
                     waiters.add(ready)
                 done, _ = await asyncio.wait(waiters, return_when=asyncio.FIRST_COMPLETED)
-                for finished in done:
-                    if finished not in (down, ready):
-                        finished.result()  # a failed send ends the session
+                for completed in done:
+                    if completed in in_flight:
+                        in_flight.discard(completed)
+                        completed.result()  # a failed send ends the session
         finally:
             down.cancel()
             if ready is not None:
@@ -238,7 +241,7 @@ class Uplink:
         except LinkError:
             self.outbox.release(r.seq for r in message.records)
             raise
-        await self.outbox.ack([r.seq for r in message.records])
-        self.stats.messages += 1
+        self.stats.messages += 1  # counted before the ack, which a disconnect may cancel
         self.stats.records += len(message.records)
         self.stats.bytes += len(data)
+        await self.outbox.ack([r.seq for r in message.records])

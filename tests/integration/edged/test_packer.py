@@ -1,0 +1,278 @@
+"""The packer as a library: every request it cannot pack is one ModelError sentence, checked
+before any work, and a model whose class output is ambiguous must be told which it is."""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+
+from edged.engine import Engine
+from edged.errors import ModelError
+from edged.packer import PackRequest, pack
+from edged_formats import read_bundle
+from tests.conftest import FIXTURES
+
+LABELS = [str(i) for i in range(10)]
+SCORES, SECOND, EMBEDDING = (f"serving_default_output_{i}_output" for i in range(3))
+
+
+def build_odd_models(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    """Tiny litert-torch models with awkward outputs and inputs, built once per session (the
+    files are cached under the session's base temp directory, so every module shares them).
+
+    - one:       16 floats -> output [1, 1]
+    - grouped:   16 floats -> output [1, 2, 5] (two groups of five, not one classification)
+    - two_heads: 16 floats -> softmax [1, 10], scores [1, 10], embedding [1, 4]
+    - int_input: 16 int32  -> float output [1, 10]
+    """
+    pytest.importorskip("torch", reason="the train extra (torch) is not installed")
+    import torch
+
+    from control_plane.toolchain.convert import export_float
+
+    class One(torch.nn.Module):
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return x.sum(dim=1, keepdim=True)
+
+    class Grouped(torch.nn.Module):
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return torch.softmax(x[:, :10].reshape(-1, 2, 5), dim=-1)
+
+    class TwoHeads(torch.nn.Module):
+        def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
+            return torch.softmax(x[:, :10], dim=1), x[:, 6:16] * 2.0, x[:, :4] + 1.0
+
+    class IntInput(torch.nn.Module):
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return torch.softmax(x[:, :10].float(), dim=1)
+
+    float_sample, int_sample = torch.zeros(1, 16), torch.zeros(1, 16, dtype=torch.int32)
+    specs: dict[str, tuple[Any, torch.Tensor]] = {
+        "one": (One(), float_sample),
+        "grouped": (Grouped(), float_sample),
+        "two_heads": (TwoHeads(), float_sample),
+        "int_input": (IntInput(), int_sample),
+    }
+    cache = tmp_path_factory.getbasetemp() / "odd-models"
+    cache.mkdir(exist_ok=True)
+    paths = {}
+    for name, (module, sample) in specs.items():
+        paths[name] = cache / f"{name}.tflite"
+        if not paths[name].exists():
+            paths[name].write_bytes(export_float(module, sample))
+    return paths
+
+
+@pytest.fixture(scope="session")
+def odd_models(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    """The awkward litert-torch models of `build_odd_models`."""
+    return build_odd_models(tmp_path_factory)
+
+
+@pytest.fixture
+def digits(tf_reference) -> PackRequest:
+    """A request that packs: the TF float digits model with its 64 reference samples."""
+    return PackRequest(
+        model=(FIXTURES / "tf" / "digits_float.tflite").read_bytes(),
+        labels=LABELS,
+        calibration=tf_reference["x"],
+        calibration_labels=tf_reference["y"],
+        name="digits",
+        version="1.0.0",
+    )
+
+
+def vectors(count: int = 32, dtype: Any = np.float32) -> np.ndarray:
+    """Calibration samples for the 16-value odd models."""
+    return np.random.default_rng(0).uniform(-3, 3, (count, 16)).astype(dtype)
+
+
+def refused(request: PackRequest, **changes: Any) -> str:
+    """The ModelError message `pack` gives for `request` with `changes`; it must be one line."""
+    with pytest.raises(ModelError) as caught:
+        pack(dataclasses.replace(request, **changes))
+    message = str(caught.value)
+    assert message and "\n" not in message
+    return message
+
+
+def test_the_valid_request_packs(digits: PackRequest) -> None:
+    """The baseline request the refusals below start from does pack."""
+    bundle = read_bundle(pack(digits))
+    assert bundle.labels == tuple(LABELS)
+
+
+@pytest.mark.parametrize(
+    ("labels", "problem"),
+    [
+        ([], "at least 2 labels, got 0"),
+        (["only"], "at least 2 labels, got 1"),
+        ([*LABELS[:9], "0"], "'0' appears more than once"),
+        ([*LABELS[:9], ""], "'' is not one line"),
+        ([*LABELS[:9], " 9"], "' 9' is not one line"),
+        ([*LABELS[:9], "nine\nten"], "is not one line"),
+    ],
+)
+def test_labels_are_refused_unless_two_or_more_distinct_lines(
+    digits: PackRequest, labels: list[str], problem: str
+) -> None:
+    """Fewer than 2 labels, duplicates, blank or multi-line labels: ModelError, no bundle."""
+    assert problem in refused(digits, labels=labels)
+
+
+@pytest.mark.parametrize(
+    ("calibration", "problem"),
+    [
+        (np.full((64, 8, 8, 1), np.nan, np.float32), "4096 non-finite values"),
+        (np.full((64, 8, 8, 1), np.inf, np.float32), "non-finite"),
+        (np.zeros((1, 8, 8, 1), np.float32), "at least 2 samples"),
+        (np.zeros((0, 8, 8, 1), np.float32), "at least 2 samples"),
+        (np.zeros((64, 8, 8, 1), bool), "integer or float array, not bool"),
+        (np.array(["a", "b"]), "integer or float array, not <U1"),
+        (np.zeros((64, 16), np.float32), "calibration samples have shape [16]"),
+        (np.zeros((64, 8, 8), np.float32), "takes samples of shape [8, 8, 1]"),
+    ],
+)
+def test_calibration_must_be_finite_numbers_shaped_like_the_input(
+    digits: PackRequest, calibration: np.ndarray, problem: str
+) -> None:
+    """NaN/inf, too few samples, non-numeric dtypes or the wrong sample shape: ModelError."""
+    assert problem in refused(digits, calibration=calibration, calibration_labels=None)
+
+
+@pytest.mark.parametrize(
+    ("truth", "problem"),
+    [
+        (np.zeros(10, np.int64), "shape [10], expected one per sample ([64])"),
+        (np.zeros(64, np.float32), "integer class indices, not float32"),
+        (np.full(64, 10), "from 0 to 9, found 10 to 10"),
+        (np.full(64, -1), "from 0 to 9, found -1 to -1"),
+    ],
+)
+def test_calibration_labels_must_be_one_class_index_per_sample(
+    digits: PackRequest, truth: np.ndarray, problem: str
+) -> None:
+    """Calibration labels of the wrong length, dtype or range are refused, not broadcast."""
+    assert problem in refused(digits, calibration_labels=truth)
+
+
+@pytest.mark.parametrize(
+    ("changes", "problem"),
+    [
+        ({"name": "Bad Name"}, "manifest name"),
+        ({"version": ""}, "manifest version"),
+        ({"input_scale": 0.0}, "input scale must be a finite non-zero number, not 0.0"),
+        ({"input_scale": float("nan")}, "input scale"),
+        ({"input_offset": float("inf")}, "input offset must be a finite number"),
+        ({"model": b"not a model at all"}, "refused the model"),
+        ({"metrics": {"f1": float("nan")}}, "metric 'f1' must be a finite number, not nan"),
+        ({"metrics": {"f1": "high"}}, "metric 'f1' must be a finite number, not 'high'"),
+    ],
+)
+def test_bad_fields_become_one_model_error(
+    digits: PackRequest, changes: dict[str, Any], problem: str
+) -> None:
+    """Bad name, version, scale, offset, model or metrics: ModelError, never a FormatError."""
+    assert problem in refused(digits, **changes)
+
+
+def test_named_outputs_must_exist(digits: PackRequest) -> None:
+    """An output or embedding name the model does not have is refused, listing the outputs."""
+    assert "no output named 'nope' (outputs: 'StatefulPartitionedCall_1:0')" in refused(
+        digits, output_name="nope"
+    )
+    assert "no output named 'emb'" in refused(digits, embedding_output="emb")
+    assert "both the class output and the embedding" in refused(
+        digits, embedding_output="StatefulPartitionedCall_1:0"
+    )
+
+
+def test_a_head_needs_an_embedding_output(digits: PackRequest) -> None:
+    """A head for a model without a second output is refused instead of packed unusable."""
+    head = (np.zeros((10, 4), np.float32), np.zeros(10, np.float32))
+    assert "cannot tell which output is the embedding among none" in refused(digits, head=head)
+    nan_head = (np.full((10, 4), np.nan, np.float32), np.zeros(10, np.float32))
+    assert "finite numbers" in refused(digits, head=nan_head)
+
+
+@pytest.mark.train
+def test_single_value_output_is_not_a_classifier(odd_models: dict[str, Path]) -> None:
+    """A [1, 1] output is refused with 1 label (no IndexError in canary picking) and with 2."""
+    model = odd_models["one"].read_bytes()
+    request = PackRequest(model=model, labels=["a"], calibration=vectors(), name="a", version="1")
+    assert "at least 2 labels, got 1" in refused(request)
+    assert "no model output has 2 values" in refused(request, labels=["a", "b"])
+
+
+@pytest.mark.train
+def test_grouped_output_is_not_one_classification(odd_models: dict[str, Path]) -> None:
+    """A [1, 2, 5] output has 10 values but is not one score per label: refused."""
+    request = PackRequest(
+        model=odd_models["grouped"].read_bytes(),
+        labels=LABELS,
+        calibration=vectors(),
+        name="grouped",
+        version="1",
+    )
+    assert "has shape [1, 2, 5], not [batch, classes]" in refused(request)
+
+
+@pytest.mark.train
+def test_int32_input_is_refused(odd_models: dict[str, Path]) -> None:
+    """A model with an int32 input tensor is refused by name, not by a manifest traceback."""
+    request = PackRequest(
+        model=odd_models["int_input"].read_bytes(),
+        labels=LABELS,
+        calibration=vectors(dtype=np.int32),
+        name="ints",
+        version="1",
+    )
+    assert "input 'serving_default_args_0' is int32; edged serves float32" in refused(request)
+
+
+@pytest.mark.train
+def test_ambiguous_class_output_needs_a_name(odd_models: dict[str, Path]) -> None:
+    """Two outputs with a value per label are refused unless output_name picks the one served."""
+    request = PackRequest(
+        model=odd_models["two_heads"].read_bytes(),
+        labels=LABELS,
+        calibration=vectors(),
+        name="two",
+        version="1",
+    )
+    message = refused(request)
+    assert f"outputs '{SCORES}', '{SECOND}' all have 10 values" in message
+    assert "4 values, not one per label (10)" in refused(request, output_name=EMBEDDING)
+    for name, kind in ((SCORES, "probabilities"), (SECOND, "logits")):
+        bundle = read_bundle(pack(dataclasses.replace(request, output_name=name)))
+        assert bundle.manifest.output.name == name and bundle.manifest.output.kind == kind
+    # naming the other 10-wide output as the embedding also settles which one holds the scores
+    bundle = read_bundle(pack(dataclasses.replace(request, embedding_output=SECOND)))
+    assert bundle.manifest.output.name == SCORES and bundle.manifest.embedding is not None
+
+
+@pytest.mark.train
+def test_head_must_fit_labels_and_embedding(odd_models: dict[str, Path]) -> None:
+    """A head packs when it is [classes, embedding] and [classes]; other shapes are refused."""
+    request = PackRequest(
+        model=odd_models["two_heads"].read_bytes(),
+        labels=LABELS,
+        calibration=vectors(),
+        name="headed",
+        version="1",
+        output_name=SCORES,
+        embedding_output=EMBEDDING,
+        head=(np.zeros((10, 4), np.float32), np.zeros(10, np.float32)),
+    )
+    bundle = read_bundle(pack(request))
+    assert bundle.manifest.embedding is not None and bundle.manifest.embedding.size == 4
+    embeddings = Engine(bundle).predict(vectors(3)).embeddings
+    assert embeddings is not None and embeddings.shape == (3, 4)
+    wrong = (np.zeros((10, 5), np.float32), np.zeros(10, np.float32))
+    assert "weight [10, 5] and bias [10], but the model needs [10, 4] and [10]" in refused(
+        request, head=wrong
+    )
