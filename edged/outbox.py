@@ -47,9 +47,16 @@ from edged.outbox_policy import (
 )
 from edged.outbox_store import ROW_OVERHEAD, Store
 from edged_formats import FormatError
-from edged_formats.wire import Record
+from edged_formats.wire import Record, encode_record_parts
 
-__all__ = ["Outbox", "OutboxConfig", "OutboxError", "OutboxFull", "OutboxStats"]
+__all__ = [
+    "LeasedRecord",
+    "Outbox",
+    "OutboxConfig",
+    "OutboxError",
+    "OutboxFull",
+    "OutboxStats",
+]
 
 MIB = 1 << 20
 log = logging.getLogger(__name__)
@@ -113,6 +120,15 @@ class OutboxStats:
         return sum(s.stored_bytes for s in self.by_class.values())
 
 
+@dataclass(frozen=True, slots=True)
+class LeasedRecord:
+    """A leased record in its wire encoding, with what the uplink needs to route and ack it."""
+
+    kind: str
+    seq: int
+    encoded: bytes
+
+
 @dataclass(slots=True)
 class _Put:
     klass: RecordClass
@@ -149,6 +165,7 @@ class Outbox:
         self._stats = {c.name: ClassStats() for c in config.classes}
         self._queue: asyncio.Queue[_Put | _Ack | None] = asyncio.Queue()
         self._leased: dict[int, str] = {}
+        self._deleting: set[int] = set()  # acknowledged, delete not yet committed
         self._cursor = {c.name: 0 for c in config.classes}
         self._store: Store | None = None
         self._writer: asyncio.Task[None] | None = None
@@ -239,6 +256,21 @@ class Outbox:
             self._enqueue(item)
         return [await item.done for item in items if item.done is not None]
 
+    def _fail_group(self, group: Sequence[_Put | _Ack], error: OutboxError) -> None:
+        """Fail every waiter; acknowledged records whose delete failed are handed out again
+        (a duplicate the receiver removes, never a loss)."""
+        for item in group:
+            if isinstance(item, _Ack):
+                self._deleting.difference_update(item.seqs)
+                self.release(item.seqs)
+            if item.done is not None and not item.done.done():
+                item.done.set_exception(error)
+
+    def _forget(self, seqs: Sequence[int]) -> None:
+        for seq in seqs:
+            self._leased.pop(seq, None)
+            self._deleting.discard(seq)
+
     def _enqueue(self, item: _Put | _Ack) -> None:
         """Durable work wakes a writer that is gathering relaxed records."""
         if isinstance(item, _Ack) or item.klass.durable:
@@ -254,7 +286,7 @@ class Outbox:
             raise OutboxError(f"unknown record class {kind!r} (known: {', '.join(self._classes)})")
         try:
             Record(kind, 0, 0, 0.0, body)  # what the wire will accept, checked now, not at send
-            encoded = cbor2.dumps(body)
+            encoded = cbor2.dumps(body, canonical=True)  # spliced into messages as it is
         except (FormatError, cbor2.CBOREncodeError, TypeError, ValueError) as exc:
             raise OutboxError(f"a {kind} record body cannot be sent ({exc})") from exc
         if len(encoded) > self.config.max_record_bytes:
@@ -267,7 +299,7 @@ class Outbox:
 
     def _queue_event(self, name: str, detail: dict[str, Any]) -> None:
         event_class = self._by_priority[0]
-        body = cbor2.dumps({"event": name, **detail})
+        body = cbor2.dumps({"event": name, **detail}, canonical=True)
         self._enqueue(_Put(event_class, self._wall(), body, None, internal=True))
 
     # -- the uplink's side --------------------------------------------------------------------
@@ -275,12 +307,31 @@ class Outbox:
     async def lease(self, max_records: int, max_bytes: int) -> list[Record]:
         """Records not yet handed out, highest priority first, oldest first, up to the
         bounds; each is handed out once until `release`d or `ack`ed."""
+        rows = await self._lease_rows(max_records, max_bytes)
+        return [
+            Record(kind, boot, seq, created, cbor2.loads(body))
+            for kind, seq, boot, created, body in rows
+        ]
+
+    async def lease_encoded(self, max_records: int, max_bytes: int) -> list[LeasedRecord]:
+        """`lease`, with each record already in its wire encoding (the uplink's path: bodies
+        are never decoded)."""
+        rows = await self._lease_rows(max_records, max_bytes)
+        return [
+            LeasedRecord(kind, seq, encode_record_parts(kind, boot, seq, created, body))
+            for kind, seq, boot, created, body in rows
+        ]
+
+    async def _lease_rows(
+        self, max_records: int, max_bytes: int
+    ) -> list[tuple[str, int, int, float, bytes]]:
         store = self._require_store()
-        leased: list[Record] = []
+        leased: list[tuple[str, int, int, float, bytes]] = []
         budget = max_bytes
         for cls in self._by_priority:
             while len(leased) < max_records and budget > 0:
-                rows = await store.after(cls.priority, self._cursor[cls.name], 256)
+                want = max(1, min(256, max_records - len(leased)))
+                rows = await store.after(cls.priority, self._cursor[cls.name], want)
                 if not rows:
                     break
                 for seq, boot, created, body in rows:
@@ -292,15 +343,15 @@ class Outbox:
                         budget = 0
                         break
                     self._leased[int(seq)] = cls.name
-                    leased.append(
-                        Record(cls.name, int(boot), int(seq), float(created), cbor2.loads(body))
-                    )
+                    leased.append((cls.name, int(seq), int(boot), float(created), bytes(body)))
                     budget -= len(body)
         return leased
 
     def release(self, seqs: Iterable[int] | None = None) -> None:
-        """Make leased records available again (all of them by default)."""
-        chosen = list(self._leased) if seqs is None else [s for s in seqs if s in self._leased]
+        """Make leased records available again (all of them by default); records already
+        acknowledged and awaiting their delete stay out."""
+        candidates = list(self._leased) if seqs is None else list(seqs)
+        chosen = [s for s in candidates if s in self._leased and s not in self._deleting]
         for seq in chosen:
             name = self._leased.pop(seq)
             self._cursor[name] = min(self._cursor[name], seq - 1)
@@ -314,12 +365,16 @@ class Outbox:
         self._available.clear()
 
     async def ack(self, seqs: Sequence[int]) -> None:
-        """The broker has these: delete them."""
-        for seq in seqs:
-            self._leased.pop(seq, None)
+        """The broker has these: delete them, and return once the delete is committed."""
+        await self.ack_nowait(seqs)
+
+    def ack_nowait(self, seqs: Sequence[int]) -> asyncio.Future[None]:
+        """Queue the delete and return at once; until it commits the records stay leased, so
+        they are never handed out again."""
+        self._deleting.update(seqs)
         done = asyncio.get_running_loop().create_future()
         self._enqueue(_Ack(list(seqs), done))
-        await done
+        return done
 
     async def flush(self) -> None:
         """Return once everything handed over so far, relaxed records included, is committed."""
@@ -354,10 +409,7 @@ class Outbox:
                 await self._commit_group(group)
             except Exception as exc:  # the writer must outlive any one failure
                 log.exception("outbox writer failed a group of %d", len(group))
-                error = OutboxError(f"the outbox could not commit ({exc})")
-                for item in group:
-                    if item.done is not None and not item.done.done():
-                        item.done.set_exception(error)
+                self._fail_group(group, OutboxError(f"the outbox could not commit ({exc})"))
                 await asyncio.sleep(1.0)
 
     async def _gather(self) -> tuple[list[_Put | _Ack], bool]:
@@ -390,10 +442,7 @@ class Outbox:
         try:
             accepted, refused = await self._transaction(puts, acks, durable)
         except sqlite3.DatabaseError as exc:
-            error = OutboxError(f"the outbox could not commit ({exc})")
-            for item in group:
-                if item.done is not None and not item.done.done():
-                    item.done.set_exception(error)
+            self._fail_group(group, OutboxError(f"the outbox could not commit ({exc})"))
             await self._recover_if_damaged(exc)
             return
         if accepted:
@@ -410,6 +459,7 @@ class Outbox:
                     )
                 )
         for ack in acks:
+            self._forget(ack.seqs)
             if not ack.done.done():
                 ack.done.set_result(None)
         self._report_drops()

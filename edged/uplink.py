@@ -37,6 +37,11 @@ __all__ = ["Uplink", "UplinkConfig", "UplinkStats"]
 log = logging.getLogger(__name__)
 
 
+def _ack_done(done: asyncio.Future[None]) -> None:
+    if not done.cancelled() and done.exception() is not None:
+        log.warning("uplink: acknowledged records will be sent again: %s", done.exception())
+
+
 class _HealthySessionEnded(Exception):
     """A connection that lasted long enough ended: reconnect with a fresh backoff."""
 
@@ -74,12 +79,12 @@ class UplinkStats:
 @dataclass(slots=True)
 class _Message:
     channel: str
-    records: list[Record] = field(default_factory=list)
+    seqs: list[int] = field(default_factory=list)
     encoded: list[bytes] = field(default_factory=list)
     record_bytes: int = 0
 
     def size_with(self, device: str, extra: int) -> int:
-        return message_size(device, self.channel, len(self.records) + 1, self.record_bytes + extra)
+        return message_size(device, self.channel, len(self.seqs) + 1, self.record_bytes + extra)
 
 
 class Uplink:
@@ -176,12 +181,14 @@ class Uplink:
                     in_flight.discard(finished)
                     finished.result()
                 room = window - len(in_flight)
-                messages = await self._next_messages(room) if room > 0 else []
+                # refill in batches: one lease per half window, not one per freed slot
+                refill = room > 0 and (not in_flight or room >= max(1, window // 2))
+                messages = await self._next_messages(room) if refill else []
                 for message in messages:
                     await self._spend(message, link)
                     task = asyncio.create_task(self._send(link, message))
                     in_flight.add(task)
-                if messages and len(in_flight) < window:
+                if messages and len(in_flight) < window // 2:
                     continue
                 waiters: set[asyncio.Future[Any]] = {down, *in_flight}
                 if not in_flight:
@@ -204,27 +211,27 @@ class Uplink:
 
     async def _next_messages(self, room: int) -> list[_Message]:
         limit = self.config.max_message_bytes
-        records = await self.outbox.lease(room * 512, room * limit)
+        records = await self.outbox.lease_encoded(room * 512, room * limit)
         messages: dict[str, list[_Message]] = {}
         for record in records:
             channel = self._channel_of[record.kind]
             batches = messages.setdefault(channel, [])
-            encoded = encode_record(record)
+            size = len(record.encoded)
             current = batches[-1] if batches else None
-            if current is None or current.size_with(self.config.device_id, len(encoded)) > limit:
+            if current is None or current.size_with(self.config.device_id, size) > limit:
                 current = _Message(channel)
                 batches.append(current)
-            current.records.append(record)
-            current.encoded.append(encoded)
-            current.record_bytes += len(encoded)
+            current.seqs.append(record.seq)
+            current.encoded.append(record.encoded)
+            current.record_bytes += size
         packed = [m for batches in messages.values() for m in batches]
         for message in packed[room:]:
-            self.outbox.release(r.seq for r in message.records)
+            self.outbox.release(message.seqs)
         return packed[:room]
 
     async def _spend(self, message: _Message, link: MqttLink) -> None:
         size = message_size(
-            self.config.device_id, message.channel, len(message.records), message.record_bytes
+            self.config.device_id, message.channel, len(message.seqs), message.record_bytes
         )
         while (delay := self._budget.delay(size)) > 0:
             self.stats.state = f"budget wait {delay:.1f}s"
@@ -239,9 +246,11 @@ class Uplink:
         try:
             await link.publish(topic_for(self.config.device_id, message.channel), data)
         except LinkError:
-            self.outbox.release(r.seq for r in message.records)
+            self.outbox.release(message.seqs)
             raise
-        self.stats.messages += 1  # counted before the ack, which a disconnect may cancel
-        self.stats.records += len(message.records)
+        self.stats.messages += 1
+        self.stats.records += len(message.seqs)
         self.stats.bytes += len(data)
-        await self.outbox.ack([r.seq for r in message.records])
+        # The window slot is free as soon as the broker has the message; the delete commits
+        # in the outbox's next group, and the records stay out of leases until it does.
+        self.outbox.ack_nowait(message.seqs).add_done_callback(_ack_done)

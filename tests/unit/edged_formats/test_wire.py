@@ -442,3 +442,15 @@ def test_fuzz_byte_flips_only_raise_wire_errors() -> None:
     assert accepted == 0  # every byte is covered by the signature or the framing
     signed_payload = cbor2.loads(original)["p"]
     _only_wire_errors(rng, 3000, lambda body: message(body, raw=True), signed_payload)
+
+
+def test_spliced_record_equals_encoded_record() -> None:
+    """A record spliced from a canonical body encodes byte for byte like encode_record."""
+    from edged_formats.wire import encode_record, encode_record_parts
+
+    for body in [None, {"b": [1, 2.5, "x"], "a": b"\x00"}, 2**40, -3, "text", [{"k": {}}]]:
+        record = Record("sample", 7, 123456, 1.8e9 + 0.25, body)
+        spliced = encode_record_parts(
+            "sample", 7, 123456, 1.8e9 + 0.25, cbor2.dumps(body, canonical=True)
+        )
+        assert spliced == encode_record(record)
