@@ -40,10 +40,13 @@ _SIDECARS = ("-wal", "-shm")
 
 
 class Store:
-    """Statements over one open connection; transactions are the caller's."""
+    """Statements over one writing connection (transactions are the caller's) and one
+    read-only connection for leases: WAL lets it read committed records without queueing
+    behind the writer's transactions, and it can never see an uncommitted one."""
 
-    def __init__(self, db: aiosqlite.Connection, path: Path) -> None:
+    def __init__(self, db: aiosqlite.Connection, reader: aiosqlite.Connection, path: Path) -> None:
         self.db = db
+        self.reader = reader
         self.path = path
         self._synchronous_full: bool | None = None
 
@@ -71,14 +74,16 @@ class Store:
                 raise sqlite3.DatabaseError("cannot switch the file to WAL mode")
             await db.execute("PRAGMA journal_size_limit=8388608")
             await db.executescript(_SCHEMA)
+            reader = await aiosqlite.connect(f"file:{path}?mode=ro", uri=True)
         except BaseException:
             await db.close()
             raise
-        store = cls(db, path)
+        store = cls(db, reader, path)
         await store.set_synchronous(full=True)
         return store
 
     async def close(self) -> None:
+        await self.reader.close()
         await self.db.close()
 
     async def set_synchronous(self, *, full: bool) -> None:
@@ -183,12 +188,14 @@ class Store:
         return removed
 
     async def after(self, klass: int, after_seq: int, limit: int) -> list[tuple[Any, ...]]:
-        """Up to `limit` records of a class after a sequence: (seq, boot, created, body)."""
-        return await self._all(
+        """Up to `limit` committed records of a class after a sequence: (seq, boot, created,
+        body)."""
+        async with self.reader.execute(
             "SELECT seq, boot, created, body FROM records WHERE klass = ? AND seq > ? "
             "ORDER BY seq LIMIT ?",
             (klass, after_seq, limit),
-        )
+        ) as cursor:
+            return [tuple(row) for row in await cursor.fetchall()]
 
     async def integrity(self) -> str:
         rows = await self._all("PRAGMA integrity_check")
