@@ -8,7 +8,6 @@ and raises one ModelError sentence for anything it cannot pack, format errors in
 from __future__ import annotations
 
 import datetime as dt
-import io
 import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
@@ -35,7 +34,7 @@ from edged_formats import (
     read_bundle,
     write_bundle,
 )
-from edged_formats.bundle import digest_members
+from edged_formats.bundle import digest_members, dump_npy, dump_npz
 from edged_formats.manifest import TENSOR_DTYPES
 
 __all__ = ["PackRequest", "pack"]
@@ -90,11 +89,13 @@ def _pack(request: PackRequest) -> bytes:
     members = {
         "model.tflite": request.model,
         "labels.txt": "".join(f"{label}\n" for label in request.labels).encode(),
-        "canaries.npy": _npy(request.calibration[:1]),
+        "canaries.npy": dump_npy(request.calibration[:1]),
     }
     if request.head is not None:
         weight, bias = request.head
-        members["head.npz"] = _npz(weight=weight.astype(np.float32), bias=bias.astype(np.float32))
+        members["head.npz"] = dump_npz(
+            weight=weight.astype(np.float32), bias=bias.astype(np.float32)
+        )
     rank = len(input_detail["shape"])
     base = dict(
         name=request.name,
@@ -128,7 +129,7 @@ def _pack(request: PackRequest) -> bytes:
             f"output '{output_detail['name']}' gives non-finite scores on the calibration data"
         )
     canary_idx = _pick_canaries(probabilities.probabilities)
-    members["canaries.npy"] = _npy(request.calibration[canary_idx])
+    members["canaries.npy"] = dump_npy(request.calibration[canary_idx])
     canaries = Canaries("canaries.npy", tuple(int(i) for i in probabilities.top1[canary_idx]))
     reference = _reference(request.calibration, probabilities.confidence)
     metrics = dict(request.metrics)
@@ -391,15 +392,3 @@ def _pick_canaries(probabilities: npt.NDArray[np.float32]) -> npt.NDArray[np.int
         if idx not in chosen:
             chosen.append(int(idx))
     return np.asarray(sorted(chosen), dtype=np.intp)
-
-
-def _npy(array: npt.NDArray[Any]) -> bytes:
-    buffer = io.BytesIO()
-    np.save(buffer, np.ascontiguousarray(array), allow_pickle=False)
-    return buffer.getvalue()
-
-
-def _npz(**arrays: npt.NDArray[Any]) -> bytes:
-    buffer = io.BytesIO()
-    np.savez(buffer, **arrays)  # type: ignore[arg-type]
-    return buffer.getvalue()

@@ -16,6 +16,7 @@ import tarfile
 import zipfile
 from collections.abc import Mapping
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import numpy.typing as npt
@@ -28,6 +29,8 @@ __all__ = [
     "Bundle",
     "BundleLimits",
     "digest_members",
+    "dump_npy",
+    "dump_npz",
     "load_npy",
     "load_npz",
     "read_bundle",
@@ -226,6 +229,24 @@ def _parse_labels(data: bytes) -> tuple[str, ...]:
     if not labels or any(not label for label in labels):
         raise BundleError("bundle labels file has an empty label")
     return labels
+
+
+def dump_npy(array: npt.NDArray[Any]) -> bytes:
+    """An array as .npy bytes (no pickles), the form bundles carry."""
+    buffer = io.BytesIO()
+    np.save(buffer, np.ascontiguousarray(array), allow_pickle=False)
+    return buffer.getvalue()
+
+
+def dump_npz(compress: bool = False, **arrays: npt.NDArray[Any]) -> bytes:
+    """Arrays as .npz bytes (no pickles)."""
+    buffer = io.BytesIO()
+    with zipfile.ZipFile(
+        buffer, "w", zipfile.ZIP_DEFLATED if compress else zipfile.ZIP_STORED
+    ) as out:
+        for name, array in arrays.items():
+            out.writestr(f"{name}.npy", dump_npy(array))
+    return buffer.getvalue()
 
 
 def load_npy(data: bytes, what: str) -> npt.NDArray[np.generic]:

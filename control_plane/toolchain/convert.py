@@ -14,10 +14,12 @@ import numpy as np
 import numpy.typing as npt
 import torch
 
+from control_plane.errors import ToolchainError
+
 __all__ = ["ConversionError", "export_float", "quantize_int8"]
 
 
-class ConversionError(RuntimeError):
+class ConversionError(ToolchainError):
     """The official toolchain could not convert or quantise a model."""
 
 

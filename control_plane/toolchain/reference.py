@@ -7,7 +7,6 @@ figures (int8 vs torch agreement, accuracy loss, size ratio) on held-out data.
 
 from __future__ import annotations
 
-import io
 import json
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
@@ -23,9 +22,11 @@ from control_plane.toolchain.convert import export_float, quantize_int8
 from control_plane.toolchain.datasets import Dataset, digits_dataset
 from control_plane.toolchain.nets import DigitsCNN, SensorCNN1D
 from control_plane.toolchain.sensor_data import sensor_dataset
+from edged.atomic import atomic_write
 from edged.engine import Engine, EngineOptions
 from edged.packer import PackRequest, pack
 from edged_formats import read_bundle
+from edged_formats.bundle import dump_npz
 
 __all__ = ["DATASETS", "BuildReport", "build_reference", "train"]
 
@@ -149,13 +150,9 @@ def build_reference(
     }
     bundle = pack(PackRequest(**{**request.__dict__, "metrics": metrics}))
     out_dir.mkdir(parents=True, exist_ok=True)
-    (out_dir / report.bundle).write_bytes(bundle)
-    _save_npz(out_dir / f"{name}-test.npz", x=data.x_test, y=data.y_test)
-    (out_dir / f"{recipe.bundle_name}-{version}.report.json").write_text(report.to_json())
+    atomic_write(out_dir / report.bundle, bundle)
+    test_stream = dump_npz(compress=True, x=data.x_test, y=data.y_test)
+    atomic_write(out_dir / f"{name}-test.npz", test_stream)
+    report_path = out_dir / f"{recipe.bundle_name}-{version}.report.json"
+    atomic_write(report_path, report.to_json().encode())
     return report
-
-
-def _save_npz(path: Path, **arrays: npt.NDArray[Any]) -> None:
-    buffer = io.BytesIO()
-    np.savez_compressed(buffer, **arrays)  # type: ignore[arg-type]
-    path.write_bytes(buffer.getvalue())
