@@ -28,7 +28,7 @@ from edged.packer import PackRequest, pack
 from edged_formats import read_bundle
 from edged_formats.bundle import dump_npz
 
-__all__ = ["DATASETS", "BuildReport", "build_reference", "train"]
+__all__ = ["DATASETS", "BuildReport", "build_bundle", "build_reference", "train"]
 
 
 CALIBRATION_SAMPLES = 2000  # the whole training split of both reference data sets
@@ -80,7 +80,8 @@ def train(
 
 def torch_top1(module: nn.Module, data: Dataset, raw: npt.NDArray[Any]) -> npt.NDArray[np.intp]:
     with torch.no_grad():
-        logits, _ = module(torch.from_numpy(data.preprocess(raw)))
+        outputs = module(torch.from_numpy(data.preprocess(raw)))
+    logits = outputs[0] if isinstance(outputs, tuple) else outputs
     return logits.argmax(dim=1).numpy()
 
 
@@ -109,23 +110,53 @@ def build_reference(
     data = recipe.dataset()
     torch.manual_seed(seed)
     module = train(recipe.net(data), data, epochs=recipe.epochs, lr=recipe.lr, seed=seed)
+    report = build_bundle(module, data, out_dir, name=recipe.bundle_name, version=version)
+    atomic_write(
+        out_dir / f"{name}-test.npz", dump_npz(compress=True, x=data.x_test, y=data.y_test)
+    )
+    return report
+
+
+def build_bundle(
+    module: nn.Module,
+    data: Dataset,
+    out_dir: Path,
+    *,
+    name: str,
+    version: str,
+    parent_version: str | None = None,
+) -> BuildReport:
+    """A trained module -> float .tflite -> int8 .tflite -> bundle in `out_dir`, scored on
+    the held-out split. The module takes the device's layout and returns logits, or
+    (logits, embedding) with its classifier in `module.head` (an nn.Linear) to make the
+    bundle fine-tunable."""
+    module = module.eval()
     sample = torch.from_numpy(data.preprocess(data.x_train[:1]))
+    with torch.no_grad():
+        outputs = module(sample)
+    fine_tunable = isinstance(outputs, tuple) and isinstance(
+        getattr(module, "head", None), nn.Linear
+    )
     float_model = export_float(module, sample)
-    calibration = data.preprocess(data.x_train[:CALIBRATION_SAMPLES])
-    int8_model = quantize_int8(float_model, calibration)
-    head = module.head
-    assert isinstance(head, nn.Linear)
+    int8_model = quantize_int8(float_model, data.preprocess(data.x_train[:CALIBRATION_SAMPLES]))
+    head = getattr(module, "head", None)
+    head_weights = (
+        (head.weight.detach().numpy(), head.bias.detach().numpy())
+        if fine_tunable and isinstance(head, nn.Linear)
+        else None
+    )
     request = PackRequest(
         model=int8_model,
         labels=data.labels,
         calibration=data.x_val,
         calibration_labels=data.y_val,
-        name=recipe.bundle_name,
+        name=name,
         version=version,
+        parent_version=parent_version,
         input_scale=data.scale,
         input_offset=data.offset,
         output_kind="logits",
-        head=(head.weight.detach().numpy(), head.bias.detach().numpy()),
+        head=head_weights,
     )
     draft = read_bundle(pack(request))
     int8_top1 = Engine(draft, EngineOptions()).predict(data.x_test).top1
@@ -133,7 +164,7 @@ def build_reference(
     torch_acc = float(np.mean(float_top1 == data.y_test))
     int8_acc = float(np.mean(int8_top1 == data.y_test))
     report = BuildReport(
-        bundle=f"{recipe.bundle_name}-{version}.bundle",
+        bundle=f"{name}-{version}.bundle",
         test_samples=len(data.y_test),
         torch_accuracy=round(torch_acc, 4),
         int8_accuracy=round(int8_acc, 4),
@@ -151,8 +182,5 @@ def build_reference(
     bundle = pack(PackRequest(**{**request.__dict__, "metrics": metrics}))
     out_dir.mkdir(parents=True, exist_ok=True)
     atomic_write(out_dir / report.bundle, bundle)
-    test_stream = dump_npz(compress=True, x=data.x_test, y=data.y_test)
-    atomic_write(out_dir / f"{name}-test.npz", test_stream)
-    report_path = out_dir / f"{recipe.bundle_name}-{version}.report.json"
-    atomic_write(report_path, report.to_json().encode())
+    atomic_write(out_dir / f"{name}-{version}.report.json", report.to_json().encode())
     return report
