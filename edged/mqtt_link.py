@@ -10,6 +10,7 @@ is the uplink's supervisor's job; a fresh link resumes the broker-side persisten
 from __future__ import annotations
 
 import asyncio
+import collections
 import ssl
 from dataclasses import dataclass
 from typing import Any
@@ -69,6 +70,9 @@ class MqttLink:
         self.config = config
         self._loop = asyncio.get_running_loop()
         self._pending: dict[int, asyncio.Future[None]] = {}
+        # filled by paho's thread, emptied on the loop; deque appends/pops are atomic
+        self._pubacks: collections.deque[tuple[int, ReasonCode]] = collections.deque()
+        self._puback_scheduled = False
         self._connected: asyncio.Future[None] = self._loop.create_future()
         self._connected.add_done_callback(_retrieve)  # a late failure nobody awaits is fine
         self.disconnected = asyncio.Event()
@@ -97,8 +101,20 @@ class MqttLink:
             self._on_connect, rc, props
         )
         client.on_disconnect = lambda _c, _u, _f, rc, _p: self._threadsafe(self._on_disconnect, rc)
-        client.on_publish = lambda _c, _u, mid, rc, _p: self._threadsafe(self._on_publish, mid, rc)
+        client.on_publish = lambda _c, _u, mid, rc, _p: self._queue_puback(mid, rc)
         self._client = client
+
+    def _queue_puback(self, mid: int, reason: ReasonCode) -> None:
+        """PUBACKs arrive in bursts: queue them and wake the loop once per burst."""
+        self._pubacks.append((mid, reason))
+        if not self._puback_scheduled:
+            self._puback_scheduled = True
+            self._threadsafe(self._drain_pubacks)
+
+    def _drain_pubacks(self) -> None:
+        self._puback_scheduled = False
+        while self._pubacks:
+            self._on_publish(*self._pubacks.popleft())
 
     def _threadsafe(self, callback: Any, *args: Any) -> None:
         if not self._loop.is_closed():

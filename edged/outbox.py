@@ -78,7 +78,7 @@ class OutboxConfig:
     classes: tuple[RecordClass, ...] = DEFAULT_CLASSES
     quota_bytes: int = 64 * MIB
     min_free_bytes: int = 64 * MIB
-    max_record_bytes: int = 1 * MIB
+    max_record_bytes: int = 512 * 1024  # one record plus its envelope fits a wire message
     max_group: int = 4096
     relaxed_flush_s: float = 0.25
     expiry_interval_s: float = 1.0

@@ -83,9 +83,6 @@ class _Message:
     encoded: list[bytes] = field(default_factory=list)
     record_bytes: int = 0
 
-    def size_with(self, device: str, extra: int) -> int:
-        return message_size(device, self.channel, len(self.seqs) + 1, self.record_bytes + extra)
-
 
 class Uplink:
     """`await uplink.run()` until cancelled; `stats` says how it is doing."""
@@ -112,6 +109,14 @@ class Uplink:
         )
         self.stats = UplinkStats()
         self.connected = asyncio.Event()
+        # Envelope bytes around the records: an upper bound for any message up to the limit
+        # (count heads at their widest), so packing never computes exact sizes per record.
+        self._overhead = {
+            channel: message_size(config.device_id, channel, 65_535, config.max_message_bytes)
+            - config.max_message_bytes
+            for channel in set(self._channel_of.values())
+        }
+        self._topic = {channel: topic_for(config.device_id, channel) for channel in self._overhead}
 
     # -- supervisor -------------------------------------------------------------------------
 
@@ -212,13 +217,14 @@ class Uplink:
     async def _next_messages(self, room: int) -> list[_Message]:
         limit = self.config.max_message_bytes
         records = await self.outbox.lease_encoded(room * 512, room * limit)
+        overhead = self._overhead
         messages: dict[str, list[_Message]] = {}
         for record in records:
             channel = self._channel_of[record.kind]
             batches = messages.setdefault(channel, [])
             size = len(record.encoded)
             current = batches[-1] if batches else None
-            if current is None or current.size_with(self.config.device_id, size) > limit:
+            if current is None or overhead[channel] + current.record_bytes + size > limit:
                 current = _Message(channel)
                 batches.append(current)
             current.seqs.append(record.seq)
@@ -244,7 +250,7 @@ class Uplink:
     async def _send(self, link: MqttLink, message: _Message) -> None:
         data = encode_batch_raw(self.config.device_id, message.channel, message.encoded, self._key)
         try:
-            await link.publish(topic_for(self.config.device_id, message.channel), data)
+            await link.publish(self._topic[message.channel], data)
         except LinkError:
             self.outbox.release(message.seqs)
             raise
