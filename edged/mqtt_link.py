@@ -102,6 +102,7 @@ class MqttLink:
         )
         client.on_disconnect = lambda _c, _u, _f, rc, _p: self._threadsafe(self._on_disconnect, rc)
         client.on_publish = lambda _c, _u, mid, rc, _p: self._queue_puback(mid, rc)
+        client.on_connect_fail = lambda _c, _u: self._threadsafe(self._on_connect_fail)
         self._client = client
 
     def _queue_puback(self, mid: int, reason: ReasonCode) -> None:
@@ -172,6 +173,15 @@ class MqttLink:
             self._connected.set_exception(LinkError(f"the broker refused the connection: {reason}"))
         else:
             self._connected.set_result(None)
+
+    def _on_connect_fail(self) -> None:
+        if not self._connected.done():
+            self._connected.set_exception(
+                LinkError(
+                    f"cannot connect to {self.config.host}:{self.config.port}: the TCP connection "
+                    "or the TLS handshake failed (server certificate, client certificate or CA)"
+                )
+            )
 
     def _on_disconnect(self, reason: ReasonCode | str) -> None:
         self.disconnect_reason = str(reason)

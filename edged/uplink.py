@@ -32,9 +32,14 @@ from edged.mqtt_link import LinkConfig, LinkError, MqttLink
 from edged.outbox import Outbox
 from edged_formats.wire import Record, encode_batch_raw, encode_record, message_size, topic_for
 
-__all__ = ["Uplink", "UplinkConfig", "UplinkStats"]
+__all__ = ["Uplink", "UplinkConfig", "UplinkStats", "backoff_wait"]
 
 log = logging.getLogger(__name__)
+
+
+def backoff_wait(initial_s: float, max_s: float) -> wait_random_exponential:
+    """Full jitter: attempt n waits uniformly between 0 and min(max_s, initial_s * 2**(n-1))."""
+    return wait_random_exponential(multiplier=initial_s, max=max_s)
 
 
 def _ack_done(done: asyncio.Future[None]) -> None:
@@ -104,9 +109,7 @@ class Uplink:
         self._budget = Budget(
             config.budget, monotonic=monotonic, wall=wall, max_message=config.max_message_bytes
         )
-        self._wait = wait_random_exponential(
-            multiplier=config.backoff_initial_s, max=config.backoff_max_s
-        )
+        self._wait = backoff_wait(config.backoff_initial_s, config.backoff_max_s)
         self.stats = UplinkStats()
         self.connected = asyncio.Event()
         # Envelope bytes around the records: an upper bound for any message up to the limit
