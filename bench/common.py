@@ -8,11 +8,12 @@ import os
 import platform
 import statistics
 import subprocess
-import tempfile
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
+
+from edged.atomic import atomic_write
 
 __all__ = [
     "CACHE",
@@ -66,26 +67,12 @@ class Result:
         return ordered
 
 
-def atomic_write(path: Path, data: bytes) -> None:
-    """Write via a temporary file in the same directory, fsync, then rename into place."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-    try:
-        with os.fdopen(fd, "wb") as handle:
-            handle.write(data)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
 def write_result(result: Result) -> Path:
     """Stamp the result with time and commit and write `bench/results/<name>.json`."""
     result.measured_at = result.measured_at or utc_now()
     result.commit = result.commit or git_commit()
     path = RESULTS / f"{result.name}.json"
+    path.parent.mkdir(parents=True, exist_ok=True)
     atomic_write(path, (json.dumps(result.to_json(), indent=2) + "\n").encode())
     return path
 

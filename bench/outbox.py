@@ -41,6 +41,7 @@ import cbor2
 
 from bench.common import REPO, Result, conditions, median, percentile
 from edged.outbox import Outbox, OutboxConfig
+from edged.outbox_store import SCHEMA as OUTBOX_SCHEMA
 
 __all__ = ["run"]
 
@@ -67,20 +68,8 @@ TARGETS = {
     "kill9_integrity_failures": "kill9_integrity_failures == 0",
 }
 
-# The raw baseline's table: the outbox's columns and indexes, nothing else.
-_RAW_SCHEMA = """
-CREATE TABLE records (
-    seq INTEGER PRIMARY KEY AUTOINCREMENT,
-    klass INTEGER NOT NULL,
-    boot INTEGER NOT NULL,
-    clock REAL NOT NULL,
-    created REAL NOT NULL,
-    size INTEGER NOT NULL,
-    body BLOB NOT NULL
-);
-CREATE INDEX records_by_class ON records (klass, seq);
-CREATE INDEX records_by_age ON records (klass, clock);
-"""
+# The raw baseline's table: the outbox's own schema, so the two cannot drift apart.
+_RAW_SCHEMA = OUTBOX_SCHEMA
 _INSERT = (
     "INSERT INTO records (seq, klass, boot, clock, created, size, body) "
     "VALUES (?, ?, ?, ?, ?, ?, ?)"

@@ -17,12 +17,12 @@ import aiosqlite
 
 from edged.atomic import fsync_directory
 
-__all__ = ["ROW_OVERHEAD", "Store"]
+__all__ = ["ROW_OVERHEAD", "SCHEMA", "Store"]
 
 # Bytes a row costs beyond its body (key, columns, index entries): what the quota counts.
 ROW_OVERHEAD = 64
 
-_SCHEMA = """
+SCHEMA = """
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value REAL NOT NULL);
 CREATE TABLE IF NOT EXISTS records (
     seq INTEGER PRIMARY KEY AUTOINCREMENT,
@@ -73,7 +73,7 @@ class Store:
             if mode is None or mode[0] != "wal":
                 raise sqlite3.DatabaseError("cannot switch the file to WAL mode")
             await db.execute("PRAGMA journal_size_limit=8388608")
-            await db.executescript(_SCHEMA)
+            await db.executescript(SCHEMA)
             reader = await aiosqlite.connect(f"file:{path}?mode=ro", uri=True)
         except BaseException:
             await db.close()
