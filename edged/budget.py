@@ -74,6 +74,15 @@ class Budget:
         return 0.0
 
     @property
+    def day(self) -> int:
+        return self._day
+
+    def restore(self, day: int, spent: int) -> None:
+        """Carry over what was sent today before a restart."""
+        if day == self._day_of(self._wall()):
+            self._day, self.spent_today = day, max(spent, 0)
+
+    @property
     def unlimited(self) -> bool:
         return self.config.bytes_per_s is None and self.config.bytes_per_day is None
 

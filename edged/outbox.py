@@ -166,6 +166,7 @@ class Outbox:
         self._queue: asyncio.Queue[_Put | _Ack | None] = asyncio.Queue()
         self._leased: dict[int, str] = {}
         self._deleting: set[int] = set()  # acknowledged, delete not yet committed
+        self._meta_pending: dict[str, float] = {}
         self._cursor = {c.name: 0 for c in config.classes}
         self._store: Store | None = None
         self._writer: asyncio.Task[None] | None = None
@@ -380,6 +381,17 @@ class Outbox:
         """Return once everything handed over so far, relaxed records included, is committed."""
         await self.ack([])
 
+    def remember(self, key: str, value: float) -> None:
+        """Keep a small number (e.g. the uplink's bytes sent today) in the outbox file; it is
+        written with the next transaction, relaxed."""
+        if key == "clock":
+            raise OutboxError("'clock' is the outbox's own")
+        self._meta_pending[key] = value
+
+    async def recall(self, key: str, default: float) -> float:
+        """A number kept with `remember`, or `default`."""
+        return await self._require_store().meta(key, default)
+
     # -- reading state ------------------------------------------------------------------------
 
     def stats(self) -> OutboxStats:
@@ -496,6 +508,9 @@ class Outbox:
                 )
                 self._count(item.klass.name, changes, 1, len(item.body) + ROW_OVERHEAD, None, 0)
             await store.insert(rows)
+            remembered, self._meta_pending = self._meta_pending, {}
+            for key, value in remembered.items():
+                await store.set_meta(key, value)
             await store.set_meta("clock", now)
             await store.commit()
             self.commits += 1

@@ -126,6 +126,9 @@ class Uplink:
     async def run(self) -> None:
         """Connect, drain, and after every loss reconnect with jittered exponential backoff;
         a connection that stayed up `healthy_after_s` starts the backoff afresh."""
+        if self.config.budget.bytes_per_day is not None:  # today's spending survives restarts
+            day = await self.outbox.recall("budget_day", -1)
+            self._budget.restore(int(day), int(await self.outbox.recall("budget_spent", 0)))
         while True:
             retrying = AsyncRetrying(
                 wait=self._wait,
@@ -260,6 +263,9 @@ class Uplink:
         self.stats.messages += 1
         self.stats.records += len(message.seqs)
         self.stats.bytes += len(data)
+        if self.config.budget.bytes_per_day is not None:
+            self.outbox.remember("budget_day", self._budget.day)
+            self.outbox.remember("budget_spent", self._budget.spent_today)
         # The window slot is free as soon as the broker has the message; the delete commits
         # in the outbox's next group, and the records stay out of leases until it does.
         self.outbox.ack_nowait(message.seqs).add_done_callback(_ack_done)

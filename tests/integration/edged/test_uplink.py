@@ -197,3 +197,24 @@ async def test_bandwidth_budget_holds_messages_back(tmp_path, broker) -> None:
                 assert uplink.stats.state.startswith("budget wait")
                 assert uplink.stats.bytes <= 10_000
             assert outbox.stats().depth >= 28
+
+
+async def test_daily_budget_survives_a_restart(tmp_path, broker) -> None:
+    """What was sent today is kept in the outbox file, so a restarted uplink does not spend
+    the day's allowance a second time."""
+    budget = BudgetConfig(bytes_per_day=10_000)
+    async with Outbox(outbox_config(tmp_path)) as outbox:
+        await outbox.put_many("sample", [{"pad": b"y" * 900} for _ in range(40)])
+        async with running_uplink(
+            outbox, broker.port, budget=budget, max_message_bytes=2048
+        ) as uplink:
+            await asyncio.wait_for(until(lambda: uplink.stats.state.startswith("budget")), 10)
+            first_day = uplink.stats.bytes
+    async with Outbox(outbox_config(tmp_path)) as outbox:
+        left = outbox.stats().depth
+        async with running_uplink(
+            outbox, broker.port, budget=budget, max_message_bytes=2048
+        ) as uplink:
+            await asyncio.wait_for(until(lambda: uplink.stats.state.startswith("budget")), 10)
+            assert first_day + uplink.stats.bytes <= 10_000
+        assert outbox.stats().depth == left - uplink.stats.records
