@@ -15,8 +15,9 @@ DAY = 86_400
 @dataclass(frozen=True, slots=True)
 class BudgetConfig:
     """`bytes_per_s` None means unlimited; `burst_bytes` defaults to one second's worth (at
-    least one maximum message, so a message never waits forever); `bytes_per_day` None
-    means unlimited."""
+    least one maximum message); `bytes_per_day` None means unlimited. No message waits
+    forever: one bigger than the bucket or the day's allowance goes when the bucket is
+    full or the day is fresh."""
 
     bytes_per_s: float | None = None
     burst_bytes: int | None = None
@@ -60,15 +61,20 @@ class Budget:
         if today != self._day:
             self._day, self.spent_today = today, 0
         limit = self.config.bytes_per_day
-        if limit is not None and self.spent_today + size > limit:
+        # A message bigger than the whole allowance goes first thing in a day, alone, rather
+        # than never: the day then counts as spent.
+        if limit is not None and self.spent_today + size > limit and self.spent_today > 0:
             return max(1.0, (today + 1) * DAY - self._wall())
         rate = self.config.bytes_per_s
         if rate is not None:
             now = self._monotonic()
             self._tokens = min(self._burst, self._tokens + (now - self._refilled) * rate)
             self._refilled = now
-            if self._tokens < size:
-                return (size - self._tokens) / rate
+            # A message bigger than the bucket goes once the bucket is full, and the debt
+            # (tokens below zero) holds back what follows: the rate holds on average.
+            needed = min(size, self._burst)
+            if self._tokens < needed:
+                return (needed - self._tokens) / rate
             self._tokens -= size
         self.spent_today += size
         return 0.0

@@ -143,6 +143,7 @@ class _Put:
 class _Ack:
     seqs: Sequence[int]
     done: asyncio.Future[None]
+    generation: int = 0  # the file the records were leased from
 
 
 class Outbox:
@@ -167,6 +168,8 @@ class Outbox:
         self._leased: dict[int, str] = {}
         self._deleting: set[int] = set()  # acknowledged, delete not yet committed
         self._meta_pending: dict[str, float] = {}
+        self._pending_counts: list[tuple[str, str, int]] = []
+        self._closing = False
         self._cursor = {c.name: 0 for c in config.classes}
         self._store: Store | None = None
         self._writer: asyncio.Task[None] | None = None
@@ -175,6 +178,7 @@ class Outbox:
         self._reported_drops = 0
         self._last_drop_report = -math.inf
         self.boot = 0
+        self._generation = 0
         self._next_seq = 1
         self._durable_queued = 0
         self._wake = asyncio.Event()
@@ -192,12 +196,21 @@ class Outbox:
         await self.close()
 
     async def open(self) -> None:
-        self.boot = self._next_boot_epoch()
+        self._closing = False
         await self._open_store()
         self._writer = asyncio.create_task(self._write_loop(), name="outbox-writer")
 
     async def _open_store(self) -> None:
-        store, recovered = await Store.open(self.config.path)
+        """Open (or, after damage, reopen) the file. Every opening is a new boot epoch, and
+        acknowledgements from before it are void: a replaced file restarts its sequence,
+        so neither keys nor deletes may carry over."""
+        self.boot = self._next_boot_epoch()
+        self._generation += 1
+        self._deleting.clear()
+        try:
+            store, recovered = await Store.open(self.config.path)
+        except sqlite3.Error as exc:  # locked, unreadable directory, I/O error: not damage
+            raise OutboxError(f"cannot open the outbox at {self.config.path} ({exc})") from exc
         self._store = store
         self._next_seq = await store.last_seq() + 1
         resume = max(await store.meta("clock", 0.0), await store.max_clock())
@@ -215,10 +228,15 @@ class Outbox:
     async def close(self) -> None:
         """Commit everything already handed over, then close the file."""
         if self._writer is not None:
+            self._closing = True
             await self._queue.put(None)
             self._wake.set()
             await self._writer
             self._writer = None
+            while not self._queue.empty():  # handed over during close: refused, never hung
+                item = self._queue.get_nowait()
+                if item is not None and item.done is not None and not item.done.done():
+                    item.done.set_exception(OutboxError("the outbox closed before this record"))
         if self._store is not None:
             await self._store.close()
             self._store = None
@@ -231,8 +249,11 @@ class Outbox:
             previous = int(path.read_text().strip())
         except (OSError, ValueError):
             previous = int(self._wall())
-        path.parent.mkdir(parents=True, exist_ok=True)
-        atomic_write(path, f"{previous + 1}\n".encode())
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            atomic_write(path, f"{previous + 1}\n".encode())
+        except OSError as exc:
+            raise OutboxError(f"cannot record the boot epoch in {path} ({exc.strerror})") from exc
         return previous + 1
 
     # -- producers ----------------------------------------------------------------------------
@@ -280,7 +301,7 @@ class Outbox:
         self._queue.put_nowait(item)
 
     def _item(self, kind: str, body: Any, created: float | None) -> _Put:
-        if self._writer is None:
+        if self._writer is None or self._closing:
             raise OutboxError("the outbox is not open")
         klass = self._classes.get(kind)
         if klass is None:
@@ -372,9 +393,10 @@ class Outbox:
     def ack_nowait(self, seqs: Sequence[int]) -> asyncio.Future[None]:
         """Queue the delete and return at once; until it commits the records stay leased, so
         they are never handed out again."""
-        self._deleting.update(seqs)
+        current = [seq for seq in seqs if seq in self._leased]  # leased from this very file
+        self._deleting.update(current)
         done = asyncio.get_running_loop().create_future()
-        self._enqueue(_Ack(list(seqs), done))
+        self._enqueue(_Ack(current, done, self._generation))
         return done
 
     async def flush(self) -> None:
@@ -481,11 +503,15 @@ class Outbox:
     ) -> tuple[list[_Put], list[_Put]]:
         store = self._require_store()
         now = self._clock.now()
+        self._pending_counts = []
         await store.set_synchronous(full=durable)
         await store.begin()
         try:
             changes = {name: [0, 0] for name in self._classes}  # records, bytes
-            removed = await store.delete([s for ack in acks for s in ack.seqs])
+            current = [
+                seq for ack in acks if ack.generation == self._generation for seq in ack.seqs
+            ]
+            removed = await store.delete(current)
             self._apply_removed(removed, changes, "acked")
             if now - self._last_expiry >= self.config.expiry_interval_s:
                 for cls in self.config.classes:
@@ -523,6 +549,9 @@ class Outbox:
         for name, (count, size) in changes.items():
             self._stats[name].stored += count
             self._stats[name].stored_bytes += size
+        for name, counter, amount in self._pending_counts:
+            stats = self._stats[name]
+            setattr(stats, counter, getattr(stats, counter) + amount)
         return accepted, refused
 
     async def _make_room(
@@ -546,15 +575,19 @@ class Outbox:
                 refused.append(item)
                 remaining -= len(item.body) + ROW_OVERHEAD
                 if not item.internal:
-                    self._stats[name].refused += 1
+                    self._pending_counts.append((name, "refused", 1))
         refused_ids = {id(item) for item in refused}
         return [p for p in puts if id(p) not in refused_ids], refused
 
     def _quota(self) -> int:
-        """The configured quota, shrunk so the filesystem keeps `min_free_bytes` free."""
+        """The configured quota, but never growing into the `min_free_bytes` reserve: below
+        it the outbox stops growing and rotates within what it holds (freed pages are
+        reused), rather than dropping everything. A new byte costs about two on disk until
+        a checkpoint (the WAL, then the database)."""
         stored = sum(s.stored_bytes for s in self._stats.values())
         free = self._free_bytes(self.config.path.parent)
-        return max(0, min(self.config.quota_bytes, stored + free - self.config.min_free_bytes))
+        room = max(0, free - self.config.min_free_bytes) // 2
+        return min(self.config.quota_bytes, stored + room)
 
     def _apply_removed(
         self, removed: dict[int, tuple[int, int]], changes: dict[str, list[int]], counter: str
@@ -576,7 +609,7 @@ class Outbox:
         changes[name][0] += records
         changes[name][1] += size
         if counter:
-            setattr(self._stats[name], counter, getattr(self._stats[name], counter) + amount)
+            self._pending_counts.append((name, counter, amount))  # applied once committed
 
     async def _reload_usage(self) -> None:
         with contextlib.suppress(sqlite3.Error):

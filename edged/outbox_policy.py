@@ -82,31 +82,47 @@ def plan_eviction(
 ) -> EvictionPlan:
     """What must go so that stored + incoming bytes fit in `quota`.
 
-    1. Classes holding more than their share pay first, lowest priority first; the
-       highest-priority class (alerts) is exempt, it goes last whatever its share.
-    2. Then any stored bytes, lowest priority first, the highest-priority class last.
-    3. Whatever still does not fit is refused from the incoming records, lowest priority
-       first."""
-    need = sum(stored.values()) + sum(incoming.values()) - max(quota, 0)
-    if need <= 0:
-        return EvictionPlan()
+    Incoming records are placed highest priority first. Room for a record is only ever
+    taken from its own class or less important ones, so an alert is never evicted for a
+    sample:
+    1. those classes holding more than their share pay first, lowest priority first (the
+       highest-priority class is exempt: alerts go last whatever their share);
+    2. then any of them, lowest priority first, oldest first;
+    3. whatever still does not fit is refused."""
     evict = {c.name: 0 for c in classes}
-    lowest_first = sorted(classes, key=lambda c: c.priority, reverse=True)
-    for cls in lowest_first[:-1]:
-        held = stored.get(cls.name, 0)
-        over_share = held + incoming.get(cls.name, 0) - int(cls.share * quota)
-        take = min(need, held, max(over_share, 0))
-        evict[cls.name] += take
-        need -= take
-    for cls in lowest_first:
-        take = min(need, stored.get(cls.name, 0) - evict[cls.name])
-        evict[cls.name] += take
-        need -= take
     refuse = {c.name: 0 for c in classes}
-    for cls in lowest_first:
-        take = min(need, incoming.get(cls.name, 0))
-        refuse[cls.name] += take
-        need -= take
+    top = min(c.priority for c in classes)
+    lowest_first = sorted(classes, key=lambda c: c.priority, reverse=True)
+    used = sum(stored.values())
+    for arriving in sorted(classes, key=lambda c: c.priority):
+        size = incoming.get(arriving.name, 0)
+        need = used + size - max(quota, 0)
+        payers = [c for c in lowest_first if c.priority >= arriving.priority]
+        for cls in payers:
+            if need <= 0 or cls.priority == top:
+                continue
+            held = stored.get(cls.name, 0) - evict[cls.name]
+            over_share = held + incoming.get(cls.name, 0) - int(cls.share * quota)
+            take = min(need, held, max(over_share, 0))
+            evict[cls.name] += take
+            need -= take
+        for cls in payers:
+            if need <= 0:
+                break
+            take = min(need, stored.get(cls.name, 0) - evict[cls.name])
+            evict[cls.name] += take
+            need -= take
+        refused = min(max(need, 0), size)
+        refuse[arriving.name] += refused
+        used = (
+            sum(stored.values())
+            - sum(evict.values())
+            + sum(
+                incoming.get(c.name, 0) - refuse[c.name]
+                for c in classes
+                if c.priority <= arriving.priority
+            )
+        )
     return EvictionPlan(
         {k: v for k, v in evict.items() if v}, {k: v for k, v in refuse.items() if v}
     )

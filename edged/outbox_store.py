@@ -57,10 +57,13 @@ class Store:
         path.parent.mkdir(parents=True, exist_ok=True)
         try:
             return await cls._open_checked(path), None
+        except sqlite3.OperationalError:
+            raise  # locked, unreadable, I/O: the file may be fine; never move it aside
         except sqlite3.DatabaseError as exc:
             moved = _move_aside(path)
             store = await cls._open_checked(path)
-            return store, f"{exc}; the damaged file was moved to {moved.name}"
+            reason = (str(exc).splitlines() or ["damaged"])[0][:200]
+            return store, f"{reason}; the damaged file was moved to {moved.name}"
 
     @classmethod
     async def _open_checked(cls, path: Path) -> Store:

@@ -177,6 +177,11 @@ class Uplink:
             self.connected.set()
             await self._drain(link)
         finally:
+            if self.connected.is_set() and not link.disconnected.is_set():
+                # A clean DISCONNECT discards the will: say "offline" ourselves.
+                with contextlib.suppress(LinkError, TimeoutError):
+                    topic, data = self._state_message(online=False)
+                    await asyncio.wait_for(link.publish(topic, data, retain=True), 2.0)
             await link.close()
 
     # -- draining ---------------------------------------------------------------------------

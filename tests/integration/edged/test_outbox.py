@@ -4,6 +4,7 @@ writer process killed with SIGKILL at random moments."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import random
 import signal
@@ -118,21 +119,42 @@ async def test_quota_drops_oldest_lowest_class_and_reports(tmp_path) -> None:
 
 
 async def test_free_space_shrinks_the_quota(tmp_path) -> None:
-    """With the filesystem nearly full, the outbox keeps min_free_bytes free: it drops and
-    finally refuses instead of filling the disk."""
-    free = [200_000]
+    """With the filesystem nearly full the outbox stops growing into the reserve: it rotates
+    within what it holds (alerts before samples), refuses what cannot fit, and never
+    empties itself."""
+    free = [400_000]
     cfg = OutboxConfig(tmp_path / "outbox.db", min_free_bytes=100_000, max_record_bytes=16 * 1024)
     async with Outbox(cfg, free_bytes=lambda _: free[0]) as outbox:
         await outbox.put_many("sample", [b"s" * 10_000 for _ in range(9)])
-        assert outbox.stats().stored_bytes <= 100_000
+        held = outbox.stats().stored_bytes
         assert outbox.stats().by_class["sample"].dropped_quota == 0
-        free[0] = 105_000  # someone else filled the disk: 5 kB above the reserve is left
+        free[0] = 50_000  # someone else filled the disk past our reserve
         await outbox.put("sample", b"s" * 10_000)
-        assert outbox.stats().by_class["sample"].dropped_quota >= 1
-        free[0] = 0
-        with pytest.raises(OutboxFull, match="no room for a event record"):
-            await outbox.put("event", {"e": 1})
-        assert outbox.stats().by_class["event"].refused == 1
+        stats = outbox.stats()
+        assert stats.stored_bytes <= held and stats.by_class["sample"].dropped_quota == 1
+        await outbox.put("event", {"alert": 1})  # an alert still gets in, a sample makes room
+        assert outbox.stats().by_class["sample"].dropped_quota >= 2
+    async with Outbox(cfg, free_bytes=lambda _: 0) as outbox:
+        await outbox.put_many("event", [{"alert": i} for i in range(2, 5)])  # samples make room
+        bodies = [r.body for r in await outbox.lease(100, 1 << 20)]
+        assert [b["alert"] for b in bodies if isinstance(b, dict) and "alert" in b] == [1, 2, 3, 4]
+        assert any(isinstance(b, bytes) for b in bodies)  # not emptied: samples remain
+
+
+async def test_full_of_alerts_refuses_samples_not_alerts(tmp_path) -> None:
+    """When only alerts are stored and there is no room, a sample is refused with OutboxFull
+    and every alert is kept."""
+    cfg = OutboxConfig(
+        tmp_path / "outbox.db", min_free_bytes=0, quota_bytes=64 * 1024, max_record_bytes=16 * 1024
+    )
+    async with Outbox(cfg) as outbox:
+        while outbox.stats().stored_bytes < 60 * 1024:
+            await outbox.put("event", {"pad": "e" * 1000})
+        alerts = outbox.stats().by_class["event"].stored
+        with pytest.raises(OutboxFull, match="no room for a sample record"):
+            await outbox.put("sample", b"x" * 8000)
+        assert outbox.stats().by_class["event"].stored == alerts
+        assert outbox.stats().by_class["sample"].refused == 1
 
 
 async def test_ttl_counts_uptime_not_wall_clock(tmp_path) -> None:
@@ -232,3 +254,30 @@ def test_kill_9_loses_no_acknowledged_record(tmp_path) -> None:
         missing = acknowledged - present
         assert not missing, f"{len(missing)} acknowledged records lost, e.g. {sorted(missing)[:5]}"
     assert len(acknowledged) > 1000
+
+
+async def test_damage_found_mid_run_starts_a_new_boot_and_voids_old_acks(tmp_path) -> None:
+    """When the file is damaged under a running outbox, the replacement gets a new boot
+    epoch (no key is reused), and PUBACKs for records leased from the old file delete
+    nothing in the new one."""
+    cfg = config(tmp_path)
+    async with Outbox(cfg) as outbox:
+        await outbox.put_many("sample", [b"s" * 3000 for _ in range(300)])
+        in_flight = await outbox.lease(20, 1 << 20)
+        old_boot = outbox.boot
+        with sqlite3.connect(cfg.path) as conn:
+            conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+        conn.close()
+        data = bytearray(cfg.path.read_bytes())
+        data[4096:] = os.urandom(len(data) - 4096)
+        cfg.path.write_bytes(bytes(data))
+        for attempt in range(5):  # the first commits find the damage and recover
+            with contextlib.suppress(OutboxError):
+                await outbox.put("event", {"try": attempt})
+        assert outbox.stats().recovered and outbox.boot > old_boot
+        fresh = [await outbox.put("event", {"new": i}) for i in range(25)]
+        await outbox.ack([r.seq for r in in_flight])  # late PUBACKs for the old file
+        left = await outbox.lease(1000, 1 << 24)
+    kept = {r.seq for r in left}
+    assert all(seq in kept for seq in fresh)
+    assert {r.boot for r in left} == {outbox.boot}

@@ -218,3 +218,16 @@ async def test_daily_budget_survives_a_restart(tmp_path, broker) -> None:
             await asyncio.wait_for(until(lambda: uplink.stats.state.startswith("budget")), 10)
             assert first_day + uplink.stats.bytes <= 10_000
         assert outbox.stats().depth == left - uplink.stats.records
+
+
+async def test_clean_shutdown_says_offline(tmp_path, broker) -> None:
+    """Stopping the uplink publishes the retained offline state itself, since a clean
+    DISCONNECT makes the broker discard the will."""
+    async with (
+        Outbox(outbox_config(tmp_path)) as outbox,
+        running_uplink(outbox, broker.port) as uplink,
+    ):
+        await asyncio.wait_for(uplink.connected.wait(), 10)
+    with MqttSubscriber(broker.host, broker.port, f"edged/v1/{DEVICE}/state") as sub:
+        (retained,) = await arrived(sub, lambda ms: len(ms) >= 1)
+    assert decode_all([retained])[0].records[0].body == {"online": False}

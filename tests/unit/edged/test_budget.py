@@ -56,3 +56,15 @@ def test_bad_configuration_is_refused() -> None:
         BudgetConfig(bytes_per_s=0)
     with pytest.raises(ValueError, match="bytes_per_day must be positive"):
         BudgetConfig(bytes_per_day=-1)
+
+
+def test_oversize_messages_go_eventually_and_the_rate_holds() -> None:
+    """A message bigger than the bucket waits for a full bucket, then goes and leaves a debt;
+    one bigger than the day's allowance goes first thing in a fresh day."""
+    budget, _ = make(BudgetConfig(bytes_per_s=5000), max_message=4096)
+    assert budget.delay(20_000) == 0  # the bucket was full
+    wait = budget.delay(100)
+    assert wait == pytest.approx((15_000 + 100) / 5000)  # the debt is paid off first
+    daily, _ = make(BudgetConfig(bytes_per_day=1000))
+    assert daily.delay(5000) == 0
+    assert daily.delay(1) > 0

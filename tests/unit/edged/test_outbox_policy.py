@@ -72,3 +72,14 @@ def test_clock_resumes_and_never_runs_backwards() -> None:
     assert clock.now() == 5_030.0
     source[0] = 50.0
     assert clock.now() == 5_040.0
+
+
+def test_alerts_are_never_evicted_for_less_important_records() -> None:
+    """An outbox full of alerts refuses an incoming sample rather than drop an alert; a new
+    alert may take the place of an old one."""
+    plan = plan_eviction(CLASSES, {"event": 1000}, {"sample": 100}, 1000)
+    assert plan.evict == {} and plan.refuse == {"sample": 100}
+    plan = plan_eviction(CLASSES, {"event": 1000}, {"event": 100}, 1000)
+    assert plan.evict == {"event": 100} and not plan.refuse
+    plan = plan_eviction(CLASSES, {"telemetry": 200, "sample": 800}, {"telemetry": 100}, 1000)
+    assert plan.evict == {"sample": 100}  # samples are over their share, telemetry is not
