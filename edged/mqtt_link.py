@@ -23,7 +23,7 @@ from paho.mqtt.reasoncodes import ReasonCode
 
 from edged.errors import EdgedError
 
-__all__ = ["LinkConfig", "LinkDown", "LinkError", "MqttLink"]
+__all__ = ["LinkConfig", "LinkDown", "LinkError", "MessageRefused", "MqttLink"]
 
 
 class LinkError(EdgedError):
@@ -32,6 +32,15 @@ class LinkError(EdgedError):
 
 class LinkDown(LinkError):
     """The connection went away before the broker acknowledged a message."""
+
+
+class MessageRefused(EdgedError):
+    """The broker answered a message with a failure reason (an ACL, a size or quota limit):
+    the connection is fine, the message is not accepted."""
+
+    def __init__(self, reason: str, code: int) -> None:
+        super().__init__(f"the broker refused the message: {reason} (reason code {code:#x})")
+        self.code = code
 
 
 @dataclass(frozen=True, slots=True)
@@ -81,6 +90,7 @@ class MqttLink:
         # Maximum). paho neither enforces it nor lets it be set once connected, so callers
         # (the uplink's window) keep within it; strict brokers disconnect clients that don't.
         self.receive_maximum = config.max_inflight
+        self.maximum_packet_size: int | None = None  # CONNACK Maximum Packet Size, if any
         client = paho.Client(
             CallbackAPIVersion.VERSION2, client_id=config.client_id, protocol=paho.MQTTv5
         )
@@ -169,6 +179,9 @@ class MqttLink:
         broker_limit = getattr(properties, "ReceiveMaximum", None)
         if isinstance(broker_limit, int) and broker_limit > 0:
             self.receive_maximum = min(self.config.max_inflight, broker_limit)
+        packet_limit = getattr(properties, "MaximumPacketSize", None)
+        if isinstance(packet_limit, int) and packet_limit > 0:
+            self.maximum_packet_size = packet_limit
         if reason.is_failure:
             self._connected.set_exception(LinkError(f"the broker refused the connection: {reason}"))
         else:
@@ -198,6 +211,6 @@ class MqttLink:
         if done is None or done.done():
             return
         if reason.is_failure:
-            done.set_exception(LinkError(f"the broker refused the message: {reason}"))
+            done.set_exception(MessageRefused(str(reason), int(reason.value)))
         else:
             done.set_result(None)

@@ -29,7 +29,7 @@ import math
 import shutil
 import sqlite3
 import time
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Collection, Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -335,22 +335,26 @@ class Outbox:
             for kind, seq, boot, created, body in rows
         ]
 
-    async def lease_encoded(self, max_records: int, max_bytes: int) -> list[LeasedRecord]:
+    async def lease_encoded(
+        self, max_records: int, max_bytes: int, *, skip: Collection[str] = ()
+    ) -> list[LeasedRecord]:
         """`lease`, with each record already in its wire encoding (the uplink's path: bodies
-        are never decoded)."""
-        rows = await self._lease_rows(max_records, max_bytes)
+        are never decoded); classes named in `skip` are left alone."""
+        rows = await self._lease_rows(max_records, max_bytes, skip)
         return [
             LeasedRecord(kind, seq, encode_record_parts(kind, boot, seq, created, body))
             for kind, seq, boot, created, body in rows
         ]
 
     async def _lease_rows(
-        self, max_records: int, max_bytes: int
+        self, max_records: int, max_bytes: int, skip: Collection[str] = ()
     ) -> list[tuple[str, int, int, float, bytes]]:
         store = self._require_store()
         leased: list[tuple[str, int, int, float, bytes]] = []
         budget = max_bytes
         for cls in self._by_priority:
+            if cls.name in skip:
+                continue
             while len(leased) < max_records and budget > 0:
                 want = max(1, min(256, max_records - len(leased)))
                 rows = await store.after(cls.priority, self._cursor[cls.name], want)

@@ -28,7 +28,7 @@ from tenacity import (
 )
 
 from edged.budget import Budget, BudgetConfig
-from edged.mqtt_link import LinkConfig, LinkError, MqttLink
+from edged.mqtt_link import LinkConfig, LinkError, MessageRefused, MqttLink
 from edged.outbox import Outbox
 from edged_formats.wire import Record, encode_batch_raw, encode_record, message_size, topic_for
 
@@ -60,6 +60,7 @@ class UplinkConfig:
     budget: BudgetConfig = field(default_factory=BudgetConfig)
     backoff_initial_s: float = 1.0
     backoff_max_s: float = 120.0
+    refusal_hold_s: float = 5.0  # a channel the broker refuses waits, doubling to 10 min
     healthy_after_s: float = 30.0  # a connection that lasted this long resets the backoff
 
     def __post_init__(self) -> None:
@@ -78,6 +79,8 @@ class UplinkStats:
     records: int = 0
     bytes: int = 0
     window: int = 0  # messages in flight allowed on the current connection
+    refused_messages: int = 0
+    held_channels: dict[str, float] = field(default_factory=dict)  # channel -> hold, s
     last_error: str = ""
 
 
@@ -120,6 +123,13 @@ class Uplink:
             for channel in set(self._channel_of.values())
         }
         self._topic = {channel: topic_for(config.device_id, channel) for channel in self._overhead}
+        self._kinds_of = {
+            channel: {kind for kind, ch in self._channel_of.items() if ch == channel}
+            for channel in self._overhead
+        }
+        self._held_until: dict[str, float] = {}  # channel -> monotonic time it may send again
+        self._hold_s: dict[str, float] = {}
+        self._message_limit = config.max_message_bytes
 
     # -- supervisor -------------------------------------------------------------------------
 
@@ -172,14 +182,18 @@ class Uplink:
             await link.connect()
             self.stats.connects += 1
             topic, data = self._state_message(online=True)
-            await link.publish(topic, data, retain=True)
+            try:
+                await link.publish(topic, data, retain=True)
+            except MessageRefused as refusal:  # presence is best effort; records are not
+                self.stats.last_error = f"state: {refusal}"
+                log.warning("uplink: presence refused: %s", refusal)
             self.stats.state = "connected"
             self.connected.set()
             await self._drain(link)
         finally:
             if self.connected.is_set() and not link.disconnected.is_set():
                 # A clean DISCONNECT discards the will: say "offline" ourselves.
-                with contextlib.suppress(LinkError, TimeoutError):
+                with contextlib.suppress(LinkError, MessageRefused, TimeoutError):
                     topic, data = self._state_message(online=False)
                     await asyncio.wait_for(link.publish(topic, data, retain=True), 2.0)
             await link.close()
@@ -191,6 +205,9 @@ class Uplink:
         down = asyncio.create_task(link.disconnected.wait())
         ready: asyncio.Task[None] | None = None
         window = self.stats.window = min(self.config.window, link.receive_maximum)
+        self._message_limit = self.config.max_message_bytes
+        if link.maximum_packet_size:  # leave room for the fixed header and the topic
+            self._message_limit = min(self._message_limit, link.maximum_packet_size - 256)
         try:
             while not link.disconnected.is_set():
                 for finished in [t for t in in_flight if t.done()]:
@@ -206,12 +223,9 @@ class Uplink:
                     in_flight.add(task)
                 if messages and len(in_flight) < window // 2:
                     continue
-                waiters: set[asyncio.Future[Any]] = {down, *in_flight}
-                if not in_flight:
-                    if ready is None or ready.done():
-                        ready = asyncio.create_task(self.outbox.wait_for_records())
-                    waiters.add(ready)
-                done, _ = await asyncio.wait(waiters, return_when=asyncio.FIRST_COMPLETED)
+                if not in_flight and (ready is None or ready.done()):
+                    ready = asyncio.create_task(self.outbox.wait_for_records())
+                done = await self._wait_for_progress(down, in_flight, None if in_flight else ready)
                 for completed in done:
                     if completed in in_flight:
                         in_flight.discard(completed)
@@ -225,9 +239,31 @@ class Uplink:
             await asyncio.gather(*in_flight, return_exceptions=True)
         raise LinkError(f"connection lost ({link.disconnect_reason})")
 
+    async def _wait_for_progress(
+        self,
+        down: asyncio.Task[Any],
+        in_flight: set[asyncio.Task[None]],
+        ready: asyncio.Task[None] | None,
+    ) -> set[asyncio.Future[Any]]:
+        """Until the link drops, a message is answered, records arrive or a hold ends."""
+        waiters: set[asyncio.Future[Any]] = {down, *in_flight}
+        if ready is not None:
+            waiters.add(ready)
+        hold = self._next_hold_end()
+        timer = asyncio.create_task(asyncio.sleep(hold)) if hold is not None else None
+        if timer is not None:
+            waiters.add(timer)
+        try:
+            done, _ = await asyncio.wait(waiters, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            if timer is not None:
+                timer.cancel()
+        return done
+
     async def _next_messages(self, room: int) -> list[_Message]:
-        limit = self.config.max_message_bytes
-        records = await self.outbox.lease_encoded(room * 512, room * limit)
+        limit = self._message_limit
+        held = self._held_kinds()
+        records = await self.outbox.lease_encoded(room * 512, room * limit, skip=held)
         overhead = self._overhead
         messages: dict[str, list[_Message]] = {}
         for record in records:
@@ -258,13 +294,59 @@ class Uplink:
                 raise LinkError(f"connection lost ({link.disconnect_reason})")
         self.stats.state = "connected"
 
+    # -- channels the broker refuses ------------------------------------------------------
+
+    def _held_kinds(self) -> set[str]:
+        now = self._monotonic()
+        for channel, until in list(self._held_until.items()):
+            if until <= now:
+                del self._held_until[channel]
+                self.stats.held_channels.pop(channel, None)
+        return {kind for channel in self._held_until for kind in self._kinds_of[channel]}
+
+    def _next_hold_end(self) -> float | None:
+        if not self._held_until:
+            return None
+        return max(0.0, min(self._held_until.values()) - self._monotonic())
+
+    async def _hold(self, channel: str, refusal: MessageRefused) -> None:
+        """The broker refuses this channel's messages (an ACL, a size or quota limit): keep
+        its records, stop sending it for a while (doubling, up to 10 min), let the other
+        channels go on, and say so in an event. The connection stays up."""
+        self.stats.refused_messages += 1
+        self.stats.last_error = str(refusal)
+        if channel in self._held_until:  # messages already in flight when the hold began
+            return
+        hold = min(self._hold_s.get(channel, self.config.refusal_hold_s / 2) * 2, 600.0)
+        first = channel not in self._hold_s
+        self._hold_s[channel] = hold
+        self._held_until[channel] = self._monotonic() + hold
+        self.stats.held_channels[channel] = hold
+        log.warning("uplink: %s; holding %s for %.0f s", refusal, channel, hold)
+        if first and channel != "events":
+            await self.outbox.put(
+                "event",
+                {
+                    "event": "uplink_refused",
+                    "channel": channel,
+                    "reason_code": refusal.code,
+                    "reason": str(refusal),
+                    "hold_s": hold,
+                },
+            )
+
     async def _send(self, link: MqttLink, message: _Message) -> None:
         data = encode_batch_raw(self.config.device_id, message.channel, message.encoded, self._key)
         try:
             await link.publish(self._topic[message.channel], data)
+        except MessageRefused as refusal:
+            self.outbox.release(message.seqs)
+            await self._hold(message.channel, refusal)
+            return
         except LinkError:
             self.outbox.release(message.seqs)
             raise
+        self._hold_s.pop(message.channel, None)
         self.stats.messages += 1
         self.stats.records += len(message.seqs)
         self.stats.bytes += len(data)

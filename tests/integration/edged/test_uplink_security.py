@@ -161,3 +161,61 @@ async def test_username_and_password(tmp_path, broker_factory) -> None:
     left, stats = await run_until_drained_or_failing(tmp_path / "bad", bad)
     assert left == 20 and "refused" in stats.last_error
     assert "wrong" not in repr(bad) and "s3cret" not in repr(good)
+
+
+async def test_broker_refusing_a_channel_holds_it_not_the_link(tmp_path, broker_factory) -> None:
+    """An ACL that denies the samples topic: events still flow on the same connection, the
+    samples stay in the outbox, the channel is held back (no reconnect storm), and an
+    uplink_refused event says why."""
+    acl = tmp_path / "acl"
+    acl.write_text(
+        f"user {DEVICE}\ntopic write edged/v1/{DEVICE}/events\n"
+        f"topic write edged/v1/{DEVICE}/state\ntopic read edged/v1/#\n"
+    )
+    passwords = tmp_path / "passwd"
+    subprocess.run(
+        ["mosquitto_passwd", "-b", "-c", str(passwords), DEVICE, "pw"],
+        check=True,
+        capture_output=True,
+        timeout=30,
+    )
+    broker = broker_factory(
+        extra_config=["allow_anonymous false", f"password_file {passwords}", f"acl_file {acl}"]
+    )
+    link = LinkConfig("127.0.0.1", broker.port, client_id=DEVICE, username=DEVICE, password="pw")
+    config = OutboxConfig(tmp_path / "outbox.db", min_free_bytes=0)
+    async with Outbox(config) as outbox:
+        await outbox.put_many("sample", [{"s": i} for i in range(30)])
+        await outbox.put_many("event", [{"e": i} for i in range(5)])
+        uplink = Uplink(UplinkConfig(DEVICE, link, refusal_hold_s=30), outbox, KEY)
+        task = asyncio.create_task(uplink.run())
+        try:
+            await asyncio.wait_for(until(lambda: outbox.stats().by_class["event"].acked >= 6), 10)
+            await asyncio.sleep(0.5)
+        finally:
+            task.cancel()
+            await asyncio.gather(task, return_exceptions=True)
+        stats = outbox.stats()
+    assert uplink.stats.connects == 1 and uplink.stats.refused_messages >= 1
+    assert uplink.stats.held_channels == {"samples": 30}
+    assert stats.by_class["sample"].stored == 30 and stats.by_class["sample"].acked == 0
+    assert "0x87" in uplink.stats.last_error
+
+
+async def test_refused_presence_does_not_stop_the_uplink(tmp_path, broker_factory) -> None:
+    """Even when the broker refuses the device's state topic, records keep flowing."""
+    acl = tmp_path / "acl"
+    acl.write_text(f"user {DEVICE}\ntopic write edged/v1/{DEVICE}/events\n")
+    passwords = tmp_path / "passwd"
+    subprocess.run(
+        ["mosquitto_passwd", "-b", "-c", str(passwords), DEVICE, "pw"],
+        check=True,
+        capture_output=True,
+        timeout=30,
+    )
+    broker = broker_factory(
+        extra_config=["allow_anonymous false", f"password_file {passwords}", f"acl_file {acl}"]
+    )
+    link = LinkConfig("127.0.0.1", broker.port, client_id=DEVICE, username=DEVICE, password="pw")
+    left, stats = await run_until_drained_or_failing(tmp_path, link)
+    assert left == 0 and stats.records == 20 and "0x87" in stats.last_error
