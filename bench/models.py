@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import hashlib
 import importlib.metadata
-import io
 import json
 import shutil
 import time
@@ -22,6 +21,7 @@ import numpy as np
 import numpy.typing as npt
 
 from bench.common import CACHE, REPO, atomic_write
+from edged_formats.bundle import dump_npz
 
 __all__ = ["INPUT_OFFSET", "INPUT_SCALE", "BenchModel", "mobilenet_v2", "raw_images"]
 
@@ -163,9 +163,7 @@ def _with_batchnorm_statistics(module: Any, samples: Any) -> Any:
 def _save_head(path: Path, module: Any) -> None:
     weight = module.head.weight.detach().numpy().astype(np.float32)
     bias = module.head.bias.detach().numpy().astype(np.float32)
-    buffer = io.BytesIO()
-    np.savez(buffer, weight=weight, bias=bias)
-    atomic_write(path, buffer.getvalue())
+    atomic_write(path, dump_npz(weight=weight, bias=bias))
 
 
 def _pack_both(paths: dict[str, Path]) -> float:

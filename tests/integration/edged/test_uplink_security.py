@@ -76,6 +76,33 @@ def pki(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return root
 
 
+def password_file(tmp_path: Path, password: str) -> Path:
+    """A Mosquitto password file with the test device's password."""
+    path = tmp_path / "passwd"
+    subprocess.run(
+        ["mosquitto_passwd", "-b", "-c", str(path), DEVICE, password],
+        check=True,
+        capture_output=True,
+        timeout=30,
+    )
+    return path
+
+
+def acl_link(tmp_path: Path, broker_factory, writable: list[str]) -> LinkConfig:
+    """A broker that needs the device's password and lets it write only `writable` topics;
+    the link config to reach it."""
+    acl = tmp_path / "acl"
+    acl.write_text(f"user {DEVICE}\n" + "".join(f"topic write {t}\n" for t in writable))
+    broker = broker_factory(
+        extra_config=[
+            "allow_anonymous false",
+            f"password_file {password_file(tmp_path, 'pw')}",
+            f"acl_file {acl}",
+        ]
+    )
+    return LinkConfig("127.0.0.1", broker.port, client_id=DEVICE, username=DEVICE, password="pw")
+
+
 async def run_until_drained_or_failing(tmp_path: Path, link: LinkConfig) -> tuple[int, object]:
     """Queue 20 records, run the uplink; return what is left and the uplink's stats."""
     config = OutboxConfig(tmp_path / "outbox.db", min_free_bytes=0)
@@ -144,13 +171,7 @@ async def test_server_certificate_is_verified(tmp_path, pki, broker_factory) -> 
 
 async def test_username_and_password(tmp_path, broker_factory) -> None:
     """The right password drains; a wrong one is refused by the broker, records kept."""
-    passwords = tmp_path / "passwd"
-    subprocess.run(
-        ["mosquitto_passwd", "-b", "-c", str(passwords), DEVICE, "s3cret"],
-        check=True,
-        capture_output=True,
-        timeout=30,
-    )
+    passwords = password_file(tmp_path, "s3cret")
     broker = broker_factory(extra_config=["allow_anonymous false", f"password_file {passwords}"])
     good = LinkConfig(
         "127.0.0.1", broker.port, client_id=DEVICE, username=DEVICE, password="s3cret"
@@ -167,22 +188,9 @@ async def test_broker_refusing_a_channel_holds_it_not_the_link(tmp_path, broker_
     """An ACL that denies the samples topic: events still flow on the same connection, the
     samples stay in the outbox, the channel is held back (no reconnect storm), and an
     uplink_refused event says why."""
-    acl = tmp_path / "acl"
-    acl.write_text(
-        f"user {DEVICE}\ntopic write edged/v1/{DEVICE}/events\n"
-        f"topic write edged/v1/{DEVICE}/state\ntopic read edged/v1/#\n"
+    link = acl_link(
+        tmp_path, broker_factory, [f"edged/v1/{DEVICE}/events", f"edged/v1/{DEVICE}/state"]
     )
-    passwords = tmp_path / "passwd"
-    subprocess.run(
-        ["mosquitto_passwd", "-b", "-c", str(passwords), DEVICE, "pw"],
-        check=True,
-        capture_output=True,
-        timeout=30,
-    )
-    broker = broker_factory(
-        extra_config=["allow_anonymous false", f"password_file {passwords}", f"acl_file {acl}"]
-    )
-    link = LinkConfig("127.0.0.1", broker.port, client_id=DEVICE, username=DEVICE, password="pw")
     config = OutboxConfig(tmp_path / "outbox.db", min_free_bytes=0)
     async with Outbox(config) as outbox:
         await outbox.put_many("sample", [{"s": i} for i in range(30)])
@@ -204,18 +212,6 @@ async def test_broker_refusing_a_channel_holds_it_not_the_link(tmp_path, broker_
 
 async def test_refused_presence_does_not_stop_the_uplink(tmp_path, broker_factory) -> None:
     """Even when the broker refuses the device's state topic, records keep flowing."""
-    acl = tmp_path / "acl"
-    acl.write_text(f"user {DEVICE}\ntopic write edged/v1/{DEVICE}/events\n")
-    passwords = tmp_path / "passwd"
-    subprocess.run(
-        ["mosquitto_passwd", "-b", "-c", str(passwords), DEVICE, "pw"],
-        check=True,
-        capture_output=True,
-        timeout=30,
-    )
-    broker = broker_factory(
-        extra_config=["allow_anonymous false", f"password_file {passwords}", f"acl_file {acl}"]
-    )
-    link = LinkConfig("127.0.0.1", broker.port, client_id=DEVICE, username=DEVICE, password="pw")
+    link = acl_link(tmp_path, broker_factory, [f"edged/v1/{DEVICE}/events"])
     left, stats = await run_until_drained_or_failing(tmp_path, link)
     assert left == 0 and stats.records == 20 and "0x87" in stats.last_error
