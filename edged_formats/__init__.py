@@ -35,7 +35,6 @@ from edged_formats.wire import (
     encode_record,
     message_size,
     parse_topic,
-    record_size,
     topic_for,
 )
 
@@ -74,7 +73,6 @@ __all__ = [
     "message_size",
     "parse_topic",
     "read_bundle",
-    "record_size",
     "topic_for",
     "write_bundle",
 ]

@@ -43,7 +43,6 @@ __all__ = [
     "encode_record_parts",
     "message_size",
     "parse_topic",
-    "record_size",
     "topic_for",
 ]
 
@@ -200,11 +199,6 @@ def encode_record_parts(kind: str, boot: int, seq: int, created: float, body: by
     return head[:-1] + body  # the placeholder null (one byte, 0xf6) is the last byte
 
 
-def record_size(record: Record) -> int:
-    """Exact number of bytes `record` adds to a payload."""
-    return len(encode_record(record))
-
-
 def _head_size(length: int) -> int:
     """Bytes of a CBOR head (major type and length) for `length`."""
     if length < 24:
@@ -223,7 +217,7 @@ def _text_size(text: str) -> int:
 
 def message_size(device: str, channel: str, count: int, record_bytes: int) -> int:
     """Exact length of the message `encode_batch` makes (without extensions) for `count`
-    records whose `record_size`s add up to `record_bytes`: pack up to a bound without
+    records whose encodings (`encode_record`) add up to `record_bytes`: pack up to a bound without
     encoding anything twice."""
     payload = (
         1  # map of four

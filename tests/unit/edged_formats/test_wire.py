@@ -25,7 +25,6 @@ from edged_formats import (
     encode_record,
     message_size,
     parse_topic,
-    record_size,
     topic_for,
 )
 from edged_formats.wire import MAX_BODY_DEPTH
@@ -184,7 +183,9 @@ def test_message_size_is_exact() -> None:
     for n, pad in [(0, 0), (1, 0), (10, 50), (23, 0), (24, 0), (300, 200), (40, 2000)]:
         sent = [Record("event", 0, i, 0.0, "x" * pad) for i in range(n)]
         data = encode_batch(DEVICE, "events", sent, KEY)
-        assert len(data) == message_size(DEVICE, "events", n, sum(map(record_size, sent)))
+        assert len(data) == message_size(
+            DEVICE, "events", n, sum(len(encode_record(r)) for r in sent)
+        )
 
 
 def test_raw_records_are_spliced_not_reencoded() -> None:
