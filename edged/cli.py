@@ -1,4 +1,4 @@
-"""The `edged` command line: model tools now, the daemon's commands as they land."""
+"""The `edged` command line: model tools, and the daemon's commands (edged.daemon_cli)."""
 
 from __future__ import annotations
 
@@ -20,6 +20,7 @@ import numpy.typing as npt
 
 from edged import __version__
 from edged.atomic import atomic_write
+from edged.daemon_cli import add_daemon_commands
 from edged.engine import Engine, EngineOptions
 from edged.errors import EdgedError, InputError
 from edged.inspection import inspect_path
@@ -379,6 +380,7 @@ def _parser() -> argparse.ArgumentParser:
     )
     engine_flags(p)
     p.set_defaults(func=cmd_replay)
+    add_daemon_commands(sub)
     return parser
 
 

@@ -35,7 +35,8 @@ from edged_formats import (
     write_bundle,
 )
 from edged_formats.bundle import digest_members, dump_npy, dump_npz
-from edged_formats.manifest import TENSOR_DTYPES
+from edged_formats.manifest import SCORE_QUANTILE_NAMES, TENSOR_DTYPES
+from edged_formats.scores import max_probability, score
 
 __all__ = ["PackRequest", "pack"]
 
@@ -115,7 +116,7 @@ def _pack(request: PackRequest) -> bytes:
         else EmbeddingSpec(embedding_detail["name"], int(np.prod(embedding_detail["shape"][1:]))),
         head=HeadSpec("head.npz") if request.head is not None else None,
     )
-    reference = _reference(request.calibration, np.full(len(request.calibration), 1.0))
+    reference = _reference(request.calibration, None)
     placeholder = Canaries("canaries.npy", (0,))
     kind = "probabilities" if request.output_kind == "auto" else request.output_kind
     draft = _bundle(base, members, _output(output_detail, kind), reference, placeholder)
@@ -131,7 +132,7 @@ def _pack(request: PackRequest) -> bytes:
     canary_idx = _pick_canaries(probabilities.probabilities)
     members["canaries.npy"] = dump_npy(request.calibration[canary_idx])
     canaries = Canaries("canaries.npy", tuple(int(i) for i in probabilities.top1[canary_idx]))
-    reference = _reference(request.calibration, probabilities.confidence)
+    reference = _reference(request.calibration, probabilities.probabilities)
     metrics = dict(request.metrics)
     if request.calibration_labels is not None:
         truth = np.asarray(request.calibration_labels)
@@ -355,24 +356,41 @@ def _rows_are_distributions(scores: npt.NDArray[np.float32]) -> bool:
     return bool(np.all(scores >= 0) and np.allclose(scores.sum(axis=1), 1.0, atol=0.05))
 
 
-def _reference(raw: npt.NDArray[Any], confidence: npt.NDArray[Any]) -> ReferenceStats:
+def _reference(
+    raw: npt.NDArray[Any], probabilities: npt.NDArray[np.float32] | None
+) -> ReferenceStats:
+    """Input statistics, and the quantiles of every confidence score the gate can use (the
+    same functions as the gate); without probabilities (the draft bundle) a placeholder."""
     samples = raw.astype(np.float64)
     elements = math.prod(samples.shape[1:])
     if elements <= MAX_ELEMENT_FEATURES:
         granularity, features = "element", samples.reshape(len(samples), -1)
     else:
         granularity, features = "channel", samples.reshape(-1, samples.shape[-1])
+    score_quantiles: dict[str, dict[str, float]] = {}
+    if probabilities is None:
+        confidence = np.ones(len(raw), dtype=np.float32)
+    else:
+        confidence = max_probability(probabilities)
+        # Clipped: int8 probabilities can round a hair past 1, the manifest wants [0, 1].
+        score_quantiles = {
+            name: _quantiles(np.clip(score(name, probabilities), 0.0, 1.0))
+            for name in SCORE_QUANTILE_NAMES
+        }
     counts, _ = np.histogram(confidence, bins=HISTOGRAM_BINS, range=(0.0, 1.0))
     return ReferenceStats(
         granularity=granularity,  # type: ignore[arg-type]
         feature_mean=tuple(float(round(v, 6)) for v in features.mean(axis=0)),
         feature_std=tuple(float(round(v, 6)) for v in features.std(axis=0)),
         confidence_histogram=ConfidenceHistogram(tuple(int(c) for c in counts)),
-        confidence_quantiles={
-            f"{q:g}": float(round(np.quantile(confidence, q), 6)) for q in QUANTILES
-        },
+        confidence_quantiles=_quantiles(confidence),
         samples=len(raw),
+        score_quantiles=score_quantiles,
     )
+
+
+def _quantiles(values: npt.NDArray[Any]) -> dict[str, float]:
+    return {f"{q:g}": round(float(np.quantile(values, q)), 6) for q in QUANTILES}
 
 
 def _pick_canaries(probabilities: npt.NDArray[np.float32]) -> npt.NDArray[np.intp]:

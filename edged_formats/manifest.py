@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 from typing import Any, Literal
 
 from edged_formats.errors import ManifestError
+from edged_formats.scores import ScoreName
 
 __all__ = [
     "FORMAT_VERSION",
@@ -39,6 +40,17 @@ _NAME = re.compile(r"^[a-z0-9][a-z0-9._-]{0,63}$")
 _MEMBER = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
 # Versions end up in slot and file names: no separators, no leading dot.
 _VERSION = re.compile(r"[A-Za-z0-9][A-Za-z0-9._+-]{0,63}")
+
+
+# Scores with their own quantile table (max_probability has `confidence_quantiles`).
+SCORE_QUANTILE_NAMES: tuple[ScoreName, ...] = ("margin", "entropy")
+
+
+def _is_quantile(key: str) -> bool:
+    try:
+        return 0.0 < float(key) < 1.0
+    except ValueError:
+        return False
 
 
 def _fail(where: str, problem: str) -> ManifestError:
@@ -178,10 +190,12 @@ class ConfidenceHistogram:
 
 @dataclass(frozen=True, slots=True)
 class ReferenceStats:
-    """What the model saw on validation data, for drift detection on the device.
+    """What the model saw on validation data, for drift detection and gating on the device.
 
     `granularity` says what a feature is: every input element ("element", small inputs) or
-    each channel on the last axis ("channel", images). Statistics are of the raw input."""
+    each channel on the last axis ("channel", images). Statistics are of the raw input.
+    `score_quantiles` holds, per score of `edged_formats.scores` other than the top-1
+    probability (which is `confidence_quantiles`), the score at each quantile; optional."""
 
     granularity: Literal["element", "channel"]
     feature_mean: tuple[float, ...]
@@ -189,6 +203,7 @@ class ReferenceStats:
     confidence_histogram: ConfidenceHistogram
     confidence_quantiles: Mapping[str, float]
     samples: int
+    score_quantiles: Mapping[str, Mapping[str, float]] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         if self.granularity not in ("element", "channel"):
@@ -199,6 +214,17 @@ class ReferenceStats:
             raise _fail("reference.feature_std", "must not be negative")
         if self.samples <= 0:
             raise _fail("reference.samples", "must be positive")
+        for score, table in self.score_quantiles.items():
+            if score not in SCORE_QUANTILE_NAMES:
+                raise _fail("reference.score_quantiles", f"has unknown score '{score}'")
+            for key, value in table.items():
+                if not _is_quantile(key):
+                    raise _fail(
+                        f"reference.score_quantiles.{score}",
+                        f"key '{key}' is not a quantile between 0 and 1",
+                    )
+                if not 0.0 <= value <= 1.0:
+                    raise _fail(f"reference.score_quantiles.{score}.{key}", "must be in [0, 1]")
 
 
 @dataclass(frozen=True, slots=True)
@@ -373,6 +399,10 @@ class Manifest:
             },
             "metrics": dict(self.metrics),
         }
+        if ref.score_quantiles:  # only when present: older readers refuse unknown fields here
+            out["reference"]["score_quantiles"] = {
+                score: dict(table) for score, table in ref.score_quantiles.items()
+            }
         out.update(self.extensions)
         return out
 
@@ -454,6 +484,7 @@ def _reference_from(d: Mapping[str, Any]) -> ReferenceStats:
         "confidence_histogram",
         "confidence_quantiles",
         "samples",
+        "score_quantiles",
     }
     _reject_unknown(d, fields, "reference")
     counts = _get(d, "confidence_histogram", list, "reference")
@@ -469,7 +500,21 @@ def _reference_from(d: Mapping[str, Any]) -> ReferenceStats:
             str(k): _number(quantiles, k, "reference.confidence_quantiles") for k in quantiles
         },
         samples=_get(d, "samples", int, "reference"),
+        score_quantiles=_score_quantiles_from(d),
     )
+
+
+def _score_quantiles_from(d: Mapping[str, Any]) -> dict[str, dict[str, float]]:
+    if "score_quantiles" not in d:
+        return {}
+    tables = _get(d, "score_quantiles", dict, "reference")
+    _reject_unknown(tables, set(SCORE_QUANTILE_NAMES), "reference.score_quantiles")
+    out = {}
+    for score in tables:
+        where = f"reference.score_quantiles.{score}"
+        table = _get(tables, score, dict, "reference.score_quantiles")
+        out[str(score)] = {str(k): _number(table, k, where) for k in table}
+    return out
 
 
 def _canaries_from(d: Mapping[str, Any]) -> Canaries:

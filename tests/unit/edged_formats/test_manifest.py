@@ -103,3 +103,43 @@ def test_class_count_is_every_value_after_the_batch_axis() -> None:
     obj = manifest_dict()
     obj["output"]["shape"] = [1, 2, 5]
     assert Manifest.from_dict(obj).output.num_classes == 10
+
+
+SCORE_QUANTILES = {"margin": {"0.05": 0.2, "0.5": 0.8}, "entropy": {"0.05": 0.35}}
+
+
+def test_score_quantiles_round_trip() -> None:
+    """Margin and entropy quantile tables are read and written back unchanged."""
+    obj = manifest_dict()
+    obj["reference"]["score_quantiles"] = SCORE_QUANTILES
+    manifest = Manifest.from_dict(obj)
+    assert manifest.reference.score_quantiles == SCORE_QUANTILES
+    assert json.loads(manifest.to_json()) == obj
+
+
+def test_score_quantiles_are_written_only_when_present() -> None:
+    """Without score quantiles the field stays out of the JSON, so older readers still read it."""
+    manifest = Manifest.from_dict(manifest_dict())
+    assert manifest.reference.score_quantiles == {}
+    assert "score_quantiles" not in json.loads(manifest.to_json())["reference"]
+
+
+@pytest.mark.parametrize(
+    ("value", "message"),
+    [
+        ([0.1], "reference.score_quantiles must be dict, not list"),
+        ({"max_probability": {"0.05": 0.5}}, "score_quantiles has unknown field 'max_probability'"),
+        ({"margin": [0.1]}, "reference.score_quantiles.margin must be dict, not list"),
+        ({"margin": {"0.05": "x"}}, r"score_quantiles\.margin\.0\.05 must be int or float"),
+        ({"margin": {"0.05": 1.5}}, r"score_quantiles\.margin\.0\.05 must be in \[0, 1\]"),
+        ({"entropy": {"median": 0.5}}, "key 'median' is not a quantile between 0 and 1"),
+        ({"entropy": {"1.5": 0.5}}, "key '1.5' is not a quantile between 0 and 1"),
+    ],
+)
+def test_refuses_bad_score_quantiles(value: Any, message: str) -> None:
+    """Off-schema score quantile tables are refused with one sentence naming the field."""
+    obj = manifest_dict()
+    obj["reference"]["score_quantiles"] = value
+    with pytest.raises(ManifestError, match=message) as info:
+        Manifest.from_dict(obj)
+    assert "\n" not in str(info.value)

@@ -1,0 +1,221 @@
+"""The daemon's configuration: one TOML file (`/etc/edged/edged.toml` by default), typed, loaded
+once and passed down. Unknown keys are refused; every bound is checked when the file is read, and
+the first problem is explained in one sentence naming the key (`edged check-config FILE`).
+
+Sections: [device] [engine] [pipeline] [[source]] [local_mqtt] [gating] [drift] [uplink]
+[outbox] [telemetry] [status] [log]. docs/configuration.md lists every key with its default.
+"""
+
+from __future__ import annotations
+
+import re
+import tomllib
+from pathlib import Path
+from typing import Annotated, Literal
+
+import msgspec
+from msgspec import Meta
+
+from edged.drift import DriftConfig
+from edged.errors import EdgedError
+from edged.gating import GatingConfig
+
+__all__ = [
+    "DEFAULT_PATH",
+    "Config",
+    "ConfigError",
+    "LocalMqttConfig",
+    "MqttSourceConfig",
+    "ReplaySourceConfig",
+    "SourceConfig",
+    "SpoolSourceConfig",
+    "load_config",
+    "parse_config",
+]
+
+DEFAULT_PATH = Path("/etc/edged/edged.toml")
+MIB = 1 << 20
+
+Positive = Annotated[float, Meta(gt=0)]
+Port = Annotated[int, Meta(ge=1, le=65535)]
+Name = Annotated[str, Meta(pattern=r"^[a-z][a-z0-9_-]{0,31}$")]
+
+
+class ConfigError(EdgedError):
+    """The configuration file is missing, not TOML, or breaks a rule."""
+
+
+class _Section(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
+    pass
+
+
+class DeviceConfig(_Section, frozen=True):
+    """`state_dir` holds the key, outbox and sample store; `model` is the bundle served."""
+
+    state_dir: Path = Path("/var/lib/edged")
+    model: Path = Path("/var/lib/edged/models/current.edb")
+
+
+class EngineConfig(_Section, frozen=True):
+    runtime: Literal["auto", "ai-edge-litert", "tflite-runtime"] = "auto"
+    threads: Annotated[int, Meta(ge=1, le=64)] = 1
+    max_batch: Annotated[int, Meta(ge=1, le=1024)] = 8
+
+
+class PipelineConfig(_Section, frozen=True):
+    """`queue_size` samples wait for inference; sources block beyond it (backpressure)."""
+
+    queue_size: Annotated[int, Meta(ge=1, le=65536)] = 64
+    drain_timeout_s: Annotated[float, Meta(gt=0, le=600)] = 10.0
+    max_pending_writes: Annotated[int, Meta(ge=1, le=65536)] = 256
+
+
+class MqttSourceConfig(_Section, frozen=True, tag="mqtt", tag_field="kind"):
+    """Samples published on the local broker. QoS 1 gives backpressure (the broker holds what
+    the queue cannot take) and redelivery of what was not processed before a stop."""
+
+    name: Name
+    topic: str
+    format: Literal["npy", "raw", "cbor"] = "npy"
+    qos: Literal[0, 1] = 1
+    max_bytes: Annotated[int, Meta(ge=1, le=64 * MIB)] = 4 * MIB
+
+
+class SpoolSourceConfig(_Section, frozen=True, tag="spool", tag_field="kind"):
+    """Files dropped into `path` (write, then rename: names starting with '.' or ending in
+    .tmp/.part are not read yet); removed once processed, moved to `rejected/` when bad."""
+
+    name: Name
+    path: Path
+    poll_s: Annotated[float, Meta(gt=0, le=60)] = 0.2
+    max_bytes: Annotated[int, Meta(ge=1, le=256 * MIB)] = 16 * MIB
+    keep_rejected: Annotated[int, Meta(ge=0, le=100_000)] = 100
+
+
+class ReplaySourceConfig(_Section, frozen=True, tag="replay", tag_field="kind"):
+    """A dataset file (.npy, or .npz with `array`) streamed as if live; resumes after a restart
+    at the first sample not yet processed."""
+
+    name: Name
+    path: Path
+    array: str = "x"
+    rate_hz: Annotated[float, Meta(gt=0)] | None = None
+    loop: bool = False
+
+
+SourceConfig = MqttSourceConfig | SpoolSourceConfig | ReplaySourceConfig
+
+
+class LocalMqttConfig(_Section, frozen=True):
+    """The device's own broker: MQTT sources read from it, results are published on it."""
+
+    host: str = "127.0.0.1"
+    port: Port = 1883
+    username: str | None = None
+    password_file: Path | None = None
+    results_topic: str = "edged/local/results"
+
+
+class UplinkSection(_Section, frozen=True):
+    """The cloud broker. Secrets live in files readable by the daemon only."""
+
+    enabled: bool = True
+    host: str = "127.0.0.1"
+    port: Port = 1883
+    device_id: str | None = None
+    username: str | None = None
+    password_file: Path | None = None
+    tls: bool = False
+    ca_file: Path | None = None
+    cert_file: Path | None = None
+    key_file: Path | None = None
+    bytes_per_s: Positive | None = None
+    bytes_per_day: Annotated[int, Meta(gt=0)] | None = None
+
+
+class OutboxSection(_Section, frozen=True):
+    quota_mb: Annotated[int, Meta(ge=1, le=1 << 20)] = 64
+    min_free_mb: Annotated[int, Meta(ge=0, le=1 << 20)] = 64
+
+
+class TelemetryConfig(_Section, frozen=True):
+    interval_s: Annotated[float, Meta(ge=1, le=86_400)] = 60.0
+
+
+class StatusConfig(_Section, frozen=True):
+    socket: Path = Path("/run/edged/status.sock")
+
+
+class LogConfig(_Section, frozen=True):
+    level: Literal["debug", "info", "warning", "error"] = "info"
+    format: Literal["auto", "kv", "json"] = "auto"
+
+
+class Config(_Section, frozen=True):
+    device: DeviceConfig = msgspec.field(default_factory=DeviceConfig)
+    engine: EngineConfig = msgspec.field(default_factory=EngineConfig)
+    pipeline: PipelineConfig = msgspec.field(default_factory=PipelineConfig)
+    source: list[SourceConfig] = msgspec.field(default_factory=list)
+    local_mqtt: LocalMqttConfig | None = None
+    gating: GatingConfig = msgspec.field(default_factory=GatingConfig)
+    drift: DriftConfig = msgspec.field(default_factory=DriftConfig)
+    uplink: UplinkSection = msgspec.field(default_factory=UplinkSection)
+    outbox: OutboxSection = msgspec.field(default_factory=OutboxSection)
+    telemetry: TelemetryConfig = msgspec.field(default_factory=TelemetryConfig)
+    status: StatusConfig = msgspec.field(default_factory=StatusConfig)
+    log: LogConfig = msgspec.field(default_factory=LogConfig)
+    plugins: list[Annotated[str, Meta(pattern=r"^[\w.]+:\w+$")]] = msgspec.field(
+        default_factory=list
+    )
+
+    def __post_init__(self) -> None:
+        names = [s.name for s in self.source]
+        duplicate = next((n for n in names if names.count(n) > 1), None)
+        if duplicate is not None:
+            raise ValueError(f"two sources are named {duplicate!r}; names must be unique")
+        if any(isinstance(s, MqttSourceConfig) for s in self.source) and self.local_mqtt is None:
+            raise ValueError("an mqtt source needs a [local_mqtt] section")
+
+
+_AT = re.compile(r"^(?P<message>.*?)(?: - at `\$(?P<path>[^`]*)`)?$", re.DOTALL)
+
+
+def _sentence(error: msgspec.ValidationError) -> str:
+    """msgspec's "Expected `int` >= 1 - at `$.pipeline.queue_size`" as
+    "pipeline.queue_size: expected `int` >= 1"."""
+    match = _AT.match(str(error))
+    message = match["message"] if match else str(error)
+    path = (match["path"] or "").lstrip(".") if match else ""
+    message = message.replace("Object contains unknown field", "unknown key")
+    message = message.replace("Object missing required field", "missing required key")
+    message = message[:1].lower() + message[1:]
+    return f"{path}: {message}" if path else message
+
+
+def parse_config(text: str, origin: str = "configuration") -> Config:
+    """A Config from TOML text; ConfigError with one sentence on the first problem."""
+    try:
+        data = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"{origin} is not valid TOML: {exc}") from exc
+    try:
+        return msgspec.convert(data, Config, dec_hook=_decode_path)
+    except msgspec.ValidationError as exc:
+        raise ConfigError(f"{origin}: {_sentence(exc)}") from exc
+
+
+def _decode_path(kind: type, value: object) -> object:
+    if kind is Path and isinstance(value, str):
+        return Path(value)
+    raise NotImplementedError
+
+
+def load_config(path: Path) -> Config:
+    """Read and check the file at `path`."""
+    try:
+        text = path.read_text(encoding="utf-8")
+    except OSError as exc:
+        raise ConfigError(f"cannot read {path}: {exc.strerror}") from exc
+    except UnicodeDecodeError as exc:
+        raise ConfigError(f"{path} is not UTF-8 text") from exc
+    return parse_config(text, str(path))

@@ -1,0 +1,398 @@
+"""The edged daemon: `edged run --config /etc/edged/edged.toml`, a systemd `Type=notify` service.
+
+Start: configuration, device key, model (loaded, checked, first inference run), outbox, sample
+store, uplink, local bus, sources; then READY=1. While serving: WATCHDOG=1 from the loop (only
+while inference makes progress), a STATUS= line, telemetry every interval, `edged status` over a
+unix socket. SIGHUP reloads the configuration without dropping a sample; SIGTERM stops the
+sources, drains what is queued, flushes the outbox and exits within `drain_timeout_s`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import contextlib
+import importlib
+import json
+import logging
+import os
+import signal
+import time
+from pathlib import Path
+from typing import Any
+
+from edged.budget import BudgetConfig
+from edged.config import (
+    Config,
+    ConfigError,
+    MqttSourceConfig,
+    ReplaySourceConfig,
+    SpoolSourceConfig,
+    load_config,
+)
+from edged.engine import Engine, EngineOptions, open_bundle
+from edged.errors import EdgedError
+from edged.health import HealthProbe
+from edged.identity import DeviceIdentity
+from edged.local_bus import LocalBus, MqttSource
+from edged.logs import RateLimitedLog, configure_logging, log_event
+from edged.mqtt_link import LinkConfig
+from edged.notify import Notifier
+from edged.outbox import MIB, Outbox, OutboxConfig
+from edged.pipeline import Pipeline, ResultSink
+from edged.sample_store import SampleStore
+from edged.sources import ReplaySource, Source, SpoolSource
+from edged.uplink import Uplink, UplinkConfig
+
+__all__ = ["Daemon", "run_daemon"]
+
+log = logging.getLogger("edged.daemon")
+RESTART_ONLY = ("device", "engine", "pipeline", "source", "local_mqtt", "uplink", "outbox")
+
+
+def _secret(path: Path | None) -> str | None:
+    return None if path is None else path.read_text(encoding="utf-8").strip()
+
+
+def _load_sink(spec: str) -> ResultSink:
+    """`package.module:factory`, where factory() returns a callable taking a Result."""
+    module_name, _, attribute = spec.partition(":")
+    try:
+        factory = getattr(importlib.import_module(module_name), attribute)
+        sink = factory()
+    except Exception as exc:
+        raise ConfigError(f"plug-in {spec} cannot be loaded: {exc!r}") from exc
+    if not callable(sink):
+        raise ConfigError(f"plug-in {spec} did not return a callable")
+    return sink
+
+
+class Daemon:
+    def __init__(self, config: Config, config_path: Path | None = None) -> None:
+        self.config = config
+        self.config_path = config_path
+        self.notifier = Notifier()
+        self.stopping = asyncio.Event()
+        self.started = time.monotonic()
+        self.state = "starting"
+        self.bad_input = RateLimitedLog(logging.getLogger("edged.input"))
+        self._rates: collections.deque[tuple[float, int, int]] = collections.deque(maxlen=61)
+        self._telemetry_sent = 0
+
+    # -- start ------------------------------------------------------------------------------
+
+    async def run(self) -> int:
+        loop = asyncio.get_running_loop()
+        for signum in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(signum, self.stopping.set)
+        loop.add_signal_handler(signal.SIGHUP, lambda: asyncio.ensure_future(self.reload()))
+        cfg = self.config
+        cfg.device.state_dir.mkdir(parents=True, exist_ok=True)
+        self.identity = DeviceIdentity.load_or_create(cfg.device.state_dir / "device.key")
+        self.device_id = cfg.uplink.device_id or self.identity.default_device_id()
+        options = EngineOptions(cfg.engine.runtime, cfg.engine.threads, True, cfg.engine.max_batch)
+        self.engine = await asyncio.to_thread(Engine.from_file, cfg.device.model, options)
+        self.probe = HealthProbe(cfg.device.state_dir)
+        outbox_config = OutboxConfig(
+            cfg.device.state_dir / "outbox.db",
+            quota_bytes=cfg.outbox.quota_mb * MIB,
+            min_free_bytes=cfg.outbox.min_free_mb * MIB,
+        )
+        async with (
+            Outbox(outbox_config) as self.outbox,
+            SampleStore(cfg.device.state_dir / "samples.db") as store,
+        ):
+            sinks = [_load_sink(spec) for spec in cfg.plugins]
+            self.pipeline = Pipeline(
+                self.engine,
+                gating=cfg.gating,
+                drift=cfg.drift,
+                outbox=self.outbox,
+                store=store,
+                queue_size=cfg.pipeline.queue_size,
+                max_pending_writes=cfg.pipeline.max_pending_writes,
+                sinks=sinks,
+                bad_input=self.bad_input,
+            )
+            try:
+                return await self._serve()
+            finally:
+                self.pipeline.close()
+
+    def _uplink(self, identity_key: Any) -> Uplink:
+        up = self.config.uplink
+        link = LinkConfig(
+            up.host,
+            up.port,
+            client_id=self.device_id,
+            username=up.username,
+            password=_secret(up.password_file),
+            tls=up.tls,
+            ca_file=None if up.ca_file is None else str(up.ca_file),
+            cert_file=None if up.cert_file is None else str(up.cert_file),
+            key_file=None if up.key_file is None else str(up.key_file),
+        )
+        budget = BudgetConfig(bytes_per_s=up.bytes_per_s, bytes_per_day=up.bytes_per_day)
+        return Uplink(UplinkConfig(self.device_id, link, budget=budget), self.outbox, identity_key)
+
+    def _sources(self) -> tuple[list[Source], list[MqttSource]]:
+        shape = self.engine.sample_shape
+        dtype = self.engine.manifest.input.dtype
+        sources: list[Source] = []
+        mqtt: list[MqttSource] = []
+        for spec in self.config.source:
+            if isinstance(spec, ReplaySourceConfig):
+                sources.append(ReplaySource(spec, self.outbox))
+            elif isinstance(spec, SpoolSourceConfig):
+                sources.append(SpoolSource(spec, shape, dtype, self.pipeline.refuse))
+            elif isinstance(spec, MqttSourceConfig):
+                source = MqttSource(
+                    spec, shape, dtype, self.pipeline.refuse, self.config.pipeline.queue_size
+                )
+                sources.append(source)
+                mqtt.append(source)
+        return sources, mqtt
+
+    async def _serve(self) -> int:
+        cfg = self.config
+        sources, mqtt_sources = self._sources()
+        self.bus: LocalBus | None = None
+        if cfg.local_mqtt is not None:
+            self.bus = LocalBus(
+                cfg.local_mqtt,
+                f"{self.device_id}-local",
+                mqtt_sources,
+                cfg.pipeline.queue_size,
+            )
+            bus = self.bus
+            self.pipeline.sinks.insert(0, lambda result: bus.publish_result(result.to_json()))
+            await self.bus.start()
+        self.uplink = self._uplink(self.identity.signing_key) if cfg.uplink.enabled else None
+        status_server = await self._status_server()
+        background: list[asyncio.Task[Any]] = [
+            asyncio.create_task(self.pipeline.run(), name="pipeline"),
+            asyncio.create_task(self._ticker(), name="ticker"),
+            asyncio.create_task(self._telemetry_loop(), name="telemetry"),
+        ]
+        if self.uplink is not None:
+            background.append(asyncio.create_task(self.uplink.run(), name="uplink"))
+        source_tasks = [
+            asyncio.create_task(s.run(self.pipeline.submit), name=f"source {s.name}")
+            for s in sources
+        ]
+        for task in source_tasks:
+            task.add_done_callback(self._source_ended)
+        self.state = "running"
+        manifest = self.engine.manifest
+        log_event(
+            log,
+            "info",
+            "ready",
+            device=self.device_id,
+            model=manifest.name,
+            version=manifest.version,
+            sources=",".join(s.name for s in sources) or "none",
+        )
+        self.notifier.ready(self._status_line())
+        failed = await self._wait_for_stop(background)
+        await self._stop(source_tasks, background)
+        status_server.close()
+        await status_server.wait_closed()
+        with contextlib.suppress(FileNotFoundError):
+            cfg.status.socket.unlink()
+        return 1 if failed else 0
+
+    async def _wait_for_stop(self, background: list[asyncio.Task[Any]]) -> bool:
+        """Until SIGTERM, or a background task dies (a bug): then exit non-zero so systemd
+        restarts the service."""
+        stop = asyncio.create_task(self.stopping.wait())
+        done, _ = await asyncio.wait([stop, *background], return_when=asyncio.FIRST_COMPLETED)
+        stop.cancel()
+        for task in done:
+            if task is not stop and not task.cancelled() and task.exception() is not None:
+                log_event(
+                    log, "error", "task_failed", task=task.get_name(), exc_info=task.exception()
+                )
+                return True
+        return False
+
+    def _source_ended(self, task: asyncio.Task[None]) -> None:
+        if task.cancelled():
+            return
+        exc = task.exception()
+        if isinstance(exc, (EdgedError, ValueError, OSError)):  # a bad file or path: one line
+            log_event(log, "error", "source_failed", source=task.get_name(), reason=str(exc))
+        elif exc is not None:
+            log_event(log, "error", "source_failed", source=task.get_name(), exc_info=exc)
+
+    # -- stop -------------------------------------------------------------------------------
+
+    async def _stop(
+        self, sources: list[asyncio.Task[None]], background: list[asyncio.Task[Any]]
+    ) -> None:
+        self.state = "draining"
+        self.notifier.stopping(f"draining {self.pipeline.depth} queued samples")
+        log_event(log, "info", "stopping", queued=self.pipeline.depth)
+        for task in sources:
+            task.cancel()
+        await asyncio.gather(*sources, return_exceptions=True)
+        try:
+            await asyncio.wait_for(self.pipeline.drain(), self.config.pipeline.drain_timeout_s)
+        except TimeoutError:
+            log_event(log, "warning", "drain_timeout", left=self.pipeline.depth)
+        await self._send_telemetry()
+        await self.outbox.flush()
+        for task in background:
+            task.cancel()
+        await asyncio.gather(*background, return_exceptions=True)
+        if self.bus is not None:
+            await self.bus.close()
+        log_event(log, "info", "stopped", inferred=self.pipeline.counts.inferred)
+
+    # -- reload -----------------------------------------------------------------------------
+
+    async def reload(self) -> None:
+        """SIGHUP: re-read the file; apply gating, drift, telemetry, log and model changes in
+        place. Sections that shape connections or storage take effect at the next restart."""
+        if self.config_path is None or self.state != "running":
+            return
+        self.notifier.reloading("reloading configuration")
+        try:
+            new = await asyncio.to_thread(load_config, self.config_path)
+        except ConfigError as exc:
+            log_event(log, "error", "reload_refused", reason=str(exc))
+            self.notifier.ready(self._status_line())
+            return
+        try:
+            self.pipeline.reconfigure(new.gating, new.drift)
+        except ValueError as exc:
+            log_event(log, "error", "reload_refused", reason=str(exc))
+            self.notifier.ready(self._status_line())
+            return
+        old, self.config = self.config, new
+        configure_logging(new.log.level, new.log.format)
+        if new.device.model != old.device.model:
+            await self.swap_model(new.device.model)
+        later = [name for name in RESTART_ONLY if getattr(new, name) != getattr(old, name)]
+        log_event(log, "info", "reloaded", restart_needed_for=",".join(later) or "nothing")
+        self.notifier.ready(self._status_line())
+
+    async def swap_model(self, path: Path) -> None:
+        try:
+            bundle = await asyncio.to_thread(open_bundle, path)
+            previous = await asyncio.to_thread(self.engine.swap, bundle)
+        except EdgedError as exc:
+            log_event(log, "error", "model_refused", path=str(path), reason=str(exc))
+            return
+        self.pipeline.model_swapped()
+        log_event(
+            log, "info", "model_swapped", previous=previous, version=self.engine.manifest.version
+        )
+
+    # -- periodic work ----------------------------------------------------------------------
+
+    async def _ticker(self) -> None:
+        """Every second: rates, STATUS=, and WATCHDOG=1 while inference makes progress."""
+        interval = self.notifier.watchdog_interval_s
+        tick = min(1.0, interval) if interval else 1.0
+        last_status = 0.0
+        while True:
+            now = time.monotonic()
+            counts = self.pipeline.counts
+            self._rates.append((now, counts.received, counts.inferred))
+            if interval is None or self.pipeline.stalled_for() < 2 * interval:
+                self.notifier.watchdog()
+            if now - last_status >= 5:
+                self.notifier.status(self._status_line())
+                last_status = now
+            await asyncio.sleep(tick)
+
+    def _rate(self) -> float:
+        if len(self._rates) < 2:
+            return 0.0
+        (t0, _, n0), (t1, _, n1) = self._rates[0], self._rates[-1]
+        return (n1 - n0) / (t1 - t0) if t1 > t0 else 0.0
+
+    def _status_line(self) -> str:
+        return (
+            f"model {self.engine.manifest.name} {self.engine.manifest.version}; "
+            f"{self._rate():.1f} samples/s; queue {self.pipeline.depth}; "
+            f"outbox {self.outbox.stats().depth}"
+        )
+
+    async def _telemetry_loop(self) -> None:
+        while True:
+            await asyncio.sleep(self.config.telemetry.interval_s)
+            await self._send_telemetry()
+
+    async def _send_telemetry(self) -> None:
+        body = self.status()
+        body.pop("outbox_detail", None)
+        body["health"] = self.probe.sample()
+        try:
+            await self.outbox.put("telemetry", body)
+            self._telemetry_sent += 1
+        except EdgedError as exc:
+            log_event(log, "warning", "telemetry_not_stored", reason=str(exc))
+
+    # -- status -----------------------------------------------------------------------------
+
+    def status(self) -> dict[str, Any]:
+        """Everything `edged status` shows; also the body of each telemetry record."""
+        counts = self.pipeline.counts
+        outbox = self.outbox.stats()
+        uplink = self.uplink.stats if self.uplink is not None else None
+        manifest = self.engine.manifest
+        return {
+            "device_id": self.device_id,
+            "state": self.state,
+            "uptime_s": round(time.monotonic() - self.started, 1),
+            "model": {"name": manifest.name, "version": manifest.version},
+            "rate_per_s": round(self._rate(), 2),
+            "queue_depth": self.pipeline.depth,
+            "counts": {
+                "received": counts.received,
+                "inferred": counts.inferred,
+                "batches": counts.batches,
+                "kept": counts.kept,
+                "uploaded": counts.uploaded,
+                "write_failures": counts.write_failures,
+            },
+            "per_class": dict(counts.per_class),
+            "gating": self.pipeline.gating_counts.as_dict(),
+            "drift": {**self.pipeline.drift.summary(), "alarms": self.pipeline.alarms[-4:]},
+            "latency_ms": self.pipeline.latency.percentiles(),
+            "bad_input": self.bad_input.counts(),
+            "outbox": {
+                "depth": outbox.depth,
+                "bytes": outbox.stored_bytes,
+                "dropped": sum(c.dropped_quota + c.expired for c in outbox.by_class.values()),
+            },
+            "uplink": None
+            if uplink is None
+            else {"state": uplink.state, "records": uplink.records, "error": uplink.last_error},
+            "local_bus": None
+            if self.bus is None
+            else {"connected": self.bus.connected.is_set(), "published": self.bus.published},
+        }
+
+    async def _status_server(self) -> asyncio.AbstractServer:
+        path = self.config.status.socket
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with contextlib.suppress(FileNotFoundError):
+            path.unlink()
+
+        async def answer(_reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+            try:
+                writer.write(json.dumps(self.status(), default=str).encode() + b"\n")
+                await writer.drain()
+            finally:
+                writer.close()
+
+        server = await asyncio.start_unix_server(answer, path=str(path))
+        os.chmod(path, 0o660)
+        return server
+
+
+async def run_daemon(config: Config, config_path: Path | None) -> int:
+    return await Daemon(config, config_path).run()

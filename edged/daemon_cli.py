@@ -1,0 +1,104 @@
+"""`edged run`, `edged check-config` and `edged status`: the daemon's own commands."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import socket
+import sys
+from pathlib import Path
+from typing import Any
+
+from edged.config import DEFAULT_PATH, load_config
+
+__all__ = ["add_daemon_commands"]
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    from edged.daemon import run_daemon
+    from edged.logs import configure_logging
+
+    config = load_config(Path(args.config))
+    configure_logging(config.log.level, config.log.format)
+    return asyncio.run(run_daemon(config, Path(args.config)))
+
+
+def cmd_check_config(args: argparse.Namespace) -> int:
+    config = load_config(Path(args.path))
+    sources = ", ".join(
+        f"{s.name} ({type(s).__name__.removesuffix('SourceConfig').lower()})" for s in config.source
+    )
+    print(f"{args.path}: valid; model {config.device.model}; sources: {sources or 'none'}")
+    return 0
+
+
+def _read_status(path: str, timeout_s: float) -> dict[str, Any]:
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
+        sock.settimeout(timeout_s)
+        sock.connect(path)
+        chunks = []
+        while chunk := sock.recv(65536):
+            chunks.append(chunk)
+    status: dict[str, Any] = json.loads(b"".join(chunks))
+    return status
+
+
+def _show(status: dict[str, Any]) -> None:
+    model, counts, gating = status["model"], status["counts"], status["gating"]
+    drift, outbox, uplink = status["drift"], status["outbox"], status["uplink"]
+    print(f"device   {status['device_id']}  ({status['state']}, up {status['uptime_s']} s)")
+    print(f"model    {model['name']} {model['version']}")
+    print(f"rate     {status['rate_per_s']} samples/s, queue {status['queue_depth']}")
+    print("counts   " + ", ".join(f"{k} {v}" for k, v in counts.items()))
+    print("gating   " + ", ".join(f"{k} {v}" for k, v in gating.items()))
+    scores = {k: v for k, v in drift.items() if k != "alarms"}
+    print("drift    " + ", ".join(f"{k} {v}" for k, v in scores.items()))
+    for alarm in drift["alarms"]:
+        print(
+            f"  alarm  {alarm['kind']} score {alarm['score']} > {alarm['threshold']}"
+            f" after {alarm['samples']} samples"
+        )
+    print(
+        "latency  "
+        + ", ".join(f"{k} {v:.2f}" for k, v in status["latency_ms"].items() if v is not None)
+    )
+    if status["bad_input"]:
+        print("bad in   " + ", ".join(f"{k} {v}" for k, v in status["bad_input"].items()))
+    print(f"outbox   depth {outbox['depth']}, {outbox['bytes']} bytes, dropped {outbox['dropped']}")
+    if uplink is None:
+        print("uplink   disabled")
+    else:
+        print(
+            f"uplink   {uplink['state']}, {uplink['records']} records sent"
+            + (f", last error: {uplink['error']}" if uplink["error"] else "")
+        )
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    path = args.socket or str(load_config(Path(args.config)).status.socket)
+    try:
+        status = _read_status(path, args.timeout)
+    except (FileNotFoundError, ConnectionRefusedError):
+        print(f"edged: error: no daemon answers on {path}; is edged running?", file=sys.stderr)
+        return 3
+    if args.json:
+        print(json.dumps(status, indent=2))
+    else:
+        _show(status)
+    return 0
+
+
+def add_daemon_commands(sub: Any) -> None:
+    p = sub.add_parser("run", help="run the daemon (what the systemd unit starts)")
+    p.add_argument("--config", default=str(DEFAULT_PATH), help=f"default {DEFAULT_PATH}")
+    p.set_defaults(func=cmd_run)
+    p = sub.add_parser("check-config", help="check a configuration file; explain the first error")
+    p.add_argument("path", nargs="?", default=str(DEFAULT_PATH))
+    p.set_defaults(func=cmd_check_config)
+    p = sub.add_parser("status", help="the running daemon's state, over its unix socket")
+    p.add_argument("--config", default=str(DEFAULT_PATH), help="to find the socket")
+    p.add_argument("--socket", help="the status socket (overrides --config)")
+    p.add_argument("--json", action="store_true")
+    p.add_argument("--timeout", type=float, default=5.0)
+    p.set_defaults(func=cmd_status)

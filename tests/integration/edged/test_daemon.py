@@ -1,0 +1,280 @@
+"""The daemon as systemd runs it: a real `edged run` process, real notify socket, real model,
+real SQLite files, real Mosquitto; signals are real signals."""
+
+from __future__ import annotations
+
+import io
+import json
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+from paho.mqtt import publish
+
+from tests.support.daemon import DaemonProcess, render_toml
+from tests.support.subscriber import MqttSubscriber
+
+ROOT = Path(__file__).resolve().parents[3]
+
+
+@pytest.fixture
+def digits(digits_build) -> tuple[Path, Path]:
+    """The digits bundle and its held-out stream (360 samples, uint8 8x8x1)."""
+    out, report = digits_build
+    return out / report.bundle, out / "digits-test.npz"
+
+
+@pytest.fixture
+def short_dir() -> Any:
+    """A directory with a short path for unix sockets (107-byte limit)."""
+    with tempfile.TemporaryDirectory(prefix="edged-") as d:
+        yield Path(d)
+
+
+def config(
+    tmp_path: Path, short_dir: Path, bundle: Path, *, sources: list[dict[str, Any]], **extra: Any
+) -> Path:
+    body: dict[str, Any] = {
+        "device": {"state_dir": str(tmp_path / "state"), "model": str(bundle)},
+        "source": sources,
+        "uplink": {"enabled": False},
+        "outbox": {"min_free_mb": 0},
+        "status": {"socket": str(short_dir / "status.sock")},
+        "telemetry": {"interval_s": 1},
+        **extra,
+    }
+    path = tmp_path / "edged.toml"
+    path.write_text(render_toml(body))
+    return path
+
+
+def npy(array: np.ndarray) -> bytes:
+    buffer = io.BytesIO()
+    np.save(buffer, array, allow_pickle=False)
+    return buffer.getvalue()
+
+
+def test_ready_status_watchdog_and_clean_stop(tmp_path, short_dir, digits) -> None:
+    """READY=1 only after the first inference, STATUS= names the model, WATCHDOG=1 keeps
+    coming, `edged status` answers over the socket, and SIGTERM exits 0 after STOPPING=1."""
+    bundle, data = digits
+    path = config(
+        tmp_path,
+        short_dir,
+        bundle,
+        sources=[{"kind": "replay", "name": "digits", "path": str(data), "rate_hz": 100}],
+    )
+    with DaemonProcess(path, tmp_path, watchdog_s=1.0) as daemon:
+        daemon.wait_ready()
+        ready = daemon.notified("READY=1")
+        assert any("model digits-cnn 1.0.0" in line for line in daemon.notified("STATUS="))
+        assert ready
+        daemon.wait_for(lambda: len(daemon.notified("WATCHDOG=1")) >= 3, 10, "watchdog pings")
+        status = daemon.status()
+        assert status["model"] == {"name": "digits-cnn", "version": "1.0.0"}
+        assert status["state"] == "running"
+        assert status["counts"]["inferred"] > 0
+        assert status["latency_ms"]["p99_ms"] is not None
+        assert daemon.terminate() == 0
+        assert daemon.notified("STOPPING=1")
+        assert "event=stopped" in daemon.log()
+
+
+def test_a_stuck_loop_stops_the_watchdog(tmp_path, short_dir, digits) -> None:
+    """A result consumer that blocks the event loop for 3 s stops WATCHDOG=1 for that long,
+    so systemd (WatchdogSec) would restart the daemon; afterwards the pings resume."""
+    bundle, data = digits
+    path = config(
+        tmp_path,
+        short_dir,
+        bundle,
+        sources=[{"kind": "replay", "name": "digits", "path": str(data), "rate_hz": 50}],
+        plugins=["tests.support.plugins:block_loop_once"],
+    )
+    env = {"PYTHONPATH": str(ROOT), "EDGED_TEST_BLOCK_AT": "60", "EDGED_TEST_BLOCK_S": "3"}
+    with DaemonProcess(path, tmp_path, watchdog_s=0.5, env=env) as daemon:
+        daemon.wait_ready()
+        daemon.wait_for(lambda: "event=blocking" in daemon.log(), 20, "the plug-in to block")
+        daemon.wait_for(lambda: "event=unblocked" in daemon.log(), 20, "the plug-in to return")
+        daemon.wait_for(lambda: len(daemon.notified("WATCHDOG=1")) > 0, 5, "pings")
+        times = [t for t, line in daemon.notifications if line == "WATCHDOG=1"]
+        gaps = np.diff(times)
+        assert gaps.max() >= 2.5  # silent while blocked
+        assert np.median(gaps) < 0.5  # regular otherwise
+        assert daemon.terminate() == 0
+
+
+def test_spool_files_are_removed_once_processed_and_bad_ones_set_aside(
+    tmp_path, short_dir, digits
+) -> None:
+    """Dropped .npy files (one sample or a batch) are inferred and then deleted; a garbage
+    file and a wrong-shape file go to rejected/, are counted, and the daemon keeps serving."""
+    bundle, data = digits
+    spool = tmp_path / "spool"
+    spool.mkdir()
+    x = np.load(data)["x"]
+    path = config(
+        tmp_path,
+        short_dir,
+        bundle,
+        sources=[{"kind": "spool", "name": "drop", "path": str(spool), "poll_s": 0.05}],
+    )
+    with DaemonProcess(path, tmp_path) as daemon:
+        daemon.wait_ready()
+        for name, payload in [
+            ("a.npy", npy(x[0])),
+            ("garbage.npy", b"\x93NUMPY not really"),
+            ("batch.npy", npy(x[1:9])),
+            ("shape.npy", npy(np.zeros((5, 5), np.uint8))),
+            ("b.npy", npy(x[9])),
+        ]:
+            (spool / f".{name}.tmp").write_bytes(payload)  # write, then rename: the contract
+            (spool / f".{name}.tmp").rename(spool / name)
+        daemon.wait_for(
+            lambda: (
+                sorted(p.name for p in spool.iterdir()) == ["rejected"]
+                and len(list((spool / "rejected").iterdir())) == 2
+            ),
+            20,
+            "the spool to empty",
+        )
+        status = daemon.status()
+        assert status["counts"]["inferred"] == 10
+        assert status["bad_input"] == {"unreadable": 1, "wrong_shape": 1}
+        assert sorted(p.name for p in (spool / "rejected").iterdir()) == [
+            "garbage.npy",
+            "shape.npy",
+        ]
+        assert daemon.terminate() == 0
+    assert "kind=unreadable" in daemon.log()
+
+
+def test_mqtt_source_results_and_garbage(tmp_path, short_dir, digits, mosquitto) -> None:
+    """Samples published on a local topic come back as results on the results topic, in
+    milliseconds, whatever the uplink does (here it points at a dead port); garbage and float
+    samples for the uint8 model are counted and skipped."""
+    bundle, data = digits
+    x, y = np.load(data)["x"], np.load(data)["y"]
+    topic = f"test/{tmp_path.name}/camera"
+    results = f"test/{tmp_path.name}/results"
+    path = config(
+        tmp_path,
+        short_dir,
+        bundle,
+        sources=[{"kind": "mqtt", "name": "camera", "topic": topic}],
+        local_mqtt={"host": mosquitto.host, "port": mosquitto.port, "results_topic": results},
+        uplink={"enabled": True, "host": "127.0.0.1", "port": 9},  # nothing listens there
+    )
+    with (
+        DaemonProcess(path, tmp_path) as daemon,
+        MqttSubscriber(mosquitto.host, mosquitto.port, results) as sub,
+    ):
+        daemon.wait_ready()
+        daemon.wait_for(lambda: daemon.status()["local_bus"]["connected"], 10, "local bus")
+
+        messages = [{"topic": topic, "payload": npy(x[i]), "qos": 1} for i in range(50)]
+        messages.insert(10, {"topic": topic, "payload": b"\x00garbage", "qos": 1})
+        messages.insert(20, {"topic": topic, "payload": npy(x[:4].astype(np.float32)), "qos": 1})
+        publish.multiple(messages, hostname=mosquitto.host, port=mosquitto.port)
+        sub.wait_for(lambda msgs: len(msgs) >= 50)
+        decoded = [json.loads(m.payload) for m in sub.messages]
+        assert all(r["source"] == "camera" for r in decoded)
+        top1 = [r["top1"] for r in decoded if r["ref"] == topic]
+        assert np.mean(np.asarray(top1[:10]) == y[:10]) >= 0.9
+        assert np.median([r["latency_ms"] for r in decoded]) < 50
+        status = daemon.status()
+        assert status["bad_input"] == {"unreadable": 1, "wrong_dtype": 4}
+        assert status["counts"]["inferred"] == 50
+        assert status["uplink"]["state"] != "connected"
+        assert daemon.terminate() == 0
+
+
+def test_sighup_reloads_without_dropping_samples(tmp_path, short_dir, digits) -> None:
+    """SIGHUP with a stricter threshold applies it in place (RELOADING=1 then READY=1) and
+    every replayed sample is still processed once; a broken file on SIGHUP is refused with
+    one sentence and the daemon keeps its old configuration."""
+    bundle, data = digits
+    sources = [{"kind": "replay", "name": "digits", "path": str(data), "rate_hz": 120}]
+    path = config(tmp_path, short_dir, bundle, sources=sources)
+    with DaemonProcess(path, tmp_path) as daemon:
+        daemon.wait_ready()
+        daemon.wait_for(lambda: daemon.status()["counts"]["inferred"] >= 60, 20, "samples")
+        path.write_text(path.read_text() + "\n[gating]\nthreshold = 1.0\n")
+        daemon.signal(signal.SIGHUP)
+        daemon.wait_for(lambda: "event=reloaded" in daemon.log(), 10, "reload")
+        assert daemon.notified("RELOADING=1")
+        before = daemon.status()
+        daemon.wait_for(lambda: daemon.status()["counts"]["inferred"] == 360, 20, "the end")
+        after = daemon.status()
+        # about 5 % are uncertain at the bundle's derived threshold; at 1.0 nearly all are
+        # (an int8 model's softmax can round its surest answers to exactly 1.0)
+        assert before["gating"]["uncertain"] < 0.2 * before["counts"]["inferred"]
+        new = after["counts"]["inferred"] - before["counts"]["inferred"]
+        assert after["gating"]["uncertain"] - before["gating"]["uncertain"] > 0.5 * new
+        path.write_text(path.read_text() + "\n[pipeline]\nqueue_size = -1\n")
+        daemon.signal(signal.SIGHUP)
+        daemon.wait_for(lambda: "event=reload_refused" in daemon.log(), 10, "the refusal")
+        assert "pipeline.queue_size: expected `int` >= 1" in daemon.log()
+        assert daemon.status()["state"] == "running"
+        assert after["counts"]["received"] == after["counts"]["inferred"] == 360
+        assert daemon.terminate() == 0
+
+
+def test_sigterm_drains_and_replay_resumes(tmp_path, short_dir, digits) -> None:
+    """SIGTERM mid-stream exits 0 within the drain bound; the next start resumes the replay
+    at its bookmark, so the two runs together process every sample."""
+    bundle, data = digits
+    sources = [{"kind": "replay", "name": "digits", "path": str(data), "rate_hz": 150}]
+    path = config(tmp_path, short_dir, bundle, sources=sources)
+    with DaemonProcess(path, tmp_path) as first:
+        first.wait_ready()
+        first.wait_for(lambda: first.status()["counts"]["inferred"] >= 100, 20, "samples")
+        started = time.monotonic()
+        assert first.terminate() == 0
+        assert time.monotonic() - started < 10
+    done_first = int(first.log().split("event=stopped inferred=")[1].split()[0])
+    with DaemonProcess(path, tmp_path) as second:
+        second.wait_ready()
+        second.wait_for(lambda: "reached the end" in second.log(), 20, "the replay to finish")
+        done_second = second.status()["counts"]["inferred"]
+        assert second.terminate() == 0
+    assert 100 <= done_first < 360
+    assert done_first + done_second == 360
+
+
+def test_check_config_explains_the_first_error(tmp_path) -> None:
+    """`edged check-config` exits 2 with one sentence naming the key, and 0 on a valid file."""
+    cases = {
+        "[pipeline]\nqueue_size = 0\n": "pipeline.queue_size: expected `int` >= 1",
+        "[drift]\nwindw = 3\n": "drift: unknown key `windw`",
+        "[gating]\nscore = 'vibes'\n": "gating.score: invalid enum value 'vibes'",
+        "[[source]]\nkind = 'usb'\nname = 'x'\n": "source[0].kind: invalid value 'usb'",
+        "[[source]]\nkind = 'mqtt'\nname = 'cam'\ntopic = 'x'\n": "needs a [local_mqtt] section",
+        "[device\n": "is not valid TOML",
+    }
+    for text, expected in cases.items():
+        path = tmp_path / "bad.toml"
+        path.write_text(text)
+        result = subprocess.run(
+            [sys.executable, "-m", "edged.cli", "check-config", str(path)],
+            capture_output=True,
+            text=True,
+            check=False,
+        )
+        assert result.returncode == 2, text
+        assert expected in result.stderr, (text, result.stderr)
+        assert result.stderr.count("\n") == 1
+    (tmp_path / "good.toml").write_text("[engine]\nthreads = 2\n")
+    result = subprocess.run(
+        [sys.executable, "-m", "edged.cli", "check-config", str(tmp_path / "good.toml")],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    assert result.returncode == 0 and "valid" in result.stdout
