@@ -131,6 +131,7 @@ class UplinkSection(_Section, frozen=True):
     key_file: Path | None = None
     bytes_per_s: Positive | None = None
     bytes_per_day: Annotated[int, Meta(gt=0)] | None = None
+    stop_grace_s: Annotated[float, Meta(ge=0, le=60)] = 3.0  # send what is queued at a stop
 
 
 class OutboxSection(_Section, frozen=True):

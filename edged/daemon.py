@@ -242,12 +242,22 @@ class Daemon:
             log_event(log, "warning", "drain_timeout", left=self.pipeline.depth)
         await self._send_telemetry()
         await self.outbox.flush()
+        await self._last_uploads()
         for task in background:
             task.cancel()
         await asyncio.gather(*background, return_exceptions=True)
         if self.bus is not None:
             await self.bus.close()
         log_event(log, "info", "stopped", inferred=self.pipeline.counts.inferred)
+
+    async def _last_uploads(self) -> None:
+        """While connected, give the uplink `stop_grace_s` to send what is queued; anything
+        left waits in the outbox for the next start."""
+        if self.uplink is None or not self.uplink.connected.is_set():
+            return
+        deadline = time.monotonic() + self.config.uplink.stop_grace_s
+        while self.outbox.stats().depth and time.monotonic() < deadline:
+            await asyncio.sleep(0.05)
 
     # -- reload -----------------------------------------------------------------------------
 

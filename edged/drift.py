@@ -11,7 +11,8 @@
   reference mean.
 
 Windows slide by `hop` samples and keep running sums only (no samples are stored). Each
-kind alarms once, then re-arms when its score falls below `rearm_ratio` times its threshold.
+kind alarms once, then re-arms when its score falls below `rearm_ratio` times its threshold
+(the CUSUM only once its statistic is back at zero: it wanders too much to re-arm earlier).
 docs/drift.md has the formulas, the defaults and the detection delays measured on real data.
 """
 
@@ -223,12 +224,12 @@ class DriftMonitor:
     def _cusum(self, bins: list[int], alarms: list[DriftAlarm]) -> None:
         """S = min(ceiling, max(0, S + step[bin of c])) for each sample in turn."""
         threshold = self.config.cusum_threshold
-        ceiling, rearm = CUSUM_CEILING * threshold, self.config.rearm_ratio * threshold
+        ceiling = CUSUM_CEILING * threshold
         stat, active = self.scores["confidence_cusum"], self.active["confidence_cusum"]
         steps = self._cusum_steps
         for seen, b in enumerate(bins, start=1):
             stat = min(ceiling, max(0.0, stat + steps[b]))
-            if active and stat < rearm:
+            if active and stat == 0.0:  # back in control, not a dip in a lasting drift
                 active = False
             elif not active and stat >= threshold:
                 active = True

@@ -3,17 +3,21 @@ from it and every result is published back on it, whatever the state of the upli
 
 One paho connection with a persistent session. Input topics are read with QoS 1 and manual
 acknowledgement: a message is acknowledged only once its samples are settled, so a stop or a
-crash means redelivery, not loss. The session's Receive Maximum bounds how many unacknowledged
-messages the broker sends at once, which is the backpressure: beyond it the broker holds them.
-paho's thread only hands messages to the event loop; its own reconnect covers a local broker
-restart (the subscription lives in the session).
+crash means redelivery, not loss. Backpressure: when a source's queue is full, paho's network
+thread waits for room before it reads on, so TCP flow control leaves the messages with the
+broker (within its max_queued_messages). The session also asks for a Receive Maximum, but
+Mosquitto 2.0.11 releases a whole window per PUBACK, so that alone does not bound anything.
+paho's thread does nothing else with a message than hand it to the event loop; its own
+reconnect covers a local broker restart (the subscription lives in the session).
 """
 
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import functools
 import logging
+import threading
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -57,15 +61,9 @@ class MqttSource:
         self._queue: asyncio.Queue[_Message] = asyncio.Queue(queue_size)
         self._ack: Callable[[int, int], None] = lambda _mid, _qos: None
 
-    def offer(self, message: _Message) -> bool:
-        """From the bus, on the loop. QoS 1 never overflows (the broker keeps within Receive
-        Maximum); QoS 0 beyond the queue is dropped and counted."""
-        try:
-            self._queue.put_nowait(message)
-        except asyncio.QueueFull:
-            self._reject(self.name, "overflow", f"QoS 0 message on {message.topic} dropped")
-            return False
-        return True
+    async def offer(self, message: _Message) -> None:
+        """From the bus, on the loop: waits while the queue is full."""
+        await self._queue.put(message)
 
     async def run(self, submit: Submit) -> None:
         while True:
@@ -101,6 +99,7 @@ class LocalBus:
         self._sources = sources
         self._loop = asyncio.get_running_loop()
         self.connected = asyncio.Event()
+        self._closing = threading.Event()
         self.published = 0
         self.unpublished = 0
         client = paho.Client(
@@ -151,6 +150,7 @@ class LocalBus:
             self.unpublished += 1
 
     async def close(self) -> None:
+        self._closing.set()
         self._client.disconnect()
         await asyncio.to_thread(self._client.loop_stop)
 
@@ -168,16 +168,25 @@ class LocalBus:
         self._loop.call_soon_threadsafe(self.connected.clear)
 
     def _on_message(self, _c: paho.Client, _u: Any, message: paho.MQTTMessage) -> None:
+        """Blocks paho's thread until the message is queued: the backpressure."""
         item = _Message(message.topic, bytes(message.payload), message.mid, message.qos)
-        self._loop.call_soon_threadsafe(self._route, item)
+        if self._closing.is_set():
+            return  # unacknowledged: the broker delivers it again next time
+        queued = asyncio.run_coroutine_threadsafe(self._route(item), self._loop)
+        while not self._closing.is_set():
+            try:
+                queued.result(timeout=0.25)
+                return
+            except concurrent.futures.TimeoutError:
+                continue
+        queued.cancel()
 
     # -- the loop ---------------------------------------------------------------------------
 
-    def _route(self, message: _Message) -> None:
+    async def _route(self, message: _Message) -> None:
         for source in self._sources:
             if paho.topic_matches_sub(source.config.topic, message.topic):
-                if not source.offer(message):
-                    self._acknowledge(message.mid, message.qos)
+                await source.offer(message)
                 return
         self._acknowledge(message.mid, message.qos)
 

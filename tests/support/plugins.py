@@ -25,3 +25,13 @@ def block_loop_once() -> Callable[[Any], None]:
             log_event(log, "warning", "unblocked")
 
     return sink
+
+
+def slow_consumer() -> Callable[[Any], None]:
+    """Takes EDGED_TEST_SLEEP_S per result: a pipeline slower than its input."""
+    seconds = float(os.environ["EDGED_TEST_SLEEP_S"])
+
+    def sink(_result: Any) -> None:
+        time.sleep(seconds)
+
+    return sink

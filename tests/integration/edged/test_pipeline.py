@@ -1,0 +1,70 @@
+"""The pipeline in-process with a real model, a real outbox and a real sample store."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from pathlib import Path
+
+import numpy as np
+
+from edged.drift import DriftConfig
+from edged.engine import Engine
+from edged.gating import GatingConfig
+from edged.logs import RateLimitedLog
+from edged.outbox import Outbox, OutboxConfig
+from edged.pipeline import Pipeline, Result
+from edged.sample_store import SampleStore
+from edged.sources import Sample
+
+
+async def test_backpressure_bounds_the_queue_and_every_sample_settles(
+    tmp_path: Path, digits_build
+) -> None:
+    """A source faster than inference waits at a queue of 4: the queue never grows past it,
+    every sample is settled once, and each kept sample is in the store and the outbox."""
+    out, report = digits_build
+    engine = Engine.from_file(out / report.bundle)
+    x = np.load(out / "digits-test.npz")["x"]
+    results: list[Result] = []
+    settled: dict[str, list[str | None]] = {}
+    async with (
+        Outbox(OutboxConfig(tmp_path / "outbox.db", min_free_bytes=0)) as outbox,
+        SampleStore(tmp_path / "samples.db") as store,
+    ):
+        pipeline = Pipeline(
+            engine,
+            gating=GatingConfig(threshold=0.99),
+            drift=DriftConfig(),
+            outbox=outbox,
+            store=store,
+            queue_size=4,
+            max_pending_writes=8,
+            sinks=[results.append],
+            bad_input=RateLimitedLog(logging.getLogger("test")),
+            seed=1,
+        )
+        runner = asyncio.create_task(pipeline.run())
+        depths: list[int] = []
+
+        def settle_of(ref: str):
+            return lambda problem: settled.setdefault(ref, []).append(problem)
+
+        for i, sample in enumerate(x):
+            await pipeline.submit(Sample("fast", str(i), sample, settle_of(str(i))))
+            depths.append(pipeline.depth)
+        await pipeline.drain()
+        runner.cancel()
+        pipeline.close()
+        stats = outbox.stats()
+        assert max(depths) <= 4
+        assert settled == {str(i): [None] for i in range(len(x))}
+        assert len(results) == len(x)
+        assert pipeline.counts.batches < len(x)  # waiting samples were batched
+        kept = [r for r in results if r.sample_id is not None]
+        assert pipeline.counts.kept == store.count > 0
+        assert stats.by_class["sample"].enqueued == pipeline.counts.uploaded
+        stored = await store.get(kept[0].sample_id or "")
+        assert stored is not None
+        np.testing.assert_array_equal(stored.input, x[int(kept[0].ref)])
+        assert stored.probabilities.shape == (10,)
