@@ -76,14 +76,15 @@ class MqttSourceConfig(_Section, frozen=True, tag="mqtt", tag_field="kind"):
 
     name: Name
     topic: str
-    format: Literal["npy", "raw", "cbor"] = "npy"
+    format: Literal["npy", "raw", "cbor", "image"] = "npy"
     qos: Literal[0, 1] = 1
     max_bytes: Annotated[int, Meta(ge=1, le=64 * MIB)] = 4 * MIB
 
 
 class SpoolSourceConfig(_Section, frozen=True, tag="spool", tag_field="kind"):
-    """Files dropped into `path` (write, then rename: names starting with '.' or ending in
-    .tmp/.part are not read yet); removed once processed, moved to `rejected/` when bad."""
+    """.npy or image files dropped into `path` (write, then rename: names starting with '.' or
+    ending in .tmp/.part are not read yet); removed once processed, moved to `rejected/` when
+    bad."""
 
     name: Name
     path: Path

@@ -14,6 +14,7 @@ bookmark. The firmware bridge plugs in as one more source with the same interfac
 from __future__ import annotations
 
 import asyncio
+import io
 import logging
 import os
 import time
@@ -88,8 +89,11 @@ def decode_payload(
 ) -> npt.NDArray[Any]:
     """Bytes as a batch of samples [n, *sample_shape]. Formats: `npy` (one sample or a batch),
     `raw` (exactly one sample of the model's input dtype), `cbor` ({"data": bytes, "dtype",
-    "shape"})."""
-    if fmt == "npy":
+    "shape"}), `image` (PNG, JPEG, BMP, PNM through Pillow, as uint8 grey or RGB by the
+    model's channel count; not resized)."""
+    if fmt == "image":
+        array = _from_image(data, sample_shape, what)
+    elif fmt == "npy":
         try:
             array = load_npy(data, what)
         except FormatError as exc:
@@ -114,6 +118,23 @@ def decode_payload(
         f"{what} has shape {list(array.shape)}; the model takes {list(sample_shape)} "
         "or a batch of them",
     )
+
+
+def _from_image(data: bytes, sample_shape: tuple[int, ...], what: str) -> npt.NDArray[Any]:
+    try:
+        from PIL import Image, UnidentifiedImageError
+    except ImportError as exc:
+        raise BadPayload(
+            "unreadable", f"{what} is an image and Pillow is not installed (edged[images])"
+        ) from exc
+    channels = sample_shape[-1] if len(sample_shape) == 3 else 1
+    try:
+        with Image.open(io.BytesIO(data)) as image:
+            image.load()
+            pixels = np.asarray(image.convert("RGB" if channels == 3 else "L"))
+    except (UnidentifiedImageError, OSError, ValueError, Image.DecompressionBombError) as exc:
+        raise BadPayload("unreadable", f"{what} is not a readable image ({exc})") from exc
+    return pixels.reshape(*pixels.shape[:2], channels) if len(sample_shape) == 3 else pixels
 
 
 def _from_cbor(data: bytes, what: str) -> npt.NDArray[Any]:
@@ -190,11 +211,14 @@ class ReplaySource:
 
 
 IGNORED_SUFFIXES = (".tmp", ".part")
+FORMAT_OF_SUFFIX = {".npy": "npy"} | dict.fromkeys(
+    (".png", ".jpg", ".jpeg", ".bmp", ".pgm", ".ppm"), "image"
+)
 
 
 class SpoolSource:
-    """Polls a directory for .npy files. A file leaves the directory only once every sample in
-    it is settled: deleted when all were processed, moved to `rejected/` otherwise."""
+    """Polls a directory for .npy and image files. A file leaves the directory only once every
+    sample in it is settled: deleted when all were processed, moved to `rejected/` otherwise."""
 
     def __init__(
         self,
@@ -251,9 +275,10 @@ class SpoolSource:
             raise BadPayload(
                 "too_large", f"{path.name} is {size} bytes, over the {self.config.max_bytes} bound"
             )
-        if path.suffix != ".npy":
-            raise BadPayload("unreadable", f"{path.name} is not a .npy file")
-        return decode_payload(path.read_bytes(), "npy", self._shape, self._dtype, path.name)
+        fmt = FORMAT_OF_SUFFIX.get(path.suffix.lower())
+        if fmt is None:
+            raise BadPayload("unreadable", f"{path.name} is neither .npy nor an image file")
+        return decode_payload(path.read_bytes(), fmt, self._shape, self._dtype, path.name)
 
     def _finish(self, path: Path, any_refused: bool) -> None:
         self._in_flight.discard(path.name)

@@ -69,13 +69,15 @@ class Bundle:
 
     @property
     def canary_inputs(self) -> npt.NDArray[np.generic]:
-        return load_npy(self.members[self.manifest.canaries.member], "canaries")
+        return load_npy(self.members[self.manifest.canaries.member], "bundle canaries member")
 
     def head_weights(self) -> tuple[npt.NDArray[np.float32], npt.NDArray[np.float32]] | None:
         """The float classifier head as (weight [classes, embedding], bias [classes])."""
         if self.manifest.head is None:
             return None
-        arrays = load_npz(self.members[self.manifest.head.member], "head", ("weight", "bias"))
+        arrays = load_npz(
+            self.members[self.manifest.head.member], "bundle head member", ("weight", "bias")
+        )
         return arrays["weight"].astype(np.float32), arrays["bias"].astype(np.float32)
 
     @property
@@ -262,13 +264,13 @@ def load_npy(data: bytes, what: str) -> npt.NDArray[np.generic]:
         else:
             raise ValueError(f"unsupported .npy version {version}")
     except (ValueError, OSError, EOFError, SyntaxError) as exc:
-        raise BundleError(f"bundle {what} member is not a readable .npy array ({exc})") from exc
+        raise BundleError(f"{what} is not a readable .npy array ({exc})") from exc
     if dtype.hasobject:
-        raise BundleError(f"bundle {what} member holds Python objects, not numbers")
+        raise BundleError(f"{what} holds Python objects, not numbers")
     expected = math.prod(shape) * dtype.itemsize
     if expected != len(data) - stream.tell():
         raise BundleError(
-            f"bundle {what} member declares shape {list(shape)} of {dtype} ({expected} bytes) "
+            f"{what} declares shape {list(shape)} of {dtype} ({expected} bytes) "
             f"but holds {len(data) - stream.tell()}"
         )
     array = np.frombuffer(data, dtype=dtype, offset=stream.tell()).reshape(
@@ -285,12 +287,10 @@ def load_npz(data: bytes, what: str, names: tuple[str, ...]) -> dict[str, npt.ND
             infos = {info.filename: info for info in archive.infolist()}
             wanted = {f"{name}.npy" for name in names}
             if set(infos) != wanted:
-                raise BundleError(
-                    f"bundle {what} member must hold exactly {', '.join(sorted(wanted))}"
-                )
+                raise BundleError(f"{what} must hold exactly {', '.join(sorted(wanted))}")
             total = sum(info.file_size for info in infos.values())
             if total > 64 * len(data) + 4096:
-                raise BundleError(f"bundle {what} member expands to {total} bytes: refused")
+                raise BundleError(f"{what} expands to {total} bytes: refused")
             return {name: load_npy(archive.read(f"{name}.npy"), what) for name in names}
     except (zipfile.BadZipFile, zipfile.LargeZipFile, ValueError, OSError, EOFError) as exc:
-        raise BundleError(f"bundle {what} member is not a readable .npz ({exc})") from exc
+        raise BundleError(f"{what} is not a readable .npz ({exc})") from exc

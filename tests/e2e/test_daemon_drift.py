@@ -137,6 +137,10 @@ def test_drift_gating_budgets_and_restart(tmp_path, short_dir, digits_build, mos
     samples = channels["samples"]
     assert len(samples) == sum(body["counts"]["uploaded"] for body in finals.values())
     assert all(len(r.body["input"]) == 64 for r in samples.values())
+    assert all(len(r.body["embedding"]) > 0 for r in samples.values())  # for fine-tuning
+    for body in finals.values():  # health telemetry rides along
+        assert body["health"]["proc_rss_mb"] > 0 and body["health"]["disk_free_mb"] > 0
+        assert body["latency_ms"]["p99_ms"] > 0
     assert len({r.body["id"] for r in samples.values()}) == len(samples)
 
     # drift: a durable event within the documented number of samples after the injection,

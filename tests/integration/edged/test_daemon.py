@@ -76,6 +76,20 @@ def test_ready_status_watchdog_and_clean_stop(tmp_path, short_dir, digits) -> No
         assert any("model digits-cnn 1.0.0" in line for line in daemon.notified("STATUS="))
         assert ready
         daemon.wait_for(lambda: len(daemon.notified("WATCHDOG=1")) >= 3, 10, "watchdog pings")
+        shown = subprocess.run(
+            [
+                sys.executable,
+                "-m",
+                "edged.cli",
+                "status",
+                "--socket",
+                str(short_dir / "status.sock"),
+            ],
+            capture_output=True,
+            text=True,
+            check=True,
+        ).stdout
+        assert "model    digits-cnn 1.0.0" in shown and "outbox   depth" in shown
         status = daemon.status()
         assert status["model"] == {"name": "digits-cnn", "version": "1.0.0"}
         assert status["state"] == "running"
@@ -113,41 +127,56 @@ def test_a_stuck_loop_stops_the_watchdog(tmp_path, short_dir, digits) -> None:
 def test_spool_files_are_removed_once_processed_and_bad_ones_set_aside(
     tmp_path, short_dir, digits
 ) -> None:
-    """Dropped .npy files (one sample or a batch) are inferred and then deleted; a garbage
-    file and a wrong-shape file go to rejected/, are counted, and the daemon keeps serving."""
+    """Dropped .npy and image files (one sample or a batch) are inferred and then deleted,
+    from two spool sources at once; garbage, a broken JPEG and a wrong-shape file go to
+    rejected/, are counted, and the daemon keeps serving."""
+    from PIL import Image
+
     bundle, data = digits
-    spool = tmp_path / "spool"
+    spool, other = tmp_path / "spool", tmp_path / "other"
     spool.mkdir()
+    other.mkdir()
     x = np.load(data)["x"]
     path = config(
         tmp_path,
         short_dir,
         bundle,
-        sources=[{"kind": "spool", "name": "drop", "path": str(spool), "poll_s": 0.05}],
+        sources=[
+            {"kind": "spool", "name": "drop", "path": str(spool), "poll_s": 0.05},
+            {"kind": "spool", "name": "other", "path": str(other), "poll_s": 0.05},
+        ],
     )
+    picture = io.BytesIO()
+    Image.fromarray(x[10, :, :, 0], "L").save(picture, format="PNG")
     with DaemonProcess(path, tmp_path) as daemon:
         daemon.wait_ready()
+        (other / ".c.npy.tmp").write_bytes(npy(x[11]))
+        (other / ".c.npy.tmp").rename(other / "c.npy")
         for name, payload in [
             ("a.npy", npy(x[0])),
             ("garbage.npy", b"\x93NUMPY not really"),
             ("batch.npy", npy(x[1:9])),
             ("shape.npy", npy(np.zeros((5, 5), np.uint8))),
             ("b.npy", npy(x[9])),
+            ("c.png", picture.getvalue()),
+            ("broken.jpg", b"\xff\xd8\xff\xe0 not a jpeg"),
         ]:
             (spool / f".{name}.tmp").write_bytes(payload)  # write, then rename: the contract
             (spool / f".{name}.tmp").rename(spool / name)
         daemon.wait_for(
             lambda: (
                 sorted(p.name for p in spool.iterdir()) == ["rejected"]
-                and len(list((spool / "rejected").iterdir())) == 2
+                and len(list((spool / "rejected").iterdir())) == 3
+                and sorted(p.name for p in other.iterdir()) == ["rejected"]
             ),
             20,
-            "the spool to empty",
+            "the spools to empty",
         )
         status = daemon.status()
-        assert status["counts"]["inferred"] == 10
-        assert status["bad_input"] == {"unreadable": 1, "wrong_shape": 1}
+        assert status["counts"]["inferred"] == 12
+        assert status["bad_input"] == {"unreadable": 2, "wrong_shape": 1}
         assert sorted(p.name for p in (spool / "rejected").iterdir()) == [
+            "broken.jpg",
             "garbage.npy",
             "shape.npy",
         ]

@@ -117,3 +117,29 @@ async def test_replay_refuses_a_missing_array(tmp_path: Path) -> None:
 
     with pytest.raises(BadPayload, match="has no array 'x'"):
         await ReplaySource(ReplaySourceConfig(name="d", path=path), Bookmarks()).run(submit)
+
+
+def png(array: np.ndarray, mode: str) -> bytes:
+    from PIL import Image
+
+    buffer = io.BytesIO()
+    Image.fromarray(array, mode).save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+def test_images_decode_as_grey_or_rgb_by_the_models_channels() -> None:
+    """A PNG becomes uint8 pixels with the model's channel count; wrong sizes and garbage
+    are refused, not resized or guessed."""
+    grey = np.arange(64, dtype=np.uint8).reshape(8, 8)
+    decoded = decode_payload(png(grey, "L"), "image", SHAPE, "uint8", "f.png")
+    np.testing.assert_array_equal(decoded[0, :, :, 0], grey)
+    rgb = np.zeros((8, 8, 3), np.uint8)
+    rgb[..., 1] = 200
+    decoded = decode_payload(png(rgb, "RGB"), "image", (8, 8, 3), "uint8", "f.png")
+    assert decoded.shape == (1, 8, 8, 3) and int(decoded[0, 0, 0, 1]) == 200
+    with pytest.raises(BadPayload) as caught:
+        decode_payload(png(np.zeros((9, 8), np.uint8), "L"), "image", SHAPE, "uint8", "f.png")
+    assert caught.value.kind == "wrong_shape"
+    with pytest.raises(BadPayload) as caught:
+        decode_payload(b"\xff\xd8\xff garbage", "image", SHAPE, "uint8", "f.jpg")
+    assert caught.value.kind == "unreadable" and "not a readable image" in str(caught.value)
