@@ -78,6 +78,7 @@ class Daemon:
         self.bad_input = RateLimitedLog(logging.getLogger("edged.input"))
         self._rates: collections.deque[tuple[float, int, int]] = collections.deque(maxlen=61)
         self._telemetry_sent = 0
+        self._reloads: set[asyncio.Task[None]] = set()
 
     # -- start ------------------------------------------------------------------------------
 
@@ -85,7 +86,7 @@ class Daemon:
         loop = asyncio.get_running_loop()
         for signum in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(signum, self.stopping.set)
-        loop.add_signal_handler(signal.SIGHUP, lambda: asyncio.ensure_future(self.reload()))
+        loop.add_signal_handler(signal.SIGHUP, self._reload_soon)
         cfg = self.config
         cfg.device.state_dir.mkdir(parents=True, exist_ok=True)
         self.identity = DeviceIdentity.load_or_create(cfg.device.state_dir / "device.key")
@@ -261,6 +262,11 @@ class Daemon:
 
     # -- reload -----------------------------------------------------------------------------
 
+    def _reload_soon(self) -> None:
+        task = asyncio.create_task(self.reload(), name="reload")
+        self._reloads.add(task)  # keep a reference until it is done
+        task.add_done_callback(self._reloads.discard)
+
     async def reload(self) -> None:
         """SIGHUP: re-read the file; apply gating, drift, telemetry, log and model changes in
         place. Sections that shape connections or storage take effect at the next restart."""
@@ -305,7 +311,7 @@ class Daemon:
         """Every second: rates, STATUS=, and WATCHDOG=1 while inference makes progress."""
         interval = self.notifier.watchdog_interval_s
         tick = min(1.0, interval) if interval else 1.0
-        last_status = 0.0
+        last_status = time.monotonic()  # READY=1 carried the first STATUS
         while True:
             now = time.monotonic()
             counts = self.pipeline.counts
@@ -380,7 +386,12 @@ class Daemon:
             },
             "uplink": None
             if uplink is None
-            else {"state": uplink.state, "records": uplink.records, "error": uplink.last_error},
+            else {
+                "state": uplink.state,
+                "records": uplink.records,
+                # the last failure matters while not connected; once back it is history
+                "error": "" if uplink.state == "connected" else uplink.last_error,
+            },
             "local_bus": None
             if self.bus is None
             else {"connected": self.bus.connected.is_set(), "published": self.bus.published},

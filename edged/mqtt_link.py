@@ -188,13 +188,17 @@ class MqttLink:
             self._connected.set_result(None)
 
     def _on_connect_fail(self) -> None:
-        if not self._connected.done():
-            self._connected.set_exception(
-                LinkError(
-                    f"cannot connect to {self.config.host}:{self.config.port}: the TCP connection "
-                    "or the TLS handshake failed (server certificate, client certificate or CA)"
-                )
+        if self._connected.done():
+            return
+        where = f"cannot connect to {self.config.host}:{self.config.port}"
+        if self.config.tls or self.config.ca_file:
+            problem = (
+                "the TCP connection or the TLS handshake failed "
+                "(server certificate, client certificate or CA)"
             )
+        else:
+            problem = "the TCP connection failed (nothing listening, or unreachable)"
+        self._connected.set_exception(LinkError(f"{where}: {problem}"))
 
     def _on_disconnect(self, reason: ReasonCode | str) -> None:
         self.disconnect_reason = str(reason)
