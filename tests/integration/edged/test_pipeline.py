@@ -68,3 +68,52 @@ async def test_backpressure_bounds_the_queue_and_every_sample_settles(
         assert stored is not None
         np.testing.assert_array_equal(stored.input, x[int(kept[0].ref)])
         assert stored.probabilities.shape == (10,)
+
+
+async def test_bad_samples_are_settled_with_their_kind(tmp_path: Path, tf_bundles) -> None:
+    """On a float model, NaN and wrong-shape samples are refused with their kind and counted,
+    an int sample is cast and served, and good samples around them are served."""
+    engine = Engine.from_file(tf_bundles["digits_float"])
+    shape = engine.sample_shape
+    settled: dict[str, str | None] = {}
+    bad_input = RateLimitedLog(logging.getLogger("test"))
+    async with (
+        Outbox(OutboxConfig(tmp_path / "outbox.db", min_free_bytes=0)) as outbox,
+        SampleStore(tmp_path / "samples.db") as store,
+    ):
+        pipeline = Pipeline(
+            engine,
+            gating=GatingConfig(),
+            drift=DriftConfig(),
+            outbox=outbox,
+            store=store,
+            queue_size=8,
+            max_pending_writes=8,
+            sinks=[],
+            bad_input=bad_input,
+        )
+        runner = asyncio.create_task(pipeline.run())
+        nan = np.full(shape, np.nan, np.float32)
+        samples = {
+            "good": np.zeros(shape, np.float32),
+            "nan": nan,
+            "shape": np.zeros((3, 3), np.float32),
+            "int": np.zeros(shape, np.int16),
+            "complex": np.zeros(shape, np.complex64),
+        }
+        for ref, data in samples.items():
+            await pipeline.submit(
+                Sample("t", ref, data, lambda p, ref=ref: settled.__setitem__(ref, p))
+            )
+        await pipeline.drain()
+        runner.cancel()
+        pipeline.close()
+    assert settled == {
+        "good": None,
+        "nan": "not_finite",
+        "shape": "wrong_shape",
+        "int": None,
+        "complex": "wrong_dtype",
+    }
+    assert bad_input.counts() == {"not_finite": 1, "wrong_shape": 1, "wrong_dtype": 1}
+    assert pipeline.counts.inferred == 2
