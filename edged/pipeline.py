@@ -153,7 +153,9 @@ class Pipeline:
                 f"shape {list(data.shape)} does not match the model's "
                 f"{list(self.engine.sample_shape)}"
             )
-        if data.dtype != self._dtype:
+        if data.dtype.kind in "iu" and self._dtype.kind in "iu":
+            pass  # raw integers (uint8 pixels for an int8 model): the engine's input map folds them
+        elif data.dtype != self._dtype:
             if data.dtype.kind not in "iuf" or not np.can_cast(
                 data.dtype, self._dtype, "same_kind"
             ):

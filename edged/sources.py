@@ -169,9 +169,10 @@ class ReplaySource:
     def _load(self) -> npt.NDArray[Any]:
         path, name = self.config.path, self.config.array
         try:
-            with np.load(path, allow_pickle=False) as data:
-                if not isinstance(data, np.lib.npyio.NpzFile):
-                    return np.asarray(data)
+            data = np.load(path, allow_pickle=False)
+            if not isinstance(data, np.lib.npyio.NpzFile):
+                return np.asarray(data)
+            with data:
                 if name not in data.files:
                     raise BadPayload("unreadable", f"replay file {path} has no array {name!r}")
                 return np.asarray(data[name])
