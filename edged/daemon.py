@@ -76,8 +76,7 @@ class Daemon:
         self.started = time.monotonic()
         self.state = "starting"
         self.bad_input = RateLimitedLog(logging.getLogger("edged.input"))
-        self._rates: collections.deque[tuple[float, int, int]] = collections.deque(maxlen=61)
-        self._telemetry_sent = 0
+        self._rates: collections.deque[tuple[float, int]] = collections.deque(maxlen=61)
         self._reloads: set[asyncio.Task[None]] = set()
 
     # -- start ------------------------------------------------------------------------------
@@ -315,7 +314,7 @@ class Daemon:
         while True:
             now = time.monotonic()
             counts = self.pipeline.counts
-            self._rates.append((now, counts.received, counts.inferred))
+            self._rates.append((now, counts.inferred))
             if interval is None or self.pipeline.stalled_for() < 2 * interval:
                 self.notifier.watchdog()
             if now - last_status >= 5:
@@ -326,7 +325,7 @@ class Daemon:
     def _rate(self) -> float:
         if len(self._rates) < 2:
             return 0.0
-        (t0, _, n0), (t1, _, n1) = self._rates[0], self._rates[-1]
+        (t0, n0), (t1, n1) = self._rates[0], self._rates[-1]
         return (n1 - n0) / (t1 - t0) if t1 > t0 else 0.0
 
     def _status_line(self) -> str:
@@ -347,7 +346,6 @@ class Daemon:
         body["health"] = self.probe.sample()
         try:
             await self.outbox.put("telemetry", body)
-            self._telemetry_sent += 1
         except EdgedError as exc:
             log_event(log, "warning", "telemetry_not_stored", reason=str(exc))
 

@@ -22,6 +22,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
+import numpy.typing as npt
 
 from edged.drift import DriftAlarm, DriftConfig, DriftMonitor
 from edged.engine import Engine, Prediction
@@ -112,13 +113,13 @@ class Pipeline:
         self.alarms: list[dict[str, Any]] = []
         self._rng = np.random.default_rng(seed)
         self._clock = clock
-        self._gating_config, self._drift_config = gating, drift
+        self._gating_config = gating
         self.gating_counts = GatingCounters()
         self.gate = Gate(gating, engine.manifest, engine.labels, self._rng, self.gating_counts)
         self.budget = UploadBudget(gating.budget, clock, self.gating_counts)
         self.drift = DriftMonitor(engine.manifest.reference, drift, engine.sample_shape)
         self._queue: asyncio.Queue[Sample] = asyncio.Queue(queue_size)
-        self._done: asyncio.Queue[tuple[list[Sample], Prediction | BaseException, float]]
+        self._done: asyncio.Queue[tuple[list[Sample], npt.NDArray[Any], Prediction | Exception]]
         self._done = asyncio.Queue(2)
         self._writes = asyncio.Semaphore(max_pending_writes)
         self._pending: set[asyncio.Task[None]] = set()
@@ -187,15 +188,14 @@ class Pipeline:
                 batch.append(self._queue.get_nowait())
             x = np.stack([s.data for s in batch])
             self._busy_since = self._clock()
-            started = time.perf_counter()
-            outcome: Prediction | BaseException
+            outcome: Prediction | Exception
             try:
                 outcome = await loop.run_in_executor(self._executor, self.engine.predict, x)
             except Exception as exc:  # an input the runtime refuses must not stop the loop
                 outcome = exc
             self._busy_since = None
             self.last_progress = self._clock()
-            await self._done.put((batch, outcome, time.perf_counter() - started))
+            await self._done.put((batch, x, outcome))
 
     def stalled_for(self) -> float:
         """How long the current invoke has been running (0 when idle)."""
@@ -203,19 +203,21 @@ class Pipeline:
 
     async def _post_loop(self) -> None:
         while True:
-            batch, outcome, seconds = await self._done.get()
+            batch, x, outcome = await self._done.get()
             try:
-                if isinstance(outcome, BaseException):
+                if isinstance(outcome, Exception):
                     for sample in batch:
                         self.refuse(sample.source, "inference", f"inference failed: {outcome}")
                         if sample.settle is not None:
                             sample.settle("inference")
                 else:
-                    await self._handle(batch, outcome, seconds)
+                    await self._handle(batch, x, outcome)
             finally:
                 self._done.task_done()
 
-    async def _handle(self, batch: list[Sample], prediction: Prediction, seconds: float) -> None:
+    async def _handle(
+        self, batch: list[Sample], x: npt.NDArray[Any], prediction: Prediction
+    ) -> None:
         n = len(batch)
         self.counts.inferred += n
         self.counts.batches += 1
@@ -247,11 +249,11 @@ class Pipeline:
                     sink(result)
                 except Exception as exc:  # a consumer's bug must not stop inference
                     self.refuse(sample.source, "sink", f"result consumer failed: {exc!r}")
-        for alarm in self.drift.observe(np.stack([s.data for s in batch]), prediction.confidence):
+        for alarm in self.drift.observe(x, prediction.confidence):
             self._raise_alarm(alarm, prediction.model_version)
         for i, sample in enumerate(batch):
             if i in ids:
-                await self._keep(sample, prediction, i, ids[i], verdicts[i])
+                await self._keep(sample, prediction, i, top1[i], ids[i], verdicts[i])
             elif sample.settle is not None:
                 sample.settle(None)
 
@@ -262,11 +264,16 @@ class Pipeline:
     # -- kept samples -----------------------------------------------------------------------
 
     async def _keep(
-        self, sample: Sample, prediction: Prediction, i: int, sample_id: str, verdict: int
+        self,
+        sample: Sample,
+        prediction: Prediction,
+        i: int,
+        top1: int,
+        sample_id: str,
+        verdict: int,
     ) -> None:
         embedding = None if prediction.embeddings is None else prediction.embeddings[i]
         signature = signature_of(sample.data, embedding)
-        top1 = int(np.argmax(prediction.probabilities[i]))
         refusal = self.budget.admit(top1, sample.data.nbytes, signature, audit=verdict == AUDIT)
         if refusal == "duplicate":
             if sample.settle is not None:
@@ -350,7 +357,7 @@ class Pipeline:
         self.gate = Gate(gating, manifest, labels, self._rng, self.gating_counts)
         self.budget.reconfigure(gating.budget)
         self.drift.reconfigure(drift)
-        self._gating_config, self._drift_config = gating, drift
+        self._gating_config = gating
 
     def model_swapped(self) -> None:
         """A new model: thresholds from its reference statistics, drift against them."""
