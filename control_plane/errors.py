@@ -1,12 +1,15 @@
 """Errors raised by the cloud side.
 
 ControlPlaneError        base of everything the control plane raises on purpose
-└── ToolchainError       building a model bundle failed
-    └── ConversionError  litert-torch or ai-edge-quantizer refused a model
-                         (control_plane.toolchain.convert)
+├── ToolchainError       building a model bundle failed
+│   └── ConversionError  litert-torch or ai-edge-quantizer refused a model
+│                        (control_plane.toolchain.convert)
+└── BrokerAdminError     the broker did not grant, revoke, disable or enable a device's
+                         credentials: refused, unreachable or no answer in time
+                         (control_plane.broker_admin)
 """
 
-__all__ = ["ControlPlaneError", "ToolchainError"]
+__all__ = ["BrokerAdminError", "ControlPlaneError", "ToolchainError"]
 
 
 class ControlPlaneError(Exception):
@@ -15,3 +18,7 @@ class ControlPlaneError(Exception):
 
 class ToolchainError(ControlPlaneError):
     """A model could not be built into a bundle."""
+
+
+class BrokerAdminError(ControlPlaneError):
+    """The broker's account management failed; the message names the problem."""

@@ -21,6 +21,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+import edged_formats
 from edged.budget import BudgetConfig
 from edged.config import (
     Config,
@@ -31,6 +32,7 @@ from edged.config import (
     load_config,
 )
 from edged.engine import Engine, EngineOptions, open_bundle
+from edged.enrollment import load_enrollment
 from edged.errors import EdgedError
 from edged.health import HealthProbe
 from edged.identity import DeviceIdentity
@@ -89,7 +91,14 @@ class Daemon:
         cfg = self.config
         cfg.device.state_dir.mkdir(parents=True, exist_ok=True)
         self.identity = DeviceIdentity.load_or_create(cfg.device.state_dir / "device.key")
-        self.device_id = cfg.uplink.device_id or self.identity.default_device_id()
+        self.enrollment = (
+            load_enrollment(cfg.device.state_dir) if cfg.uplink.username is None else None
+        )
+        self.device_id = (
+            cfg.uplink.device_id
+            or (self.enrollment.device_id if self.enrollment else None)
+            or self.identity.default_device_id()
+        )
         options = EngineOptions(cfg.engine.runtime, cfg.engine.threads, True, cfg.engine.max_batch)
         self.engine = await asyncio.to_thread(Engine.from_file, cfg.device.model, options)
         self.probe = HealthProbe(cfg.device.state_dir)
@@ -121,13 +130,18 @@ class Daemon:
 
     def _uplink(self, identity_key: Any) -> Uplink:
         up = self.config.uplink
+        enrolled = self.enrollment
         link = LinkConfig(
-            up.host,
-            up.port,
+            enrolled.broker_host if enrolled else up.host,
+            enrolled.broker_port if enrolled else up.port,
             client_id=self.device_id,
-            username=up.username,
-            password=_secret(up.password_file),
-            tls=up.tls,
+            username=enrolled.username if enrolled else up.username,
+            password=_secret(
+                enrolled.password_file(self.config.device.state_dir)
+                if enrolled
+                else up.password_file
+            ),
+            tls=enrolled.broker_tls if enrolled else up.tls,
             ca_file=None if up.ca_file is None else str(up.ca_file),
             cert_file=None if up.cert_file is None else str(up.cert_file),
             key_file=None if up.key_file is None else str(up.key_file),
@@ -359,6 +373,7 @@ class Daemon:
         manifest = self.engine.manifest
         return {
             "device_id": self.device_id,
+            "software_version": edged_formats.__version__,
             "state": self.state,
             "uptime_s": round(time.monotonic() - self.started, 1),
             "model": {"name": manifest.name, "version": manifest.version},

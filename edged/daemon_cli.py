@@ -89,6 +89,26 @@ def cmd_status(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_enroll(args: argparse.Namespace) -> int:
+    from edged.enrollment import enroll
+    from edged.identity import DeviceIdentity
+
+    if args.state_dir is not None:
+        state_dir = Path(args.state_dir)
+    else:
+        state_dir = load_config(Path(args.config)).device.state_dir
+    token = args.token
+    if token == "-":
+        token = sys.stdin.readline().strip()
+    identity = DeviceIdentity.load_or_create(state_dir / "device.key")
+    enrollment = enroll(args.url, token, identity, state_dir)
+    print(
+        f"enrolled as {enrollment.device_id} in group {enrollment.group}; broker "
+        f"{enrollment.broker_host}:{enrollment.broker_port}; credentials in {state_dir}"
+    )
+    return 0
+
+
 def add_daemon_commands(sub: Any) -> None:
     p = sub.add_parser("run", help="run the daemon (what the systemd unit starts)")
     p.add_argument("--config", default=str(DEFAULT_PATH), help=f"default {DEFAULT_PATH}")
@@ -102,3 +122,9 @@ def add_daemon_commands(sub: Any) -> None:
     p.add_argument("--json", action="store_true")
     p.add_argument("--timeout", type=float, default=5.0)
     p.set_defaults(func=cmd_status)
+    p = sub.add_parser("enroll", help="enrol this device with a control plane (one-time token)")
+    p.add_argument("--url", required=True, help="the control plane, e.g. https://cp.example")
+    p.add_argument("--token", required=True, help="the enrollment token ('-': read stdin)")
+    p.add_argument("--config", default=str(DEFAULT_PATH), help="to find the state directory")
+    p.add_argument("--state-dir", help="where the key and credentials live (overrides --config)")
+    p.set_defaults(func=cmd_enroll)

@@ -5,7 +5,8 @@
     ├── ModelError              a model or bundle that cannot be served (bad data)
     │   └── ModelMismatch       manifest and .tflite disagree on tensors
     ├── InputError              an input that does not fit the model (bad data from a source)
-    └── IdentityError           the device key file is unusable (permissions, length, I/O)
+    ├── IdentityError           the device key file is unusable (permissions, length, I/O)
+    └── EnrollmentError         the control plane refused enrollment or could not be reached
 
 Messages are one sentence naming the problem; bundle format errors from edged_formats are
 re-raised as ModelError with the original as the cause.
@@ -13,6 +14,7 @@ re-raised as ModelError with the original as the cause.
 
 __all__ = [
     "EdgedError",
+    "EnrollmentError",
     "IdentityError",
     "InputError",
     "ModelError",
@@ -43,3 +45,7 @@ class InputError(EdgedError):
 
 class IdentityError(EdgedError):
     """The device key file cannot be read, trusted or written."""
+
+
+class EnrollmentError(EdgedError):
+    """Enrollment with the control plane failed; the message says why."""

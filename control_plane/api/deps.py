@@ -1,0 +1,165 @@
+"""Request dependencies as `Annotated` aliases: a database session, the calling operator, the
+role a route needs (`Actor` with `Need(Role.operator)`), and the calling device.
+
+Every denial (missing role, group out of scope) is written to the audit log in its own
+transaction before the 403 goes out; successful mutations add their audit entry to the route's
+own transaction, so the change and its record commit together."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from typing import Annotated, Any
+
+from fastapi import Depends, Request
+from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
+from sqlalchemy import select
+from sqlalchemy.ext.asyncio import AsyncSession
+
+from control_plane.api.problems import Problem
+from control_plane.auth import Principal, Role, hash_secret
+from control_plane.db.models import AuditEntry, Device, OperatorToken
+from control_plane.state import ControlPlaneState
+
+__all__ = ["Actor", "Admin", "CurrentDevice", "Need", "Operator", "Session", "State", "Viewer"]
+
+_bearer = HTTPBearer(auto_error=False, description="An operator API token: `Bearer edcp_...`")
+_device_bearer = HTTPBearer(
+    auto_error=False, scheme_name="DeviceToken", description="A device API token: `eddev_...`"
+)
+_CHALLENGE = {"WWW-Authenticate": "Bearer"}
+
+
+def _state(request: Request) -> ControlPlaneState:
+    state: ControlPlaneState = request.app.state.cp
+    return state
+
+
+State = Annotated[ControlPlaneState, Depends(_state)]
+
+
+async def _session(state: State) -> AsyncIterator[AsyncSession]:
+    async with state.db.session() as session:
+        yield session
+
+
+Session = Annotated[AsyncSession, Depends(_session)]
+
+
+def _source(request: Request) -> str | None:
+    return request.client.host if request.client else None
+
+
+async def _principal(
+    state: State,
+    session: Session,
+    credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(_bearer)],
+) -> Principal:
+    if credentials is None:
+        raise Problem(
+            401,
+            "this route needs an operator API token (Authorization: Bearer)",
+            headers=_CHALLENGE,
+        )
+    token = await session.scalar(
+        select(OperatorToken).where(
+            OperatorToken.token_hash == hash_secret(credentials.credentials)
+        )
+    )
+    now = time.time()
+    if token is None or token.revoked_at is not None:
+        raise Problem(401, "the API token is unknown or revoked", headers=_CHALLENGE)
+    if token.expires_at is not None and token.expires_at <= now:
+        raise Problem(401, "the API token has expired", headers=_CHALLENGE)
+    groups = frozenset(token.groups) if token.groups is not None else None
+    return Principal(token.id, token.name, Role[token.role], groups)
+
+
+@dataclass(slots=True)
+class Actor:
+    """The authorised caller of a route, with the means to audit and to scope."""
+
+    principal: Principal
+    state: ControlPlaneState
+    source: str | None
+    route: str
+
+    def audit(self, session: AsyncSession, action: str, target: str | None, **detail: Any) -> None:
+        """Record a successful mutation in the route's own transaction."""
+        session.add(self._entry(action, target, "ok", detail))
+
+    async def deny(self, action: str, target: str | None, reason: str) -> Problem:
+        """Audit a refusal in its own transaction; the caller raises what this returns."""
+        async with self.state.db.session() as session:
+            session.add(self._entry(action, target, "denied", {"reason": reason}))
+            await session.commit()
+        self.state.metrics.denied.labels(reason="scope" if "group" in reason else "role").inc()
+        return Problem(403, reason)
+
+    async def check_group(self, action: str, group: str, target: str | None) -> None:
+        if not self.principal.reaches(group):
+            raise await self.deny(
+                action, target, f"token '{self.principal.name}' does not reach group '{group}'"
+            )
+
+    def _entry(self, action: str, target: str | None, outcome: str, detail: Any) -> AuditEntry:
+        return AuditEntry(
+            at=time.time(),
+            actor=self.principal.actor,
+            role=self.principal.role.name,
+            action=action,
+            target=target,
+            outcome=outcome,
+            source=self.source,
+            detail={"route": self.route, **detail},
+        )
+
+
+class Need:
+    """Dependency: the caller must hold at least `role`; else a 403 that is audited."""
+
+    def __init__(self, role: Role) -> None:
+        self.role = role
+
+    async def __call__(
+        self,
+        request: Request,
+        state: State,
+        principal: Annotated[Principal, Depends(_principal)],
+    ) -> Actor:
+        route = f"{request.method} {request.url.path}"
+        actor = Actor(principal, state, _source(request), route)
+        if not principal.has(self.role):
+            raise await actor.deny(
+                route,
+                None,
+                f"role '{principal.role.name}' may not do this; it needs '{self.role.name}'",
+            )
+        return actor
+
+
+Viewer = Annotated[Actor, Depends(Need(Role.viewer))]
+Operator = Annotated[Actor, Depends(Need(Role.operator))]
+Admin = Annotated[Actor, Depends(Need(Role.admin))]
+
+
+async def _device(
+    session: Session,
+    credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(_device_bearer)],
+) -> Device:
+    if credentials is None:
+        raise Problem(
+            401, "this route needs a device API token (Authorization: Bearer)", headers=_CHALLENGE
+        )
+    device = await session.scalar(
+        select(Device).where(Device.api_token_hash == hash_secret(credentials.credentials))
+    )
+    if device is None or device.status == "decommissioned":
+        raise Problem(
+            401, "the device token is unknown or its device is decommissioned", headers=_CHALLENGE
+        )
+    return device
+
+
+CurrentDevice = Annotated[Device, Depends(_device)]

@@ -1,0 +1,152 @@
+"""The device registry: list, read, tag and group, quarantine, release, decommission; and the
+device's own view of itself (device token)."""
+
+from __future__ import annotations
+
+import logging
+from typing import Annotated, Literal
+
+from fastapi import APIRouter, Query
+from sqlalchemy import String, cast, select
+
+from control_plane.api.deps import Actor, CurrentDevice, Operator, Session, State, Viewer
+from control_plane.api.problems import Problem, problems
+from control_plane.api.schemas import DevicePublic, DeviceUpdate, Page
+from control_plane.db.models import Device
+from control_plane.errors import ControlPlaneError
+
+router = APIRouter(tags=["devices"])
+log = logging.getLogger("control_plane.devices")
+Limit = Annotated[int, Query(ge=1, le=1000)]
+Status = Literal["active", "quarantined", "decommissioned"]
+
+
+def public(device: Device) -> DevicePublic:
+    return DevicePublic.model_validate(device)
+
+
+async def device_in_scope(actor: Actor, session: Session, device_id: str, action: str) -> Device:
+    """The device, if it exists and the caller's scope reaches its group (else 404 / 403)."""
+    device = await session.get(Device, device_id)
+    if device is None:
+        raise Problem(404, f"no device with id '{device_id}'")
+    await actor.check_group(action, device.group, device_id)
+    return device
+
+
+@router.get("/v1/devices", responses=problems(401, 403))
+async def list_devices(
+    actor: Viewer,
+    session: Session,
+    group: str | None = None,
+    tag: str | None = None,
+    status: Status | None = None,
+    online: bool | None = None,
+    cursor: str | None = None,
+    limit: Limit = 100,
+) -> Page[DevicePublic]:
+    """Devices the caller's scope reaches, by id; filters combine."""
+    query = select(Device).order_by(Device.id).limit(limit + 1)
+    if group is not None:
+        await actor.check_group("device.list", group, None)
+        query = query.where(Device.group == group)
+    elif actor.principal.groups is not None:
+        query = query.where(Device.group.in_(sorted(actor.principal.groups)))
+    if status is not None:
+        query = query.where(Device.status == status)
+    if online is not None:
+        query = query.where(Device.online.is_(online))
+    if tag is not None:  # tags are a JSON list of strings: match the quoted element
+        pattern = '%"' + tag.replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_") + '"%'
+        query = query.where(cast(Device.tags, String).like(pattern, escape="\\"))
+    if cursor is not None:
+        query = query.where(Device.id > cursor)
+    rows = list(await session.scalars(query))
+    more = len(rows) > limit
+    rows = rows[:limit]
+    return Page(items=[public(d) for d in rows], next_cursor=rows[-1].id if more else None)
+
+
+@router.get("/v1/devices/{device_id}", responses=problems(401, 403, 404))
+async def get_device(device_id: str, actor: Viewer, session: Session) -> DevicePublic:
+    return public(await device_in_scope(actor, session, device_id, "device.read"))
+
+
+@router.patch("/v1/devices/{device_id}", responses=problems(401, 403, 404, 409))
+async def update_device(
+    device_id: str, body: DeviceUpdate, actor: Operator, session: Session
+) -> DevicePublic:
+    """Move a device to another group or replace its tags."""
+    device = await device_in_scope(actor, session, device_id, "device.update")
+    if device.status == "decommissioned":
+        raise Problem(409, f"device '{device_id}' is decommissioned")
+    changes: dict[str, object] = {}
+    if body.group is not None and body.group != device.group:
+        await actor.check_group("device.update", body.group, device_id)
+        changes["group"] = {"from": device.group, "to": body.group}
+        device.group = body.group
+    if body.tags is not None:
+        changes["tags"] = sorted(set(body.tags))
+        device.tags = sorted(set(body.tags))
+    actor.audit(session, "device.update", device_id, **changes)
+    await session.commit()
+    return public(device)
+
+
+async def _set_status(
+    device_id: str, status: str, actor: Actor, session: Session, state: State
+) -> DevicePublic:
+    action = {
+        "quarantined": "device.quarantine",
+        "active": "device.release",
+        "decommissioned": "device.decommission",
+    }[status]
+    device = await device_in_scope(actor, session, device_id, action)
+    if device.status == "decommissioned":
+        raise Problem(409, f"device '{device_id}' is decommissioned")
+    previous = device.status
+    device.status = status
+    if status == "decommissioned":
+        device.online = False
+        try:
+            await state.broker_admin.revoke_device(device_id)
+        except ControlPlaneError as exc:
+            raise Problem(
+                502, f"the broker did not revoke the device's credentials: {exc}"
+            ) from exc
+    actor.audit(session, action, device_id, previous=previous)
+    await session.commit()
+    if state.ingest is not None:
+        state.ingest.forget(device_id)
+    return public(device)
+
+
+@router.post("/v1/devices/{device_id}/quarantine", responses=problems(401, 403, 404, 409))
+async def quarantine_device(
+    device_id: str, actor: Operator, session: Session, state: State
+) -> DevicePublic:
+    """Stop accepting the device's data: its messages are counted as refused, not stored."""
+    return await _set_status(device_id, "quarantined", actor, session, state)
+
+
+@router.post("/v1/devices/{device_id}/release", responses=problems(401, 403, 404, 409))
+async def release_device(
+    device_id: str, actor: Operator, session: Session, state: State
+) -> DevicePublic:
+    """Accept the device's data again after a quarantine."""
+    return await _set_status(device_id, "active", actor, session, state)
+
+
+@router.post("/v1/devices/{device_id}/decommission", responses=problems(401, 403, 404, 409, 502))
+async def decommission_device(
+    device_id: str, actor: Operator, session: Session, state: State
+) -> DevicePublic:
+    """Retire a device for good: its broker account is deleted (a connected session is
+    dropped), its API token stops working, and its history stays queryable."""
+    return await _set_status(device_id, "decommissioned", actor, session, state)
+
+
+@router.get("/v1/device/self", tags=["device API"], responses=problems(401))
+async def device_self(device: CurrentDevice) -> DevicePublic:
+    """What the control plane knows about the calling device (device token)."""
+    return public(device)

@@ -1,0 +1,74 @@
+"""The FastAPI application: `create_app(settings, broker_admin=..., device_broker=...,
+ingest=...)` builds it; its lifespan opens the database (refusing a schema that is not at the
+migration head), starts ingest when configured, and closes both at shutdown.
+
+Routes live in control_plane/api/ (thin: checks, one query, one commit); every route's error
+responses are declared in the OpenAPI document as `application/problem+json`."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import AsyncExitStack, asynccontextmanager
+
+from fastapi import FastAPI, Request, Response
+
+from control_plane.api import audit, devices, enrollment, ops, telemetry, tokens
+from control_plane.api.problems import install_handlers
+from control_plane.broker_admin import BrokerAdmin
+from control_plane.db.engine import Database
+from control_plane.ingest import Ingest, IngestConfig
+from control_plane.settings import Settings
+from control_plane.state import BrokerEndpoint, ControlPlaneState
+from edged_formats import __version__
+
+__all__ = ["create_app"]
+
+
+def create_app(
+    settings: Settings,
+    *,
+    broker_admin: BrokerAdmin,
+    device_broker: BrokerEndpoint,
+    ingest: IngestConfig | None = None,
+) -> FastAPI:
+    """The app; `ingest` None runs the API without consuming the broker."""
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        db = Database(settings.database_url)
+        state = ControlPlaneState(settings, db, broker_admin, device_broker)
+        app.state.cp = state
+        async with AsyncExitStack() as stack:
+            stack.push_async_callback(db.close)
+            await db.check_schema()
+            if ingest is not None:
+                state.ingest = await stack.enter_async_context(Ingest(ingest, db, state.metrics))
+            state.ready = True
+            yield
+            state.ready = False
+
+    app = FastAPI(
+        title="edged control plane",
+        version=__version__,
+        summary="Fleet API: enrollment, device registry, telemetry, audit.",
+        lifespan=lifespan,
+    )
+    install_handlers(app)
+    for module in (tokens, enrollment, devices, telemetry, audit, ops):
+        app.include_router(module.router)
+
+    @app.middleware("http")
+    async def count_requests(
+        request: Request, call_next: Callable[[Request], Awaitable[Response]]
+    ) -> Response:
+        started = time.perf_counter()
+        response = await call_next(request)
+        route = request.scope.get("route")
+        path = getattr(route, "path", "unmatched")
+        metrics = request.app.state.cp.metrics
+        metrics.requests.labels(request.method, path, str(response.status_code)).inc()
+        metrics.latency.labels(path).observe(time.perf_counter() - started)
+        return response
+
+    return app

@@ -1,0 +1,122 @@
+"""The database handle: an async engine and session factory for SQLite or PostgreSQL, the
+Alembic migrations (applied by `edged-control-plane migrate`, checked at start), and the one
+idempotent insert both ingest and the API rely on."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator, Sequence
+from contextlib import asynccontextmanager
+from pathlib import Path
+from typing import Any
+
+from alembic import command
+from alembic.config import Config as AlembicConfig
+from alembic.runtime.migration import MigrationContext
+from alembic.script import ScriptDirectory
+from sqlalchemy import Table, event
+from sqlalchemy.dialects import postgresql, sqlite
+from sqlalchemy.engine import Connection
+from sqlalchemy.exc import SQLAlchemyError
+from sqlalchemy.ext.asyncio import (
+    AsyncEngine,
+    AsyncSession,
+    async_sessionmaker,
+    create_async_engine,
+)
+
+from control_plane.errors import ControlPlaneError
+
+__all__ = ["Database", "SchemaError", "insert_ignoring_duplicates"]
+
+MIGRATIONS = Path(__file__).resolve().parent.parent / "migrations"
+
+
+class SchemaError(ControlPlaneError):
+    """The database is unreachable or its schema is not at the code's migration head."""
+
+
+def alembic_config(connection: Connection | None = None) -> AlembicConfig:
+    config = AlembicConfig()
+    config.set_main_option("script_location", str(MIGRATIONS))
+    config.attributes["connection"] = connection
+    return config
+
+
+def head_revision() -> str | None:
+    return ScriptDirectory.from_config(alembic_config()).get_current_head()
+
+
+def _sqlite_pragmas(dbapi_connection: Any, _record: Any) -> None:
+    cursor = dbapi_connection.cursor()
+    cursor.execute("PRAGMA journal_mode=WAL")
+    cursor.execute("PRAGMA synchronous=NORMAL")
+    cursor.execute("PRAGMA busy_timeout=10000")
+    cursor.close()
+
+
+class Database:
+    """One engine per process; `session()` for a unit of work."""
+
+    def __init__(self, url: str, *, pool_size: int = 10) -> None:
+        self.url = url
+        self.dialect = "postgresql" if url.startswith("postgresql") else "sqlite"
+        options: dict[str, Any] = {}
+        if self.dialect == "postgresql":
+            options.update(pool_size=pool_size, max_overflow=pool_size, pool_pre_ping=True)
+        self.engine: AsyncEngine = create_async_engine(url, **options)
+        if self.dialect == "sqlite":
+            event.listen(self.engine.sync_engine, "connect", _sqlite_pragmas)
+        self.sessions = async_sessionmaker(self.engine, expire_on_commit=False)
+
+    @asynccontextmanager
+    async def session(self) -> AsyncIterator[AsyncSession]:
+        async with self.sessions() as session:
+            yield session
+
+    async def migrate(self) -> str | None:
+        """Apply every pending migration; the revision the database is at afterwards."""
+
+        def upgrade(connection: Connection) -> None:
+            command.upgrade(alembic_config(connection), "head")
+
+        try:
+            async with self.engine.begin() as conn:
+                await conn.run_sync(upgrade)
+        except (SQLAlchemyError, OSError) as exc:
+            raise SchemaError(f"cannot migrate {self.safe_url}: {exc}") from exc
+        return await self.current_revision()
+
+    async def current_revision(self) -> str | None:
+        try:
+            async with self.engine.connect() as conn:
+                return await conn.run_sync(
+                    lambda c: MigrationContext.configure(c).get_current_revision()
+                )
+        except (SQLAlchemyError, OSError) as exc:
+            raise SchemaError(f"cannot reach the database {self.safe_url}: {exc}") from exc
+
+    async def check_schema(self) -> None:
+        """Refuse to serve on a database that is not at the code's migration head."""
+        current, head = await self.current_revision(), head_revision()
+        if current != head:
+            raise SchemaError(
+                f"database {self.safe_url} is at migration {current or 'none'}, the code needs "
+                f"{head}; run `edged-control-plane migrate`"
+            )
+
+    @property
+    def safe_url(self) -> str:
+        """The URL without its password, for messages and logs."""
+        return self.engine.url.render_as_string(hide_password=True)
+
+    async def close(self) -> None:
+        await self.engine.dispose()
+
+
+def insert_ignoring_duplicates(
+    dialect: str, table: Table, keys: Sequence[str], rows: Sequence[dict[str, Any]]
+) -> Any:
+    """INSERT ... ON CONFLICT (keys) DO NOTHING for either backend: a redelivered record is
+    stored once."""
+    insert = postgresql.insert if dialect == "postgresql" else sqlite.insert
+    return insert(table).values(list(rows)).on_conflict_do_nothing(index_elements=list(keys))

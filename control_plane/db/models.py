@@ -1,0 +1,183 @@
+"""The control plane's tables (SQLAlchemy 2 declarative). Times are Unix seconds (float) so
+SQLite and PostgreSQL store and compare them alike; telemetry's `ts_ms` is the device's
+integer milliseconds, bucketed by integer division for downsampling.
+
+Schema changes go through Alembic (control_plane/migrations); `tests` check that the
+migrations and these models agree."""
+
+from __future__ import annotations
+
+from typing import Any, ClassVar
+
+from sqlalchemy import (
+    JSON,
+    BigInteger,
+    Boolean,
+    Float,
+    Index,
+    Integer,
+    LargeBinary,
+    MetaData,
+    String,
+    Text,
+)
+from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
+
+__all__ = [
+    "AuditEntry",
+    "Base",
+    "Device",
+    "EnrollmentToken",
+    "Event",
+    "IngestRejection",
+    "OperatorToken",
+    "SampleRow",
+    "TelemetryRow",
+]
+
+NAMING = {
+    "ix": "ix_%(column_0_label)s",
+    "uq": "uq_%(table_name)s_%(column_0_name)s",
+    "ck": "ck_%(table_name)s_%(constraint_name)s",
+    "fk": "fk_%(table_name)s_%(column_0_name)s_%(referred_table_name)s",
+    "pk": "pk_%(table_name)s",
+}
+
+
+class Base(DeclarativeBase):
+    metadata = MetaData(naming_convention=NAMING)
+    type_annotation_map: ClassVar[dict[Any, Any]] = {dict[str, Any]: JSON, list[str]: JSON}
+
+
+class OperatorToken(Base):
+    """An API token: only its sha256 is kept. `groups` None means every group."""
+
+    __tablename__ = "operator_tokens"
+
+    id: Mapped[str] = mapped_column(String(32), primary_key=True)
+    name: Mapped[str] = mapped_column(String(128))
+    token_hash: Mapped[str] = mapped_column(String(64), unique=True)
+    role: Mapped[str] = mapped_column(String(16))
+    groups: Mapped[list[str] | None] = mapped_column(JSON, nullable=True)
+    created_at: Mapped[float] = mapped_column(Float)
+    created_by: Mapped[str | None] = mapped_column(String(32), nullable=True)
+    expires_at: Mapped[float | None] = mapped_column(Float, nullable=True)
+    revoked_at: Mapped[float | None] = mapped_column(Float, nullable=True)
+
+
+class AuditEntry(Base):
+    """Append-only: who did what, when, from where, and whether it was allowed."""
+
+    __tablename__ = "audit_log"
+
+    id: Mapped[int] = mapped_column(BigInteger().with_variant(Integer, "sqlite"), primary_key=True)
+    at: Mapped[float] = mapped_column(Float, index=True)
+    actor: Mapped[str] = mapped_column(String(160))
+    role: Mapped[str | None] = mapped_column(String(16), nullable=True)
+    action: Mapped[str] = mapped_column(String(64))
+    target: Mapped[str | None] = mapped_column(String(200), nullable=True)
+    outcome: Mapped[str] = mapped_column(String(16))
+    source: Mapped[str | None] = mapped_column(String(64), nullable=True)
+    detail: Mapped[dict[str, Any]] = mapped_column(JSON, default=dict)
+
+
+class EnrollmentToken(Base):
+    """One-time and expiring; only its sha256 is kept."""
+
+    __tablename__ = "enrollment_tokens"
+
+    id: Mapped[str] = mapped_column(String(32), primary_key=True)
+    token_hash: Mapped[str] = mapped_column(String(64), unique=True)
+    group: Mapped[str] = mapped_column(String(64))
+    tags: Mapped[list[str]] = mapped_column(JSON, default=list)
+    created_at: Mapped[float] = mapped_column(Float)
+    created_by: Mapped[str] = mapped_column(String(32))
+    expires_at: Mapped[float] = mapped_column(Float)
+    used_at: Mapped[float | None] = mapped_column(Float, nullable=True)
+    device_id: Mapped[str | None] = mapped_column(String(64), nullable=True)
+
+
+class Device(Base):
+    __tablename__ = "devices"
+
+    id: Mapped[str] = mapped_column(String(64), primary_key=True)
+    public_key: Mapped[str] = mapped_column(String(64), unique=True)
+    group: Mapped[str] = mapped_column(String(64), index=True)
+    tags: Mapped[list[str]] = mapped_column(JSON, default=list)
+    status: Mapped[str] = mapped_column(String(16), default="active")
+    api_token_hash: Mapped[str] = mapped_column(String(64), unique=True)
+    enrolled_at: Mapped[float] = mapped_column(Float)
+    enrollment_id: Mapped[str] = mapped_column(String(32))
+    online: Mapped[bool] = mapped_column(Boolean, default=False)
+    last_seen: Mapped[float | None] = mapped_column(Float, nullable=True)
+    software_version: Mapped[str | None] = mapped_column(String(64), nullable=True)
+    model_name: Mapped[str | None] = mapped_column(String(128), nullable=True)
+    model_version: Mapped[str | None] = mapped_column(String(64), nullable=True)
+    last_health: Mapped[dict[str, Any] | None] = mapped_column(JSON, nullable=True)
+    last_health_at: Mapped[float | None] = mapped_column(Float, nullable=True)
+    last_drift: Mapped[dict[str, Any] | None] = mapped_column(JSON, nullable=True)
+
+
+class _RecordKey:
+    """(device, boot, seq): the idempotency key of every uplink record."""
+
+    device_id: Mapped[str] = mapped_column(String(64), primary_key=True)
+    boot: Mapped[int] = mapped_column(BigInteger, primary_key=True)
+    seq: Mapped[int] = mapped_column(BigInteger, primary_key=True)
+
+
+class TelemetryRow(_RecordKey, Base):
+    """One telemetry record; the figures the API downsamples are columns, the rest `body`."""
+
+    __tablename__ = "telemetry"
+
+    ts_ms: Mapped[int] = mapped_column(BigInteger)
+    received_at: Mapped[float] = mapped_column(Float)
+    rate_per_s: Mapped[float | None] = mapped_column(Float, nullable=True)
+    queue_depth: Mapped[float | None] = mapped_column(Float, nullable=True)
+    outbox_depth: Mapped[float | None] = mapped_column(Float, nullable=True)
+    latency_p99_ms: Mapped[float | None] = mapped_column(Float, nullable=True)
+    cpu_percent: Mapped[float | None] = mapped_column(Float, nullable=True)
+    rss_mb: Mapped[float | None] = mapped_column(Float, nullable=True)
+    temp_c: Mapped[float | None] = mapped_column(Float, nullable=True)
+    uncertain_share: Mapped[float | None] = mapped_column(Float, nullable=True)
+    body: Mapped[dict[str, Any]] = mapped_column(JSON)
+
+    __table_args__ = (Index("ix_telemetry_device_ts", "device_id", "ts_ms"),)
+
+
+class Event(_RecordKey, Base):
+    __tablename__ = "events"
+
+    ts_ms: Mapped[int] = mapped_column(BigInteger)
+    received_at: Mapped[float] = mapped_column(Float, index=True)
+    name: Mapped[str] = mapped_column(String(64))
+    body: Mapped[dict[str, Any]] = mapped_column(JSON)
+
+    __table_args__ = (Index("ix_events_device_ts", "device_id", "ts_ms"),)
+
+
+class SampleRow(_RecordKey, Base):
+    """A kept sample uploaded by a device: its metadata and the raw input bytes."""
+
+    __tablename__ = "samples"
+
+    ts_ms: Mapped[int] = mapped_column(BigInteger)
+    received_at: Mapped[float] = mapped_column(Float)
+    verdict: Mapped[str | None] = mapped_column(String(32), nullable=True)
+    model: Mapped[str | None] = mapped_column(String(200), nullable=True)
+    meta: Mapped[dict[str, Any]] = mapped_column(JSON)
+    input: Mapped[bytes | None] = mapped_column(LargeBinary, nullable=True)
+
+
+class IngestRejection(Base):
+    """Messages refused by ingest, counted per claimed device and reason; never stored."""
+
+    __tablename__ = "ingest_rejections"
+
+    device_id: Mapped[str] = mapped_column(String(64), primary_key=True)
+    reason: Mapped[str] = mapped_column(String(32), primary_key=True)
+    count: Mapped[int] = mapped_column(BigInteger)
+    first_at: Mapped[float] = mapped_column(Float)
+    last_at: Mapped[float] = mapped_column(Float)
+    last_error: Mapped[str] = mapped_column(Text)

@@ -1,0 +1,305 @@
+"""Telemetry ingest: one MQTT 5 client (paho-mqtt 2.x) on a shared subscription
+`$share/<group>/edged/v1/+/+`, so several API replicas split the devices' traffic, feeding a
+single writer task that stores each batch in one transaction.
+
+Messages are acknowledged (manual PUBACK) only after their batch committed or was counted as
+refused, so a crash or a database outage means redelivery, never loss; redelivered records hit
+the (device, boot, seq) primary keys and are stored once. The client's Receive Maximum bounds
+how many unacknowledged messages the broker hands over, which is the backpressure while the
+database is slow. Paho's network thread meets asyncio in `_on_message` / `_on_connect` only.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import socket
+import ssl
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import paho.mqtt.client as mqtt
+from nacl.signing import VerifyKey
+from paho.mqtt.enums import CallbackAPIVersion
+from paho.mqtt.packettypes import PacketTypes
+from paho.mqtt.properties import Properties
+from sqlalchemy import Table, bindparam, or_, select, update
+from sqlalchemy.dialects import postgresql, sqlite
+from tenacity import AsyncRetrying, retry_if_exception_type, wait_exponential_jitter
+
+from control_plane.db.engine import Database
+from control_plane.db.models import Device, Event, IngestRejection, SampleRow, TelemetryRow
+from control_plane.ingest_plan import DeviceInfo, IngestPlan, Message, plan_ingest
+from control_plane.metrics import Metrics
+from edged_formats.wire import WireLimits
+
+__all__ = ["Ingest", "IngestConfig"]
+
+log = logging.getLogger("control_plane.ingest")
+UPLINK_FILTER = "edged/v1/+/+"
+RECORD_KEY = ("device_id", "boot", "seq")
+DEVICES: Table = Device.__table__  # type: ignore[assignment]
+
+
+@dataclass(frozen=True, slots=True)
+class IngestConfig:
+    host: str
+    port: int
+    username: str | None = None
+    password: str | None = None
+    tls: bool = False
+    ca_file: str | None = None
+    group: str = "edged-ingest"
+    client_id: str | None = None
+    batch: int = 2000
+    linger_s: float = 0.05
+    receive_maximum: int = 10_000
+    session_expiry_s: int = 86_400
+    device_cache_s: float = 5.0
+    max_message_bytes: int = 1 << 20
+
+
+class Ingest:
+    """`async with Ingest(config, db, metrics):` subscribes, writes, and stops cleanly."""
+
+    def __init__(self, config: IngestConfig, db: Database, metrics: Metrics) -> None:
+        self.config, self.db, self.metrics = config, db, metrics
+        self.limits = WireLimits(max_message_bytes=config.max_message_bytes)
+        self._queue: asyncio.Queue[Message] = asyncio.Queue()
+        self._devices: dict[str, tuple[float, DeviceInfo | None]] = {}
+        self._connected = asyncio.Event()
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._task: asyncio.Task[None] | None = None
+        self.stored = 0  # records
+        self.batches = 0
+        client_id = config.client_id or f"edged-cp-{socket.gethostname()}-{config.group}"
+        self._client = mqtt.Client(
+            CallbackAPIVersion.VERSION2,
+            client_id=client_id[:128],
+            protocol=mqtt.MQTTv5,
+            manual_ack=True,
+        )
+        if config.username is not None:
+            self._client.username_pw_set(config.username, config.password)
+        if config.tls:
+            self._client.tls_set(ca_certs=config.ca_file, cert_reqs=ssl.CERT_REQUIRED)
+        self._client.reconnect_delay_set(1, 30)
+        self._client.on_connect = self._on_connect
+        self._client.on_disconnect = self._on_disconnect
+        self._client.on_message = self._on_message
+
+    @property
+    def connected(self) -> bool:
+        return self._connected.is_set()
+
+    # -- paho's thread ----------------------------------------------------------------------
+
+    def _on_connect(self, client: mqtt.Client, _u: Any, _f: Any, reason: Any, _p: Any) -> None:
+        if reason.is_failure:
+            log.error("ingest broker refused the connection: %s", reason)
+            return
+        client.subscribe(f"$share/{self.config.group}/{UPLINK_FILTER}", qos=1)
+        assert self._loop is not None
+        self._loop.call_soon_threadsafe(self._set_connected, True)
+
+    def _on_disconnect(self, _c: Any, _u: Any, _f: Any, reason: Any, _p: Any) -> None:
+        assert self._loop is not None
+        with contextlib.suppress(RuntimeError):  # the loop may be closing
+            self._loop.call_soon_threadsafe(self._set_connected, False)
+
+    def _on_message(self, _c: Any, _u: Any, message: mqtt.MQTTMessage) -> None:
+        item = Message(message.topic, bytes(message.payload), (message.mid, message.qos))
+        assert self._loop is not None
+        self._loop.call_soon_threadsafe(self._queue.put_nowait, item)
+
+    # -- asyncio -----------------------------------------------------------------------------
+
+    def _set_connected(self, up: bool) -> None:
+        self.metrics.broker_connected.set(int(up))
+        if up:
+            self._connected.set()
+        else:
+            self._connected.clear()
+
+    async def __aenter__(self) -> Ingest:
+        self._loop = asyncio.get_running_loop()
+        props = Properties(PacketTypes.CONNECT)
+        props.SessionExpiryInterval = self.config.session_expiry_s
+        props.ReceiveMaximum = self.config.receive_maximum
+        self._client.connect_async(
+            self.config.host, self.config.port, keepalive=30, clean_start=False, properties=props
+        )
+        self._client.loop_start()
+        self._task = asyncio.create_task(self._writer(), name="ingest-writer")
+        return self
+
+    async def wait_connected(self, timeout: float = 10.0) -> None:
+        await asyncio.wait_for(self._connected.wait(), timeout)
+
+    async def __aexit__(self, *_exc: object) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+        self._client.disconnect()
+        await asyncio.to_thread(self._client.loop_stop)
+
+    def forget(self, device_id: str) -> None:
+        """Drop what is cached about a device (its status changed)."""
+        self._devices.pop(device_id, None)
+
+    async def _writer(self) -> None:
+        while True:
+            batch = [await self._queue.get()]
+            deadline = time.monotonic() + self.config.linger_s
+            while len(batch) < self.config.batch:
+                timeout = deadline - time.monotonic()
+                if timeout <= 0:
+                    break
+                try:
+                    batch.append(await asyncio.wait_for(self._queue.get(), timeout))
+                except TimeoutError:
+                    break
+            while not self._queue.empty() and len(batch) < self.config.batch:
+                batch.append(self._queue.get_nowait())
+            self.metrics.ingest_backlog.set(self._queue.qsize())
+            await self._write_with_retry(batch)
+            for message in batch:
+                mid, qos = message.token
+                if qos:
+                    self._client.ack(mid, qos)
+
+    async def _write_with_retry(self, batch: Sequence[Message]) -> None:
+        async for attempt in AsyncRetrying(
+            wait=wait_exponential_jitter(initial=0.2, max=10),
+            retry=retry_if_exception_type(Exception),
+            before_sleep=lambda state: log.error(
+                "ingest batch of %d messages not written, retrying: %r",
+                len(batch),
+                state.outcome.exception() if state.outcome else None,
+            ),
+        ):
+            with attempt:
+                await self.write(batch)
+
+    async def _device_info(self, devices: set[str]) -> dict[str, DeviceInfo | None]:
+        now = time.monotonic()
+        known = {d: e[1] for d in devices if (e := self._devices.get(d)) and e[0] > now}
+        missing = devices - known.keys()
+        if missing:
+            async with self.db.session() as session:
+                rows = await session.execute(
+                    select(Device.id, Device.public_key, Device.status).where(
+                        Device.id.in_(sorted(missing))
+                    )
+                )
+                found = {i: DeviceInfo(VerifyKey(bytes.fromhex(k)), s) for i, k, s in rows}
+            expiry = now + self.config.device_cache_s
+            for device in missing:
+                info = found.get(device)
+                self._devices[device] = (expiry, info)
+                known[device] = info
+        return known
+
+    async def write(self, batch: Sequence[Message]) -> IngestPlan:
+        """Check, sort and store one batch in one transaction."""
+        started = time.perf_counter()
+        claimed = {m.topic.split("/")[2] for m in batch if m.topic.count("/") >= 2}
+        info = await self._device_info(claimed)
+        plan = plan_ingest(batch, info.get, time.time(), self.limits)
+        async with self.db.session() as session, session.begin():
+            stored = 0
+            for model, rows, channel in (
+                (TelemetryRow, plan.telemetry, "telemetry"),
+                (Event, plan.events, "events"),
+                (SampleRow, plan.samples, "samples"),
+            ):
+                if rows:
+                    count = await self._insert(session, model, rows)
+                    self.metrics.ingest_records.labels(channel=channel).inc(count)
+                    stored += count
+            await self._update_devices(session, plan)
+            await self._count_rejections(session, plan)
+        self.stored += stored
+        self.batches += 1
+        self.metrics.ingest_duplicates.inc(plan.records - stored)
+        self.metrics.ingest_messages.labels(outcome="accepted").inc(plan.accepted)
+        for (_device, reason), (count, error) in plan.rejections.items():
+            self.metrics.ingest_rejected.labels(reason=reason).inc(count)
+            log.warning(
+                "ingest refused %d message(s) from %s (%s): %s", count, _device, reason, error
+            )
+        self.metrics.ingest_messages.labels(outcome="refused").inc(len(batch) - plan.accepted)
+        self.metrics.ingest_batch_seconds.observe(time.perf_counter() - started)
+        return plan
+
+    def _insert_fn(self) -> Any:
+        return postgresql.insert if self.db.dialect == "postgresql" else sqlite.insert
+
+    async def _insert(self, session: Any, model: Any, rows: list[dict[str, Any]]) -> int:
+        """Insert, ignoring records already stored; how many were new."""
+        table = model.__table__
+        statement = (
+            self._insert_fn()(table)
+            .on_conflict_do_nothing(index_elements=list(RECORD_KEY))
+            .returning(table.c.seq)
+        )
+        result = await session.execute(statement, rows)
+        return len(result.all())
+
+    async def _update_devices(self, session: Any, plan: IngestPlan) -> None:
+        if not plan.devices:
+            return
+        seen = [{"b_id": d, "b_seen": u.last_seen} for d, u in plan.devices.items()]
+        await session.execute(
+            update(DEVICES)
+            .where(DEVICES.c.id == bindparam("b_id"))
+            .values(last_seen=bindparam("b_seen")),
+            seen,
+        )
+        for device_id, u in plan.devices.items():
+            values: dict[str, Any] = {}
+            if u.online is not None:
+                values["online"] = u.online
+            elif u.health is not None:
+                values["online"] = True  # telemetry arriving: the device is up
+            if u.drift is not None:
+                values["last_drift"] = u.drift[1]
+            if u.model is not None:
+                values["model_name"], values["model_version"] = u.model[1], u.model[2]
+            if u.software_version is not None:
+                values["software_version"] = u.software_version
+            if values:
+                await session.execute(update(Device).where(Device.id == device_id).values(values))
+            if u.health is not None:  # only ever replaced by a newer report
+                at, health = u.health
+                await session.execute(
+                    update(Device)
+                    .where(Device.id == device_id)
+                    .where(or_(Device.last_health_at.is_(None), Device.last_health_at <= at))
+                    .values(last_health=health, last_health_at=at)
+                )
+
+    async def _count_rejections(self, session: Any, plan: IngestPlan) -> None:
+        now = time.time()
+        for (device, reason), (count, error) in plan.rejections.items():
+            statement = self._insert_fn()(IngestRejection).values(
+                device_id=device,
+                reason=reason,
+                count=count,
+                first_at=now,
+                last_at=now,
+                last_error=error[:500],
+            )
+            statement = statement.on_conflict_do_update(
+                index_elements=["device_id", "reason"],
+                set_={
+                    "count": IngestRejection.count + count,
+                    "last_at": now,
+                    "last_error": error[:500],
+                },
+            )
+            await session.execute(statement)

@@ -1,0 +1,128 @@
+"""Roles, group scopes and the audit log, against a real control plane on both backends."""
+
+from __future__ import annotations
+
+import uuid
+from pathlib import Path
+
+from tests.support.control_plane import ControlPlaneProcess
+
+
+def _audit(cp: ControlPlaneProcess, **params: str) -> list[dict]:
+    with cp.api(cp.admin_token) as api:
+        response = api.get("/v1/audit", params=params)
+        assert response.status_code == 200, response.text
+        return list(response.json()["items"])
+
+
+def test_viewer_reads_but_cannot_mutate(
+    cp: ControlPlaneProcess, group: str, tmp_path: Path
+) -> None:
+    """A viewer lists devices; every mutation it tries is 403 and lands in the audit log."""
+    device = cp.enroll(tmp_path, group)
+    viewer = cp.new_token("viewer")
+    with cp.api(viewer) as api:
+        assert api.get("/v1/devices", params={"group": group}).status_code == 200
+        attempts = [
+            api.post(f"/v1/devices/{device.device_id}/quarantine"),
+            api.patch(f"/v1/devices/{device.device_id}", json={"tags": ["x"]}),
+            api.post("/v1/tokens", json={"name": "me", "role": "admin"}),
+            api.post(f"/v1/devices/{device.device_id}/decommission"),
+        ]
+    assert [r.status_code for r in attempts] == [403, 403, 403, 403]
+    assert attempts[0].json()["detail"] == "role 'viewer' may not do this; it needs 'operator'"
+    denied = _audit(cp, outcome="denied")
+    routes = {e["action"] for e in denied if e["role"] == "viewer"}
+    assert f"POST /v1/devices/{device.device_id}/quarantine" in routes
+    with cp.api(cp.admin_token) as api:
+        assert api.get(f"/v1/devices/{device.device_id}").json()["status"] == "active"
+
+
+def test_operator_out_of_scope_gets_403_and_an_audit_entry(
+    cp: ControlPlaneProcess, group: str, tmp_path: Path
+) -> None:
+    """A group-scoped operator acts in its group; outside it every call is 403 and audited."""
+    mine = cp.enroll(tmp_path / "mine", group)
+    other_group = f"{group}-other"
+    theirs = cp.enroll(tmp_path / "theirs", other_group)
+    operator = cp.new_token("operator", groups=[group])
+    with cp.api(operator) as api:
+        listed = api.get("/v1/devices").json()["items"]
+        assert [d["id"] for d in listed] == [mine.device_id]
+        out = api.post(f"/v1/devices/{theirs.device_id}/quarantine")
+        read = api.get(f"/v1/devices/{theirs.device_id}")
+        move = api.patch(f"/v1/devices/{mine.device_id}", json={"group": other_group})
+        token = api.post("/v1/enrollment-tokens", json={"group": other_group})
+        ok = api.patch(f"/v1/devices/{mine.device_id}", json={"tags": ["kept"]})
+    assert [r.status_code for r in (out, read, move, token)] == [403, 403, 403, 403]
+    assert out.json()["detail"].endswith(f"does not reach group '{other_group}'")
+    assert ok.status_code == 200 and ok.json()["tags"] == ["kept"]
+    entries = _audit(cp, target=theirs.device_id)
+    denial = next(e for e in entries if e["action"] == "device.quarantine")
+    assert denial["outcome"] == "denied" and denial["role"] == "operator"
+    assert denial["source"] == "127.0.0.1"
+    updated = _audit(cp, target=mine.device_id, action="device.update")
+    assert updated[0]["outcome"] == "ok" and updated[0]["detail"]["tags"] == ["kept"]
+
+
+def test_every_mutation_is_audited_with_who_what_when_where(
+    cp: ControlPlaneProcess, group: str, tmp_path: Path
+) -> None:
+    """Token creation, enrollment, tagging and quarantine each leave one entry."""
+    name = f"ops-{uuid.uuid4().hex[:6]}"
+    with cp.api(cp.admin_token) as api:
+        made = api.post("/v1/tokens", json={"name": name, "role": "operator"}).json()
+    device = cp.enroll(tmp_path, group)
+    with cp.api(made["token"]) as api:
+        assert api.post(f"/v1/devices/{device.device_id}/quarantine").status_code == 200
+        assert api.post(f"/v1/devices/{device.device_id}/release").status_code == 200
+    created = _audit(cp, action="token.create", target=made["id"])
+    assert len(created) == 1 and created[0]["detail"]["name"] == name
+    enrolled = _audit(cp, action="device.enroll", target=device.device_id)
+    assert enrolled[0]["actor"] == f"device {device.device_id}"
+    actions = [e["action"] for e in _audit(cp, target=device.device_id)]
+    assert actions[:2] == ["device.release", "device.quarantine"]  # newest first
+    entry = _audit(cp, action="device.quarantine", target=device.device_id)[0]
+    assert entry["actor"] == f"{name} ({made['id']})" and entry["at"] > 0
+
+
+def test_tokens_missing_revoked_or_not_admin(cp: ControlPlaneProcess) -> None:
+    """No token is 401; a revoked one is 401 at once; only admins read the audit log."""
+    operator = cp.new_token("operator")
+    with cp.api(operator) as api:
+        assert api.get("/v1/devices").status_code == 200
+        assert api.get("/v1/audit").status_code == 403
+    with cp.api(cp.admin_token) as api:
+        tokens = api.get("/v1/tokens", params={"limit": 1000}).json()["items"]
+        token_id = next(t["id"] for t in tokens if t["role"] == "operator" and not t["revoked_at"])
+        for t in tokens:
+            assert "token" not in t and "token_hash" not in t
+        assert api.delete(f"/v1/tokens/{token_id}").status_code == 204
+    with cp.api("edcp_not-a-real-token") as api:
+        assert api.get("/v1/devices").status_code == 401
+    with cp.api() as api:
+        missing = api.get("/v1/devices")
+    assert missing.status_code == 401
+    assert missing.headers["content-type"] == "application/problem+json"
+
+
+def test_device_list_paginates_and_filters(
+    cp: ControlPlaneProcess, group: str, tmp_path: Path
+) -> None:
+    """Pages follow next_cursor to the end without repeats; tag and status filters apply."""
+    ids = {cp.enroll(tmp_path / str(i), group, tags=[f"n{i % 2}"]).device_id for i in range(5)}
+    seen: list[str] = []
+    cursor = None
+    with cp.api(cp.admin_token) as api:
+        while True:
+            params = {"group": group, "limit": 2, **({"cursor": cursor} if cursor else {})}
+            page = api.get("/v1/devices", params=params).json()
+            seen += [d["id"] for d in page["items"]]
+            cursor = page["next_cursor"]
+            if cursor is None:
+                break
+        tagged = api.get("/v1/devices", params={"group": group, "tag": "n1"}).json()["items"]
+        quarantined = api.get("/v1/devices", params={"group": group, "status": "quarantined"})
+    assert sorted(seen) == sorted(ids) and len(seen) == 5
+    assert len(tagged) == 2 and all("n1" in d["tags"] for d in tagged)
+    assert quarantined.json()["items"] == []

@@ -1,0 +1,161 @@
+"""Enrollment against a real control plane, broker and database: the happy path and every
+refusal, each leaving nothing behind."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import httpx
+import pytest
+
+from edged.enrollment import enroll, load_enrollment
+from edged.errors import EnrollmentError
+from edged.identity import DeviceIdentity
+from edged_formats.enrollment import prove_possession
+from tests.support.control_plane import ControlPlaneProcess, wait_for
+
+
+def _request(identity: DeviceIdentity, token: str) -> dict[str, str]:
+    return {
+        "token": token,
+        "public_key": identity.public_key_hex,
+        "proof": prove_possession(identity.signing_key, token).hex(),
+    }
+
+
+def _device_count(cp: ControlPlaneProcess, group: str) -> int:
+    with cp.api(cp.admin_token) as api:
+        return len(api.get("/v1/devices", params={"group": group}).json()["items"])
+
+
+def test_enrolled_device_is_registered_and_its_credentials_work(
+    cp: ControlPlaneProcess, group: str, tmp_path: Path
+) -> None:
+    """A redeemed token yields a registered device whose broker login and API token work."""
+    device = cp.enroll(tmp_path, group, tags=["site:lab", "cam"])
+    assert device.device_id == device.identity.default_device_id()
+    stored = load_enrollment(tmp_path)
+    assert stored is not None and stored.group == group
+    for secret in ("uplink.password", "api.token"):
+        assert (tmp_path / secret).stat().st_mode & 0o777 == 0o600
+    with cp.api(cp.admin_token) as api:
+        listed = api.get("/v1/devices", params={"group": group}).json()["items"]
+    assert [d["id"] for d in listed] == [device.device_id]
+    assert listed[0]["tags"] == ["cam", "site:lab"]
+    assert listed[0]["public_key"] == device.identity.public_key_hex
+    assert listed[0]["status"] == "active"
+    assert not device.connect().is_failure
+    try:
+        device.publish("telemetry", [{"rate_per_s": 3.0}])
+        with cp.api(cp.admin_token) as api:
+            wait_for(lambda: api.get(f"/v1/devices/{device.device_id}").json()["last_seen"])
+    finally:
+        device.close()
+    with cp.api(device.api_token) as api:
+        me = api.get("/v1/device/self")
+    assert me.status_code == 200 and me.json()["id"] == device.device_id
+
+
+def test_a_token_enrols_one_device_only(
+    cp: ControlPlaneProcess, group: str, tmp_path: Path
+) -> None:
+    """A second redemption of the same token is refused (410) and registers nothing."""
+    token = cp.enrollment_token(group)
+    first = DeviceIdentity.load_or_create(tmp_path / "a" / "device.key")
+    enroll(cp.url, token, first, tmp_path / "a")
+    second = DeviceIdentity.load_or_create(tmp_path / "b" / "device.key")
+    with pytest.raises(EnrollmentError, match="already used"):
+        enroll(cp.url, token, second, tmp_path / "b")
+    assert not (tmp_path / "b" / "uplink.password").exists()
+    assert _device_count(cp, group) == 1
+
+
+def test_expired_unknown_and_unproven_requests_are_refused(
+    cp: ControlPlaneProcess, group: str, tmp_path: Path
+) -> None:
+    """Expired (410), unknown (401), a proof by another key (400), an enrolled key (409)."""
+    identity = DeviceIdentity.load_or_create(tmp_path / "device.key")
+    other = DeviceIdentity.load_or_create(tmp_path / "other.key")
+    expiring = cp.enrollment_token(group, ttl_s=0.2)
+    time.sleep(0.4)
+    good = cp.enrollment_token(group)
+    with httpx.Client(base_url=cp.url) as client:
+        expired = client.post("/v1/enroll", json=_request(identity, expiring))
+        unknown = client.post("/v1/enroll", json=_request(identity, "edenr_" + "x" * 40))
+        stolen = _request(identity, good)
+        stolen["proof"] = prove_possession(other.signing_key, good).hex()
+        unproven = client.post("/v1/enroll", json=stolen)
+        assert client.post("/v1/enroll", json=_request(identity, good)).status_code == 201
+        again = client.post("/v1/enroll", json=_request(identity, cp.enrollment_token(group)))
+    assert (expired.status_code, expired.json()["detail"]) == (
+        410,
+        "the enrollment token has expired",
+    )
+    assert (unknown.status_code, unknown.json()["detail"]) == (
+        401,
+        "the enrollment token is unknown",
+    )
+    assert unproven.status_code == 400
+    assert unproven.json()["detail"] == "proof of possession does not verify with the offered key"
+    assert again.status_code == 409 and "already enrolled" in again.json()["detail"]
+    assert expired.headers["content-type"] == "application/problem+json"
+    assert _device_count(cp, group) == 1
+
+
+def test_malformed_enrollment_requests_get_one_sentence(cp: ControlPlaneProcess) -> None:
+    """Bad JSON fields are refused with 422 and a problem document naming the field."""
+    with httpx.Client(base_url=cp.url) as client:
+        short_key = client.post(
+            "/v1/enroll", json={"token": "edenr_abcdefgh", "public_key": "ab", "proof": "cd"}
+        )
+        extra = client.post(
+            "/v1/enroll",
+            json={
+                "token": "edenr_abcdefgh",
+                "public_key": "a" * 64,
+                "proof": "b" * 128,
+                "admin": True,
+            },
+        )
+    assert short_key.status_code == 422
+    assert short_key.json()["detail"].startswith("public_key:")
+    assert extra.status_code == 422 and extra.json()["detail"].startswith("admin:")
+
+
+def test_enrollment_needs_an_operator_token_to_issue(cp: ControlPlaneProcess, group: str) -> None:
+    """Issuing enrollment tokens needs an operator; a viewer gets 403, nobody 401."""
+    viewer = cp.new_token("viewer")
+    with cp.api(viewer) as api:
+        denied = api.post("/v1/enrollment-tokens", json={"group": group})
+    with cp.api() as api:
+        anonymous = api.post("/v1/enrollment-tokens", json={"group": group})
+    assert denied.status_code == 403 and anonymous.status_code == 401
+    assert anonymous.headers["www-authenticate"] == "Bearer"
+
+
+def test_edged_enroll_command(cp: ControlPlaneProcess, group: str, tmp_path: Path) -> None:
+    """`edged enroll --url --token` stores the credentials; a refusal exits 1 with a sentence."""
+    import subprocess
+    import sys
+
+    token = cp.enrollment_token(group)
+    command = [
+        sys.executable,
+        "-m",
+        "edged.cli",
+        "enroll",
+        "--url",
+        cp.url,
+        "--token",
+        token,
+        "--state-dir",
+        str(tmp_path),
+    ]
+    ok = subprocess.run(command, capture_output=True, text=True, timeout=60, check=False)
+    assert ok.returncode == 0, ok.stderr
+    assert "enrolled as dev-" in ok.stdout
+    again = subprocess.run(command, capture_output=True, text=True, timeout=60, check=False)
+    assert again.returncode != 0
+    assert "the enrollment token was already used" in again.stderr
+    assert _device_count(cp, group) == 1
