@@ -12,7 +12,7 @@ BENCH ?=
 LEGACY := .venv-legacy
 LEGACY_STAMP := $(LEGACY)/.installed-$(shell cat pyproject.toml | cksum | cut -d' ' -f1)
 
-.PHONY: demo test lint typecheck pytest pytest-legacy bench venv clean broker
+.PHONY: demo test lint typecheck pytest pytest-legacy bench venv clean broker postgres
 
 venv: $(STAMP)
 
@@ -34,8 +34,11 @@ lint: venv
 typecheck: venv
 	$(VENV)/bin/mypy
 
-pytest: venv broker
+pytest: venv broker postgres
 	$(PY) -m pytest
+
+postgres:
+	@bash scripts/ensure-postgres.sh
 
 # The tests (and the demo) start their own Mosquitto on a free loopback port; install the
 # package when it is missing and we can (root + apt-get). The system service is not used.
@@ -71,7 +74,7 @@ LEGACY_PYTHON_OK := $(shell $(PYTHON) -c 'import sys; print(int(sys.version_info
 
 ifeq ($(LEGACY_PYTHON_OK),1)
 pytest-legacy: $(LEGACY_STAMP) broker
-	$(LEGACY)/bin/python -m pytest -p no:cacheprovider tests/unit $(RUNTIME_TESTS)
+	$(LEGACY)/bin/python -m pytest -p no:cacheprovider tests/unit $(RUNTIME_TESTS) --ignore=tests/unit/control_plane
 else
 pytest-legacy:
 	@echo "!!! SKIPPED: the tflite-runtime fallback tests need Python <= 3.11 (tflite-runtime" >&2

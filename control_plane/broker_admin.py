@@ -235,8 +235,10 @@ class NullBrokerAdmin:
 class DynsecAdmin:
     """A long-lived MQTT 5 session with the admin account. When it drops, a supervisor task
     reconnects with jittered exponential backoff (0.2 s doubling to 30 s) and subscribes to
-    the answers again; a command issued meanwhile waits for that within `timeout`, and one
-    in flight fails (every operation is idempotent: retry it). Operations run one at a time."""
+    the answers again; a command issued meanwhile waits for that within `timeout`. An
+    operation the drop cut off is run again (they are idempotent), three tries in all.
+    Operations run one at a time. TLS is on when `ca_file` is set or `tls` is true (then with
+    the system's trust store)."""
 
     def __init__(
         self,
@@ -253,6 +255,7 @@ class DynsecAdmin:
         self._password = password
         self.tls, self.ca_file, self.timeout = tls, ca_file, timeout
         self._client_id = f"edged-admin-{uuid.uuid4().hex[:12]}"
+        self._tls: ssl.SSLContext | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
         self._client: paho.Client | None = None  # the current connection's
         self._login: asyncio.Future[None] | None = None  # its outcome: logged in and subscribed
@@ -276,6 +279,11 @@ class DynsecAdmin:
     async def __aenter__(self) -> Self:
         """Log in and subscribe to the plugin's answers; BrokerAdminError if that fails."""
         self._loop = asyncio.get_running_loop()
+        if self.tls or self.ca_file:
+            try:
+                self._tls = ssl.create_default_context(cafile=self.ca_file)
+            except (OSError, ssl.SSLError) as exc:
+                raise BrokerAdminError(f"cannot load the CA file {self.ca_file}: {exc}") from exc
         await self._connect()
         self._supervisor = self._loop.create_task(self._supervise(), name="dynsec-admin")
         return self
@@ -319,8 +327,8 @@ class DynsecAdmin:
             reconnect_on_failure=False,  # reconnecting is `_supervise`'s job
         )
         client.username_pw_set(self.username, self._password)
-        if self.tls or self.ca_file:
-            client.tls_set_context(ssl.create_default_context(cafile=self.ca_file))
+        if self._tls is not None:
+            client.tls_set_context(self._tls)
         # paho's thread -> the event loop, through `_threadsafe` only; events of a previous
         # connection's client are ignored there.
         client.on_connect = lambda c, _u, _f, rc, _p: self._threadsafe(c, self._on_connect, rc)
@@ -482,7 +490,7 @@ class DynsecAdmin:
         for response in await self.execute(*commands):
             _check(response, device_id, missing_ok=missing_ok)
 
-    async def _once_more_after_a_drop(self, operation: Callable[[], Awaitable[None]]) -> None:
+    async def _idempotent(self, operation: Callable[[], Awaitable[None]]) -> None:
         """Run an idempotent operation, again (up to twice more) if the connection dropped
         under it: whether the broker acted on an unacknowledged command is unknown."""
         async with self._lock:
@@ -511,7 +519,7 @@ class DynsecAdmin:
             role = _found(role_answer, "role")
             await self._checked(device_id, *grant_commands(device_id, password, client, role))
 
-        await self._once_more_after_a_drop(grant)
+        await self._idempotent(grant)
         log.info("broker account for device %s granted", device_id)
 
     async def revoke_device(self, device_id: str) -> None:
@@ -521,18 +529,14 @@ class DynsecAdmin:
             {"command": "deleteClient", "username": device_id},
             {"command": "deleteRole", "rolename": role_name(device_id)},
         )
-        await self._once_more_after_a_drop(
-            lambda: self._checked(device_id, *commands, missing_ok=True)
-        )
+        await self._idempotent(lambda: self._checked(device_id, *commands, missing_ok=True))
         log.info("broker account for device %s revoked", device_id)
 
     async def disable_device(self, device_id: str) -> None:
         """Refuse logins and disconnect a live session, keeping the account; unknown is fine."""
         _check_device_id(device_id, self.username)
         command = {"command": "disableClient", "username": device_id}
-        await self._once_more_after_a_drop(
-            lambda: self._checked(device_id, command, missing_ok=True)
-        )
+        await self._idempotent(lambda: self._checked(device_id, command, missing_ok=True))
         log.info("broker account for device %s disabled", device_id)
 
     async def enable_device(self, device_id: str) -> None:
@@ -547,5 +551,5 @@ class DynsecAdmin:
                 )
             _check(answer, device_id)
 
-        await self._once_more_after_a_drop(enable)
+        await self._idempotent(enable)
         log.info("broker account for device %s enabled", device_id)

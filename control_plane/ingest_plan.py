@@ -87,6 +87,8 @@ def _reason(exc: MessageError) -> str:
         return "schema_version"
     if "over the limit" in text:
         return "oversized"
+    if "does not match topic" in text:
+        return "mismatch"
     if "topic" in text:
         return "topic"
     if "CBOR" in text or "not a CBOR map" in text or "field 'p'" in text or "field 's'" in text:

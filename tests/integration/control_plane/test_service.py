@@ -1,0 +1,126 @@
+"""The service around the routes: OpenAPI completeness, problem documents, health, metrics,
+the schema check at start and the command line."""
+
+from __future__ import annotations
+
+import asyncio
+import subprocess
+import sys
+
+import httpx
+
+from control_plane.db.engine import Database
+from tests.support.control_plane import ControlPlaneProcess
+
+CP = [sys.executable, "-m", "control_plane.cli"]
+
+
+def test_openapi_declares_every_route_and_its_errors(cp: ControlPlaneProcess) -> None:
+    """Every operation has a summary or description, and every protected one declares 401 and
+    403 as problem documents."""
+    spec = httpx.get(f"{cp.url}/openapi.json").json()
+    operations = [
+        (path, method, op) for path, item in spec["paths"].items() for method, op in item.items()
+    ]
+    assert len(operations) >= 20
+    for path, method, op in operations:
+        assert op.get("summary") or op.get("description"), f"{method} {path}"
+        if path.startswith("/v1/") and path != "/v1/enroll":
+            for status in ("401", "422"):
+                assert status in op["responses"], f"{method} {path} lacks {status}"
+                if status != "422":
+                    assert "application/problem+json" in op["responses"][status]["content"]
+    assert "403" in spec["paths"]["/v1/devices/{device_id}/decommission"]["post"]["responses"]
+    assert "410" in spec["paths"]["/v1/enroll"]["post"]["responses"]
+
+
+def test_unknown_routes_and_ids_are_problem_documents(cp: ControlPlaneProcess) -> None:
+    """404s, whether the route or the device is missing, come as application/problem+json."""
+    with cp.api(cp.admin_token) as api:
+        missing_device = api.get("/v1/devices/dev-0000000000000000")
+        missing_route = api.get("/v1/nothing-here")
+        bad_cursor = api.get("/v1/events", params={"cursor": "garbage"})
+    assert missing_device.status_code == 404
+    assert missing_device.json() == {
+        "type": "about:blank",
+        "title": "Not found",
+        "status": 404,
+        "detail": "no device with id 'dev-0000000000000000'",
+    }
+    assert missing_route.status_code == 404
+    assert missing_route.headers["content-type"] == "application/problem+json"
+    assert bad_cursor.status_code == 400 and "cursor" in bad_cursor.json()["detail"]
+
+
+def test_health_readiness_and_metrics(cp: ControlPlaneProcess) -> None:
+    """/healthz and /readyz answer without a token; /metrics counts requests by route."""
+    with cp.api() as api:
+        assert api.get("/healthz").json() == {"status": "ok"}
+        ready = api.get("/readyz").json()
+        metrics = api.get("/metrics")
+    assert ready["status"] == "ready" and ready["ingest"] == "connected"
+    assert ready["database"] in ("sqlite", "postgresql")
+    assert metrics.headers["content-type"].startswith("text/plain")
+    assert 'edged_cp_http_requests_total{method="GET",route="/healthz",status="200"}' in (
+        metrics.text
+    )
+    assert "edged_cp_broker_connected 1.0" in metrics.text
+
+
+def test_serve_refuses_a_database_behind_the_migrations(
+    cp: ControlPlaneProcess, tmp_path_factory
+) -> None:
+    """`serve` on an unmigrated database exits 2 naming the fix; `migrate` brings it to head."""
+    url = f"sqlite+aiosqlite:///{tmp_path_factory.mktemp('fresh') / 'cp.db'}"
+    env = {**cp.env, "EDGED_CP_DATABASE_URL": url, "EDGED_CP_PORT": "0"}
+    served = subprocess.run(
+        [*CP, "serve"], env=env, capture_output=True, text=True, timeout=60, check=False
+    )
+    assert served.returncode != 0
+    assert "run `edged-control-plane migrate`" in served.stderr + served.stdout
+    migrated = subprocess.run(
+        [*CP, "migrate"], env=env, capture_output=True, text=True, timeout=60, check=False
+    )
+    assert migrated.returncode == 0 and "at migration 0001" in migrated.stdout
+
+    async def revision() -> str | None:
+        db = Database(url)
+        try:
+            return await db.current_revision()
+        finally:
+            await db.close()
+
+    assert asyncio.run(revision()) == "0001"
+
+
+def test_bad_settings_exit_with_one_sentence(cp: ControlPlaneProcess) -> None:
+    """A malformed setting in the environment is named, exit status 2."""
+    env = {**cp.env, "EDGED_CP_DATABASE_URL": "mysql://nope"}
+    result = subprocess.run(
+        [*CP, "migrate"], env=env, capture_output=True, text=True, timeout=60, check=False
+    )
+    assert result.returncode == 2
+    assert result.stderr.strip() == (
+        "edged-control-plane: database_url: must start with sqlite+aiosqlite:// or "
+        "postgresql+asyncpg://"
+    )
+
+
+def test_migrations_match_the_models(cp: ControlPlaneProcess, database_url: str) -> None:
+    """Alembic finds nothing to change between the migrated database and the models."""
+    from alembic.autogenerate import compare_metadata
+    from alembic.runtime.migration import MigrationContext
+
+    from control_plane.db.models import Base
+
+    async def differences() -> list:
+        db = Database(database_url)
+        try:
+            async with db.engine.connect() as conn:
+                return await conn.run_sync(
+                    lambda c: compare_metadata(MigrationContext.configure(c), Base.metadata)
+                )
+        finally:
+            await db.close()
+
+    assert asyncio.run(differences()) == []

@@ -1,0 +1,119 @@
+"""The pure ingest core: messages in, rows and refusals out, no broker, no database."""
+
+from __future__ import annotations
+
+import cbor2
+from nacl.signing import SigningKey
+
+from control_plane.ingest_plan import DeviceInfo, Message, plan_ingest
+from edged_formats import Record, encode_batch
+from edged_formats.wire import WireLimits
+
+A, B = "dev-aaaa", "dev-bbbb"
+KEYS = {A: SigningKey(b"a" * 32), B: SigningKey(b"b" * 32)}
+LIMITS = WireLimits(max_message_bytes=4096)
+
+
+def _info(status: str = "active"):
+    def lookup(device: str) -> DeviceInfo | None:
+        key = KEYS.get(device)
+        return DeviceInfo(key.verify_key, status) if key else None
+
+    return lookup
+
+
+def _message(
+    device: str,
+    channel: str,
+    bodies,
+    *,
+    signer: str | None = None,
+    topic_device: str | None = None,
+    kind: str | None = None,
+    seq0: int = 1,
+) -> Message:
+    kind = (
+        kind
+        or {"telemetry": "telemetry", "events": "event", "samples": "sample", "state": "state"}[
+            channel
+        ]
+    )
+    records = [Record(kind, 3, seq0 + i, 1000.0 + i, b) for i, b in enumerate(bodies)]
+    data = encode_batch(device, channel, records, KEYS[signer or device])
+    topic = f"edged/v1/{topic_device or device}/{channel}"
+    return Message(topic, data)
+
+
+def test_telemetry_rows_carry_the_figures_the_api_downsamples() -> None:
+    """Columns are pulled out of the body; the newest health and model reach the device."""
+    body = {
+        "rate_per_s": 12.5,
+        "queue_depth": 3,
+        "outbox": {"depth": 7},
+        "latency_ms": {"p99": 4.2},
+        "health": {"proc_cpu_percent": 30.0, "proc_rss_mb": 61.0, "temp_c": None},
+        "gating": {"confident": 3, "uncertain": 1},
+        "model": {"name": "digits", "version": "2"},
+    }
+    plan = plan_ingest(
+        [_message(A, "telemetry", [body, {**body, "rate_per_s": True}])], _info(), 5000.0, LIMITS
+    )
+    first, second = plan.telemetry
+    assert (first["device_id"], first["boot"], first["seq"], first["ts_ms"]) == (A, 3, 1, 1_000_000)
+    assert (first["rate_per_s"], first["outbox_depth"], first["latency_p99_ms"]) == (12.5, 7.0, 4.2)
+    assert (first["cpu_percent"], first["rss_mb"], first["temp_c"]) == (30.0, 61.0, None)
+    assert first["uncertain_share"] == 0.25 and first["received_at"] == 5000.0
+    assert second["rate_per_s"] is None  # a bool is not a figure
+    update = plan.devices[A]
+    assert update.health == (1001.0, body["health"]) and update.model == (1001.0, "digits", "2")
+    assert plan.accepted == 1 and not plan.rejections
+
+
+def test_a_signature_by_another_device_is_refused() -> None:
+    """A's key on B's topic (past a broker that let it through) is a bad signature for B."""
+    forged = _message(B, "telemetry", [{"rate_per_s": 1.0}], signer=A)
+    plan = plan_ingest([forged], _info(), 0.0, LIMITS)
+    assert plan.records == 0
+    count, error = plan.rejections[(B, "bad_signature")]
+    assert count == 1 and "does not verify with the key of device 'dev-bbbb'" in error
+
+
+def test_refusals_are_counted_per_device_and_reason() -> None:
+    """Unknown device, garbage, oversize, wrong kind, quarantine: counted, never stored."""
+    unknown = Message("edged/v1/dev-cccc/telemetry", cbor2.dumps({"p": b"x", "s": b"y" * 64}))
+    garbage = Message(f"edged/v1/{A}/telemetry", b"\xff\xff")
+    oversize = Message(f"edged/v1/{A}/telemetry", b"\x00" * 5000)
+    wrong_kind = _message(A, "telemetry", [{"x": 1}], kind="event")
+    not_a_map = _message(A, "events", [[1, 2]])
+    plan = plan_ingest(
+        [unknown, garbage, oversize, wrong_kind, not_a_map, garbage], _info(), 0.0, LIMITS
+    )
+    assert {k: v[0] for k, v in plan.rejections.items()} == {
+        ("dev-cccc", "unknown_device"): 1,
+        (A, "malformed"): 2,
+        (A, "oversized"): 1,
+        (A, "schema"): 2,
+    }
+    quarantined = plan_ingest([_message(A, "telemetry", [{}])], _info("quarantined"), 0.0, LIMITS)
+    assert quarantined.rejections[(A, "quarantined")][0] == 1 and quarantined.records == 0
+
+
+def test_presence_events_and_samples() -> None:
+    """State sets online without a row; events take their name; samples keep input apart."""
+    plan = plan_ingest(
+        [
+            _message(A, "state", [{"online": False}]),
+            _message(A, "events", [{"name": "drift", "score": 1.0}], seq0=10),
+            _message(
+                A, "samples", [{"verdict": "audit", "input": b"\x00\x01", "shape": [2]}], seq0=20
+            ),
+        ],
+        _info(),
+        9.0,
+        LIMITS,
+    )
+    assert plan.devices[A].online is False and plan.devices[A].last_seen == 9.0
+    assert [e["name"] for e in plan.events] == ["drift"]
+    sample = plan.samples[0]
+    assert sample["input"] == b"\x00\x01" and "input" not in sample["meta"]
+    assert sample["verdict"] == "audit" and plan.accepted == 3
