@@ -13,6 +13,9 @@
    checks every message's ed25519 signature and de-duplicates records by (device, boot, seq),
    as the cloud's ingest will, and reports when each drift event arrives. SIGTERM: a drained
    exit 0, and every sample the daemon's final telemetry says it uploaded is in the cloud.
+4. The fleet (scripts/demo_fleet.py): the control plane on embedded defaults, three daemons
+   enrolled through the real flow, their telemetry, health and drift read back through the
+   REST API; a viewer refused and audited, a device quarantined, one decommissioned.
 """
 
 from __future__ import annotations
@@ -33,6 +36,7 @@ from typing import Any
 
 import numpy as np
 import paho.mqtt.client as mqtt
+from demo_fleet import fleet_act
 from paho.mqtt.enums import CallbackAPIVersion
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
@@ -541,6 +545,7 @@ def main() -> int:
         bundles[name] = build(name, out)
         serve(bundles[name], out / f"{name}-test.npz")
     daemon_act(bundles["digits"], out / "digits-test.npz", out)
+    fleet_act(bundles["digits"], out / "digits-test.npz", out)
     print(f"\nartifacts in {out}/")
     return 0
 
