@@ -282,8 +282,7 @@ def _access_rules(api: httpx.Client, url: str, daemons: list[subprocess.Popen[by
     rejected = _wait(
         lambda: {
             r["reason"]: r["count"]
-            for r in api.get("/v1/ingest/rejections").json()
-            if r["device_id"] == target
+            for r in api.get("/v1/ingest/rejections", params={"device_id": target}).json()["items"]
         }.get("quarantined"),
         30,
         "no quarantined message was counted",

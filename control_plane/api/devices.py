@@ -4,6 +4,7 @@ device's own view of itself (device token)."""
 from __future__ import annotations
 
 import logging
+import time
 from typing import Annotated, Literal
 
 from fastapi import APIRouter, Query
@@ -21,8 +22,12 @@ Limit = Annotated[int, Query(ge=1, le=1000)]
 Status = Literal["active", "quarantined", "decommissioned"]
 
 
-def public(device: Device) -> DevicePublic:
-    return DevicePublic.model_validate(device)
+def public(device: Device, online_timeout_s: float) -> DevicePublic:
+    """The device as the API shows it: online while its presence says so and it was heard
+    from within `online_timeout_s` (a silent device is offline even without a last will)."""
+    shown = DevicePublic.model_validate(device)
+    fresh = device.last_seen is not None and time.time() - device.last_seen <= online_timeout_s
+    return shown.model_copy(update={"online": bool(device.online and fresh)})
 
 
 async def device_in_scope(actor: Actor, session: Session, device_id: str, action: str) -> Device:
@@ -38,6 +43,7 @@ async def device_in_scope(actor: Actor, session: Session, device_id: str, action
 async def list_devices(
     actor: Viewer,
     session: Session,
+    state: State,
     group: str | None = None,
     tag: str | None = None,
     status: Status | None = None,
@@ -46,6 +52,7 @@ async def list_devices(
     limit: Limit = 100,
 ) -> Page[DevicePublic]:
     """Devices the caller's scope reaches, by id; filters combine."""
+    timeout = state.settings.online_timeout_s
     query = select(Device).order_by(Device.id).limit(limit + 1)
     if group is not None:
         await actor.check_group("device.list", group, None)
@@ -55,7 +62,8 @@ async def list_devices(
     if status is not None:
         query = query.where(Device.status == status)
     if online is not None:
-        query = query.where(Device.online.is_(online))
+        live = Device.online.is_(True) & (Device.last_seen >= time.time() - timeout)
+        query = query.where(live if online else ~live)
     if tag is not None:  # tags are a JSON list of strings: match the quoted element
         pattern = '%"' + tag.replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_") + '"%'
         query = query.where(cast(Device.tags, String).like(pattern, escape="\\"))
@@ -64,17 +72,19 @@ async def list_devices(
     rows = list(await session.scalars(query))
     more = len(rows) > limit
     rows = rows[:limit]
-    return Page(items=[public(d) for d in rows], next_cursor=rows[-1].id if more else None)
+    items = [public(d, timeout) for d in rows]
+    return Page(items=items, next_cursor=rows[-1].id if more else None)
 
 
 @router.get("/v1/devices/{device_id}", responses=problems(401, 403, 404))
-async def get_device(device_id: str, actor: Viewer, session: Session) -> DevicePublic:
-    return public(await device_in_scope(actor, session, device_id, "device.read"))
+async def get_device(device_id: str, actor: Viewer, session: Session, state: State) -> DevicePublic:
+    device = await device_in_scope(actor, session, device_id, "device.read")
+    return public(device, state.settings.online_timeout_s)
 
 
 @router.patch("/v1/devices/{device_id}", responses=problems(401, 403, 404, 409))
 async def update_device(
-    device_id: str, body: DeviceUpdate, actor: Operator, session: Session
+    device_id: str, body: DeviceUpdate, actor: Operator, session: Session, state: State
 ) -> DevicePublic:
     """Move a device to another group or replace its tags."""
     device = await device_in_scope(actor, session, device_id, "device.update")
@@ -90,7 +100,7 @@ async def update_device(
         device.tags = sorted(set(body.tags))
     actor.audit(session, "device.update", device_id, **changes)
     await session.commit()
-    return public(device)
+    return public(device, state.settings.online_timeout_s)
 
 
 async def _set_status(
@@ -118,7 +128,7 @@ async def _set_status(
     await session.commit()
     if state.ingest is not None:
         state.ingest.forget(device_id)
-    return public(device)
+    return public(device, state.settings.online_timeout_s)
 
 
 @router.post("/v1/devices/{device_id}/quarantine", responses=problems(401, 403, 404, 409))
@@ -147,6 +157,6 @@ async def decommission_device(
 
 
 @router.get("/v1/device/self", tags=["device API"], responses=problems(401))
-async def device_self(device: CurrentDevice) -> DevicePublic:
+async def device_self(device: CurrentDevice, state: State) -> DevicePublic:
     """What the control plane knows about the calling device (device token)."""
-    return public(device)
+    return public(device, state.settings.online_timeout_s)

@@ -131,6 +131,12 @@ class DriftPublic(BaseModel):
     events: list[EventPublic]
 
 
+class DriftSummary(BaseModel):
+    device_id: str
+    summary: dict[str, object] | None
+    alarms: list[str] = Field(description="the drift statistics whose alarm is active")
+
+
 class EventPublic(BaseModel):
     device_id: str
     boot: int

@@ -7,13 +7,14 @@ import time
 from typing import Annotated, Any, Literal
 
 from fastapi import APIRouter, Query
-from sqlalchemy import Select, and_, func, or_, select, tuple_
+from sqlalchemy import Select, and_, func, select, tuple_
 
 from control_plane.api.deps import Actor, Session, Viewer
 from control_plane.api.devices import device_in_scope
 from control_plane.api.problems import Problem, problems
 from control_plane.api.schemas import (
     DriftPublic,
+    DriftSummary,
     EventPublic,
     HealthPublic,
     Page,
@@ -259,12 +260,64 @@ async def list_samples(
     return Page(items=items, next_cursor=_next(rows, limit))
 
 
-@router.get("/v1/ingest/rejections", responses=problems(401, 403))
-async def list_rejections(actor: Viewer, session: Session) -> list[RejectionPublic]:
+@router.get("/v1/ingest/rejections", responses=problems(400, 401, 403))
+async def list_rejections(
+    actor: Viewer,
+    session: Session,
+    device_id: str | None = None,
+    cursor: str | None = None,
+    limit: Limit = 100,
+) -> Page[RejectionPublic]:
     """Refused uplink messages counted per claimed device and reason. A scoped token sees
     only its devices; an unscoped one also sees devices that are not enrolled."""
-    query = select(IngestRejection).order_by(IngestRejection.device_id, IngestRejection.reason)
+    query = (
+        select(IngestRejection)
+        .order_by(IngestRejection.device_id, IngestRejection.reason)
+        .limit(limit + 1)
+    )
+    if device_id is not None:
+        query = query.where(IngestRejection.device_id == device_id)
     if actor.principal.groups is not None:
         reach = select(Device.id).where(Device.group.in_(sorted(actor.principal.groups)))
-        query = query.where(or_(IngestRejection.device_id.in_(reach)))
-    return [RejectionPublic.model_validate(r) for r in await session.scalars(query)]
+        query = query.where(IngestRejection.device_id.in_(reach))
+    if cursor is not None:
+        device, _, reason = cursor.partition(":")
+        if not reason:
+            raise Problem(400, f"cursor {cursor!r} is not one this API gave out")
+        query = query.where(
+            tuple_(IngestRejection.device_id, IngestRejection.reason) > (device, reason)
+        )
+    rows = list(await session.scalars(query))
+    more = len(rows) > limit
+    rows = rows[:limit]
+    return Page(
+        items=[RejectionPublic.model_validate(r) for r in rows],
+        next_cursor=f"{rows[-1].device_id}:{rows[-1].reason}" if more else None,
+    )
+
+
+@router.get("/v1/groups/{group}/drift", responses=problems(401, 403))
+async def group_drift(
+    group: str, actor: Viewer, session: Session, cursor: str | None = None, limit: Limit = 100
+) -> Page[DriftSummary]:
+    """The newest drift scores of every device in a group, with the alarms active."""
+    await actor.check_group("drift.read", group, None)
+    query = select(Device).where(Device.group == group).order_by(Device.id).limit(limit + 1)
+    if cursor is not None:
+        query = query.where(Device.id > cursor)
+    rows = list(await session.scalars(query))
+    more = len(rows) > limit
+    rows = rows[:limit]
+    items = [
+        DriftSummary(
+            device_id=d.id,
+            summary=d.last_drift,
+            alarms=sorted(
+                k.removesuffix("_alarm")
+                for k, v in (d.last_drift or {}).items()
+                if k.endswith("_alarm") and v is True
+            ),
+        )
+        for d in rows
+    ]
+    return Page(items=items, next_cursor=rows[-1].id if more else None)

@@ -26,8 +26,8 @@ def _telemetry_count(cp: ControlPlaneProcess, device: str, since: float) -> int:
 
 
 def _rejections(cp: ControlPlaneProcess, device: str) -> dict[str, int]:
-    rows = _get(cp, "/v1/ingest/rejections")
-    return {r["reason"]: r["count"] for r in rows if r["device_id"] == device}
+    rows = _get(cp, "/v1/ingest/rejections", device_id=device)["items"]
+    return {r["reason"]: r["count"] for r in rows}
 
 
 def _connected(cp: ControlPlaneProcess, path: Path, group: str) -> DeviceClient:
@@ -122,6 +122,8 @@ def test_events_samples_and_presence(cp: ControlPlaneProcess, group: str, tmp_pa
         assert drift["events"][0]["body"]["score"] == 0.4
         wait_for(lambda: _get(cp, f"/v1/devices/{device.device_id}/drift")["summary"])
         assert _get(cp, f"/v1/devices/{device.device_id}/drift")["summary"]["psi"] == 0.31
+        fleet = _get(cp, f"/v1/groups/{group}/drift")["items"]
+        assert [(d["device_id"], d["alarms"]) for d in fleet] == [(device.device_id, ["psi"])]
         samples = wait_for(lambda: _get(cp, "/v1/samples", device_id=device.device_id)["items"])
         assert samples[0]["verdict"] == "uncertain" and samples[0]["input_bytes"] == 3
         assert "input" not in samples[0]["meta"]

@@ -45,16 +45,19 @@ def test_bundle_is_fine_tunable_and_self_describing(digits_build) -> None:
 
 def test_sensor_model_on_unseen_subjects(sensor_build) -> None:
     """The 1-D CNN on real smartwatch IMU windows (subjects never seen in training): int8
-    stays within a point of torch. Its top-1 agreement is 98.6 %, under the 99 % the digits
-    model reaches: an 86 %-accurate cross-subject model has many low-margin windows that
-    int8 rounding flips (min/max calibration on the whole training split; per-channel input
-    normalisation was tried and does not help). The file is 54 % of float because this
-    model's 10 k weights are smaller than the flatbuffer's fixed overhead."""
+    stays within a point of torch. Its top-1 agreement is under the 99 % the digits model
+    reaches: a 70-86 %-accurate cross-subject model has many low-margin windows that int8
+    rounding flips (min/max calibration on the whole training split; per-channel input
+    normalisation was tried and does not help). Training is seeded, but float rounding
+    differs between CPUs: seed 0 gave 98.6 % agreement on an Intel machine and 96.5 % on an
+    AMD EPYC one, seeds 1-4 gave 97.5-98.6 %, so the guard is 96 %. The file is 54 % of
+    float because this model's 10 k weights are smaller than the flatbuffer's fixed
+    overhead."""
     out, report = sensor_build
     assert report.test_samples == 514
     assert report.torch_accuracy >= 0.80
     assert report.accuracy_loss_pts <= 1.0
-    assert report.top1_agreement >= 0.98
+    assert report.top1_agreement >= 0.96
     engine = Engine.from_file(out / report.bundle)
     assert engine.manifest.input.layout == "NLC" and engine.sample_shape == (100, 6)
     assert engine.manifest.reference.granularity == "element"
