@@ -28,7 +28,8 @@ from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 from sqlalchemy import Table, bindparam, or_, select, update
 from sqlalchemy.dialects import postgresql, sqlite
-from tenacity import AsyncRetrying, retry_if_exception_type, wait_exponential_jitter
+from sqlalchemy.exc import DBAPIError, InterfaceError, OperationalError
+from tenacity import AsyncRetrying, retry_if_exception, wait_exponential_jitter
 
 from control_plane.db.engine import Database
 from control_plane.db.models import Device, Event, IngestRejection, SampleRow, TelemetryRow
@@ -60,6 +61,13 @@ class IngestConfig:
     session_expiry_s: int = 86_400
     device_cache_s: float = 5.0
     max_message_bytes: int = 1 << 20
+
+
+def _transient(exc: BaseException) -> bool:
+    """Worth retrying as it is: the database is down, unreachable, busy or timed out."""
+    if isinstance(exc, OperationalError | InterfaceError | OSError | TimeoutError):
+        return True
+    return isinstance(exc, DBAPIError) and exc.connection_invalidated
 
 
 class Ingest:
@@ -173,9 +181,12 @@ class Ingest:
                     self._client.ack(mid, qos)
 
     async def _write_with_retry(self, batch: Sequence[Message]) -> None:
+        """Store the batch; retry while the database is unreachable or busy. A batch the
+        database refuses for its data is stored message by message, so one message it cannot
+        store is counted as `unstorable` instead of blocking everything behind it."""
         async for attempt in AsyncRetrying(
             wait=wait_exponential_jitter(initial=0.2, max=10),
-            retry=retry_if_exception_type(Exception),
+            retry=retry_if_exception(_transient),
             before_sleep=lambda state: log.error(
                 "ingest batch of %d messages not written, retrying: %r",
                 len(batch),
@@ -183,7 +194,28 @@ class Ingest:
             ),
         ):
             with attempt:
-                await self.write(batch)
+                try:
+                    await self.write(batch)
+                except Exception as exc:
+                    if _transient(exc):
+                        raise
+                    await self._isolate(batch, exc)
+
+    async def _isolate(self, batch: Sequence[Message], first: Exception) -> None:
+        log.error("ingest batch refused by the database (%r); storing one by one", first)
+        for message in batch:
+            try:
+                await self.write([message])
+            except Exception as exc:
+                if _transient(exc):
+                    raise
+                claimed = message.topic.split("/")[2][:64] if message.topic.count("/") >= 2 else "?"
+                plan = IngestPlan()
+                plan.reject(claimed, "unstorable", f"the database refused it: {exc!r}"[:500])
+                async with self.db.session() as session, session.begin():
+                    await self._count_rejections(session, plan)
+                self.metrics.ingest_rejected.labels(reason="unstorable").inc()
+                log.error("ingest could not store a message from %s: %r", claimed, exc)
 
     async def _device_info(self, devices: set[str]) -> dict[str, DeviceInfo | None]:
         now = time.monotonic()

@@ -9,6 +9,7 @@ broker that let it publish there), or its CBOR or schema is wrong."""
 
 from __future__ import annotations
 
+import base64
 import math
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
@@ -96,6 +97,32 @@ def _reason(exc: MessageError) -> str:
     return "schema"
 
 
+def _jsonable(value: Any) -> Any:
+    """A record body as JSON both backends store: byte strings become {"$base64": ...},
+    non-finite floats null, NUL characters dropped (PostgreSQL refuses them in text)."""
+    if isinstance(value, dict):
+        return {_clean(k): _jsonable(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_jsonable(v) for v in value]
+    if isinstance(value, str):
+        return _clean(value)
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, bytes):
+        return {"$base64": base64.b64encode(value).decode()}
+    return value
+
+
+def _clean(text: str) -> str:
+    return text.replace("\x00", "") if "\x00" in text else text
+
+
+def _text(value: Any, limit: int) -> str:
+    """A device-supplied string fit for a text column: NUL removed (PostgreSQL refuses it),
+    cut to the column's length."""
+    return str(value).replace("\x00", "")[:limit]
+
+
 def _dig(body: dict[str, Any], path: tuple[str, ...]) -> float | None:
     value: Any = body
     for key in path:
@@ -145,28 +172,28 @@ def _add_records(plan: IngestPlan, batch: Batch, received: float) -> None:
         if batch.channel == "telemetry":
             row.update({name: _dig(body, path) for name, path in _TELEMETRY_FIGURES.items()})
             row["uncertain_share"] = _uncertain_share(body)
-            row["body"] = body
+            row["body"] = _jsonable(body)
             plan.telemetry.append(row)
-            _note_telemetry(update, record)
+            _note_telemetry(update, record.created, row["body"])
         elif batch.channel == "events":
             name = body.get("name")
-            row.update(name=name if isinstance(name, str) else record.kind, body=body)
+            row.update(
+                name=_text(name if isinstance(name, str) else record.kind, 64), body=_jsonable(body)
+            )
             plan.events.append(row)
         else:
-            meta = {k: v for k, v in body.items() if k != "input"}
+            meta = _jsonable({k: v for k, v in body.items() if k != "input"})
             raw = body.get("input")
             row.update(
-                verdict=str(body.get("verdict"))[:32] if body.get("verdict") is not None else None,
-                model=str(body.get("model"))[:200] if body.get("model") is not None else None,
+                verdict=_text(body["verdict"], 32) if body.get("verdict") is not None else None,
+                model=_text(body["model"], 200) if body.get("model") is not None else None,
                 meta=meta,
                 input=raw if isinstance(raw, bytes) else None,
             )
             plan.samples.append(row)
 
 
-def _note_telemetry(update: DeviceUpdate, record: Record) -> None:
-    body = record.body
-    created = record.created
+def _note_telemetry(update: DeviceUpdate, created: float, body: dict[str, Any]) -> None:
     if isinstance(body.get("health"), dict) and (
         update.health is None or created >= update.health[0]
     ):
@@ -177,12 +204,12 @@ def _note_telemetry(update: DeviceUpdate, record: Record) -> None:
     if isinstance(model, dict) and (update.model is None or created >= update.model[0]):
         update.model = (
             created,
-            str(model.get("name", ""))[:128],
-            str(model.get("version", ""))[:64],
+            _text(model.get("name", ""), 128),
+            _text(model.get("version", ""), 64),
         )
     software = body.get("software_version")
     if isinstance(software, str):
-        update.software_version = software[:64]
+        update.software_version = _text(software, 64)
 
 
 def _check_bodies(batch: Batch) -> None:

@@ -9,7 +9,7 @@ from sqlalchemy import select
 
 from control_plane.api.deps import Admin, Session
 from control_plane.api.problems import problems
-from control_plane.api.schemas import AuditPublic, Page
+from control_plane.api.schemas import AuditPublic, Page, TextQuery
 from control_plane.db.models import AuditEntry
 
 router = APIRouter(tags=["audit"])
@@ -20,10 +20,10 @@ Limit = Annotated[int, Query(ge=1, le=1000)]
 async def read_audit(
     _actor: Admin,
     session: Session,
-    action: str | None = None,
-    target: str | None = None,
-    outcome: str | None = None,
-    cursor: Annotated[int, Query(ge=0)] | None = None,
+    action: TextQuery = None,
+    target: TextQuery = None,
+    outcome: TextQuery = None,
+    cursor: Annotated[int, Query(ge=0, lt=1 << 63)] | None = None,
     limit: Limit = 100,
 ) -> Page[AuditPublic]:
     """Who did what, when, from where, and whether it was allowed; newest first."""

@@ -12,7 +12,15 @@ from sqlalchemy import String, cast, select
 
 from control_plane.api.deps import Actor, CurrentDevice, Operator, Session, State, Viewer
 from control_plane.api.problems import Problem, problems
-from control_plane.api.schemas import DevicePublic, DeviceUpdate, Page
+from control_plane.api.schemas import (
+    DeviceCursor,
+    DeviceIdPath,
+    DevicePublic,
+    DeviceUpdate,
+    GroupQuery,
+    Page,
+    TagQuery,
+)
 from control_plane.db.models import Device
 from control_plane.errors import ControlPlaneError
 
@@ -44,11 +52,11 @@ async def list_devices(
     actor: Viewer,
     session: Session,
     state: State,
-    group: str | None = None,
-    tag: str | None = None,
+    group: GroupQuery = None,
+    tag: TagQuery = None,
     status: Status | None = None,
     online: bool | None = None,
-    cursor: str | None = None,
+    cursor: DeviceCursor = None,
     limit: Limit = 100,
 ) -> Page[DevicePublic]:
     """Devices the caller's scope reaches, by id; filters combine."""
@@ -77,14 +85,16 @@ async def list_devices(
 
 
 @router.get("/v1/devices/{device_id}", responses=problems(401, 403, 404))
-async def get_device(device_id: str, actor: Viewer, session: Session, state: State) -> DevicePublic:
+async def get_device(
+    device_id: DeviceIdPath, actor: Viewer, session: Session, state: State
+) -> DevicePublic:
     device = await device_in_scope(actor, session, device_id, "device.read")
     return public(device, state.settings.online_timeout_s)
 
 
 @router.patch("/v1/devices/{device_id}", responses=problems(401, 403, 404, 409))
 async def update_device(
-    device_id: str, body: DeviceUpdate, actor: Operator, session: Session, state: State
+    device_id: DeviceIdPath, body: DeviceUpdate, actor: Operator, session: Session, state: State
 ) -> DevicePublic:
     """Move a device to another group or replace its tags."""
     device = await device_in_scope(actor, session, device_id, "device.update")
@@ -133,7 +143,7 @@ async def _set_status(
 
 @router.post("/v1/devices/{device_id}/quarantine", responses=problems(401, 403, 404, 409))
 async def quarantine_device(
-    device_id: str, actor: Operator, session: Session, state: State
+    device_id: DeviceIdPath, actor: Operator, session: Session, state: State
 ) -> DevicePublic:
     """Stop accepting the device's data: its messages are counted as refused, not stored."""
     return await _set_status(device_id, "quarantined", actor, session, state)
@@ -141,7 +151,7 @@ async def quarantine_device(
 
 @router.post("/v1/devices/{device_id}/release", responses=problems(401, 403, 404, 409))
 async def release_device(
-    device_id: str, actor: Operator, session: Session, state: State
+    device_id: DeviceIdPath, actor: Operator, session: Session, state: State
 ) -> DevicePublic:
     """Accept the device's data again after a quarantine."""
     return await _set_status(device_id, "active", actor, session, state)
@@ -149,7 +159,7 @@ async def release_device(
 
 @router.post("/v1/devices/{device_id}/decommission", responses=problems(401, 403, 404, 409, 502))
 async def decommission_device(
-    device_id: str, actor: Operator, session: Session, state: State
+    device_id: DeviceIdPath, actor: Operator, session: Session, state: State
 ) -> DevicePublic:
     """Retire a device for good: its broker account is deleted (a connected session is
     dropped), its API token stops working, and its history stays queryable."""

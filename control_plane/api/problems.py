@@ -87,12 +87,13 @@ def install_handlers(app: FastAPI) -> None:
 
 
 def problems(*statuses: int) -> dict[int | str, dict[str, Any]]:
-    """OpenAPI entries for the error responses a route can give (422 is always added)."""
+    """OpenAPI entries for the error responses a route can give (400 for a body that is not
+    JSON and 422 for one that breaks the schema are always added)."""
     return {
         status: {
             "model": ProblemDocument,
             "description": TITLES.get(status, "Error"),
             "content": {MEDIA_TYPE: {}},
         }
-        for status in sorted({*statuses, 422})
+        for status in sorted({*statuses, 400, 422})
     }

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from typing import Annotated, Generic, Literal, TypeVar
 
+from fastapi import Path, Query
 from pydantic import BaseModel, ConfigDict, Field
 
 __all__ = [
@@ -25,6 +26,20 @@ T = TypeVar("T")
 GroupName = Annotated[str, Field(pattern=r"^[a-z0-9][a-z0-9_-]{0,63}$")]
 Tag = Annotated[str, Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.:=-]{0,63}$")]
 Hex = Annotated[str, Field(pattern=r"^[0-9a-f]+$")]
+# Path and query parameters: what an id can be, so nothing else reaches a query.
+DEVICE_ID = r"^[a-z0-9-]{1,64}$"
+GROUP = r"^[a-z0-9][a-z0-9_-]{0,63}$"
+DeviceIdPath = Annotated[str, Path(pattern=DEVICE_ID)]
+GroupPath = Annotated[str, Path(pattern=GROUP)]
+TokenIdPath = Annotated[str, Path(pattern=r"^[0-9a-f]{32}$")]
+DeviceIdQuery = Annotated[str | None, Query(pattern=DEVICE_ID)]
+GroupQuery = Annotated[str | None, Query(pattern=GROUP)]
+TagQuery = Annotated[str | None, Query(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.:=-]{0,63}$")]
+TextQuery = Annotated[str | None, Query(pattern=r"^[^\x00]{1,200}$")]
+# Keyset cursors as the API hands them out in `next_cursor`.
+RecordCursor = Annotated[str | None, Query(pattern=r"^[a-z0-9-]{1,64}:[0-9]{1,19}:[0-9]{1,19}$")]
+RejectionCursor = Annotated[str | None, Query(pattern=r"^[^:\x00]{1,64}:[a-z_]{1,32}$")]
+DeviceCursor = Annotated[str | None, Query(pattern=r"^[a-z0-9-]{1,64}$")]
 
 
 class _In(BaseModel):

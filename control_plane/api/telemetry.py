@@ -13,15 +13,23 @@ from control_plane.api.deps import Actor, Session, Viewer
 from control_plane.api.devices import device_in_scope
 from control_plane.api.problems import Problem, problems
 from control_plane.api.schemas import (
+    DeviceCursor,
+    DeviceIdPath,
+    DeviceIdQuery,
     DriftPublic,
     DriftSummary,
     EventPublic,
+    GroupPath,
+    GroupQuery,
     HealthPublic,
     Page,
+    RecordCursor,
+    RejectionCursor,
     RejectionPublic,
     SamplePublic,
     TelemetryPoint,
     TelemetrySeries,
+    TextQuery,
 )
 from control_plane.db.models import Device, Event, IngestRejection, SampleRow, TelemetryRow
 
@@ -38,6 +46,8 @@ Metric = Literal[
 ]
 Limit = Annotated[int, Query(ge=1, le=1000)]
 MAX_POINTS = 10_000
+# Unix seconds, from 1970 to the year 5138: what fits the millisecond columns
+Instant = Annotated[float | None, Query(ge=0, le=1e11)]
 
 
 def _window(
@@ -86,13 +96,13 @@ def _float(value: Any) -> float | None:
 
 @router.get("/v1/devices/{device_id}/telemetry", responses=problems(400, 401, 403, 404))
 async def device_telemetry(
-    device_id: str,
+    device_id: DeviceIdPath,
     actor: Viewer,
     session: Session,
     metric: Metric = "rate_per_s",
-    since: float | None = None,
-    until: float | None = None,
-    bucket_s: Annotated[float, Query(gt=0)] | None = None,
+    since: Instant = None,
+    until: Instant = None,
+    bucket_s: Annotated[float, Query(ge=1, le=86_400 * 366)] | None = None,
 ) -> TelemetrySeries:
     """One metric of one device over [since, until) (Unix seconds; default the last hour)."""
     await device_in_scope(actor, session, device_id, "telemetry.read")
@@ -109,13 +119,13 @@ async def device_telemetry(
 
 @router.get("/v1/groups/{group}/telemetry", responses=problems(400, 401, 403))
 async def group_telemetry(
-    group: str,
+    group: GroupPath,
     actor: Viewer,
     session: Session,
     metric: Metric = "rate_per_s",
-    since: float | None = None,
-    until: float | None = None,
-    bucket_s: Annotated[float, Query(gt=0)] | None = None,
+    since: Instant = None,
+    until: Instant = None,
+    bucket_s: Annotated[float, Query(ge=1, le=86_400 * 366)] | None = None,
 ) -> TelemetrySeries:
     """One metric across every device of a group, bucketed together."""
     await actor.check_group("telemetry.read", group, None)
@@ -132,7 +142,7 @@ async def group_telemetry(
 
 
 @router.get("/v1/devices/{device_id}/health", responses=problems(401, 403, 404))
-async def device_health(device_id: str, actor: Viewer, session: Session) -> HealthPublic:
+async def device_health(device_id: DeviceIdPath, actor: Viewer, session: Session) -> HealthPublic:
     """The latest health report (the `health` part of the newest telemetry record)."""
     device = await device_in_scope(actor, session, device_id, "health.read")
     return HealthPublic(device_id=device_id, at=device.last_health_at, health=device.last_health)
@@ -151,7 +161,7 @@ def _event(row: Event) -> EventPublic:
 
 
 @router.get("/v1/devices/{device_id}/drift", responses=problems(401, 403, 404))
-async def device_drift(device_id: str, actor: Viewer, session: Session) -> DriftPublic:
+async def device_drift(device_id: DeviceIdPath, actor: Viewer, session: Session) -> DriftPublic:
     """The latest drift scores the device reported and its most recent drift events."""
     device = await device_in_scope(actor, session, device_id, "drift.read")
     rows = await session.scalars(
@@ -170,9 +180,12 @@ def _cursor(value: str | None) -> tuple[str, int, int] | None:
         return None
     try:
         device, boot, seq = value.rsplit(":", 2)
-        return device, int(boot), int(seq)
+        key = device, int(boot), int(seq)
     except ValueError as exc:
         raise Problem(400, f"cursor {value!r} is not one this API gave out") from exc
+    if not (key[1] < 1 << 63 and key[2] < 1 << 63):
+        raise Problem(400, f"cursor {value!r} is not one this API gave out")
+    return key
 
 
 def _keyset(model: Any, query: Select[Any], cursor: str | None, limit: int) -> Select[Any]:
@@ -213,10 +226,10 @@ async def _scope_filter(
 async def list_events(
     actor: Viewer,
     session: Session,
-    device_id: str | None = None,
-    group: str | None = None,
-    name: str | None = None,
-    cursor: str | None = None,
+    device_id: DeviceIdQuery = None,
+    group: GroupQuery = None,
+    name: TextQuery = None,
+    cursor: RecordCursor = None,
     limit: Limit = 100,
 ) -> Page[EventPublic]:
     """Events (drift alarms, outbox drops, ...) by device, boot and sequence."""
@@ -232,10 +245,10 @@ async def list_events(
 async def list_samples(
     actor: Viewer,
     session: Session,
-    device_id: str | None = None,
-    group: str | None = None,
-    verdict: str | None = None,
-    cursor: str | None = None,
+    device_id: DeviceIdQuery = None,
+    group: GroupQuery = None,
+    verdict: TextQuery = None,
+    cursor: RecordCursor = None,
     limit: Limit = 100,
 ) -> Page[SamplePublic]:
     """Uploaded samples' metadata (uncertain and audit); the raw input stays server-side."""
@@ -264,8 +277,8 @@ async def list_samples(
 async def list_rejections(
     actor: Viewer,
     session: Session,
-    device_id: str | None = None,
-    cursor: str | None = None,
+    device_id: DeviceIdQuery = None,
+    cursor: RejectionCursor = None,
     limit: Limit = 100,
 ) -> Page[RejectionPublic]:
     """Refused uplink messages counted per claimed device and reason. A scoped token sees
@@ -298,7 +311,11 @@ async def list_rejections(
 
 @router.get("/v1/groups/{group}/drift", responses=problems(401, 403))
 async def group_drift(
-    group: str, actor: Viewer, session: Session, cursor: str | None = None, limit: Limit = 100
+    group: GroupPath,
+    actor: Viewer,
+    session: Session,
+    cursor: DeviceCursor = None,
+    limit: Limit = 100,
 ) -> Page[DriftSummary]:
     """The newest drift scores of every device in a group, with the alarms active."""
     await actor.check_group("drift.read", group, None)

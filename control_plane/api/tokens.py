@@ -11,12 +11,13 @@ from sqlalchemy import select
 
 from control_plane.api.deps import Admin, Session
 from control_plane.api.problems import Problem, problems
-from control_plane.api.schemas import Page, TokenCreate, TokenCreated, TokenPublic
+from control_plane.api.schemas import Page, TokenCreate, TokenCreated, TokenIdPath, TokenPublic
 from control_plane.auth import hash_secret, new_secret
 from control_plane.db.models import OperatorToken
 
 router = APIRouter(prefix="/v1/tokens", tags=["tokens"])
 Limit = Annotated[int, Query(ge=1, le=1000)]
+TokenCursor = Annotated[str | None, Query(pattern=r"^[0-9a-f]{32}$")]
 
 
 def _public(token: OperatorToken) -> TokenPublic:
@@ -48,7 +49,7 @@ async def create_token(body: TokenCreate, actor: Admin, session: Session) -> Tok
 
 @router.get("", responses=problems(401, 403))
 async def list_tokens(
-    _actor: Admin, session: Session, cursor: str | None = None, limit: Limit = 100
+    _actor: Admin, session: Session, cursor: TokenCursor = None, limit: Limit = 100
 ) -> Page[TokenPublic]:
     """Every token (never its secret), oldest first."""
     query = select(OperatorToken).order_by(OperatorToken.id).limit(limit + 1)
@@ -61,7 +62,7 @@ async def list_tokens(
 
 
 @router.delete("/{token_id}", status_code=204, responses=problems(401, 403, 404))
-async def revoke_token(token_id: str, actor: Admin, session: Session) -> Response:
+async def revoke_token(token_id: TokenIdPath, actor: Admin, session: Session) -> Response:
     """Revoke a token at once; it answers 401 from the next request on."""
     token = await session.get(OperatorToken, token_id)
     if token is None:

@@ -225,3 +225,68 @@ def test_quarantine_refuses_data_and_decommission_revokes_credentials(
         assert _telemetry_count(cp, device.device_id, since) == 1
     finally:
         device.close()
+
+
+def _sql(database_url: str, statements: list[str]) -> None:
+    """Run DDL straight on the test database (SQLite file or PostgreSQL)."""
+    import asyncio
+
+    from sqlalchemy import text
+
+    from control_plane.db.engine import Database
+
+    async def run() -> None:
+        db = Database(database_url)
+        try:
+            async with db.engine.begin() as conn:
+                for statement in statements:
+                    await conn.execute(text(statement))
+        finally:
+            await db.close()
+
+    asyncio.run(run())
+
+
+def test_hostile_bodies_are_stored_and_a_refused_message_blocks_nothing(
+    cp: ControlPlaneProcess, database_url: str, group: str, tmp_path: Path
+) -> None:
+    """Bytes, NaN and NUL in bodies are stored as JSON; a message the database itself refuses
+    (a trigger here) is counted as unstorable while the messages around it are stored."""
+    sqlite = database_url.startswith("sqlite")
+    if sqlite:
+        install = [
+            "CREATE TRIGGER poison BEFORE INSERT ON events WHEN NEW.name = 'poison' "
+            "BEGIN SELECT RAISE(ABORT, 'poison refused'); END"
+        ]
+        remove = ["DROP TRIGGER poison"]
+    else:
+        install = [
+            "CREATE FUNCTION refuse_poison() RETURNS trigger AS $$ BEGIN IF NEW.name = 'poison' "
+            "THEN RAISE EXCEPTION 'poison refused'; END IF; RETURN NEW; END $$ LANGUAGE plpgsql",
+            "CREATE TRIGGER poison BEFORE INSERT ON events FOR EACH ROW EXECUTE FUNCTION "
+            "refuse_poison()",
+        ]
+        remove = ["DROP TRIGGER poison ON events", "DROP FUNCTION refuse_poison()"]
+    device = _connected(cp, tmp_path, group)
+    _sql(database_url, install)
+    try:
+        device.publish("events", [{"name": "odd\x00ity", "blob": b"\x00\x01", "x": float("nan")}])
+        device.publish("events", [{"name": "poison"}])
+        device.publish("events", [{"name": "after"}])
+        names = wait_for(
+            lambda: (
+                sorted(
+                    e["name"] for e in _get(cp, "/v1/events", device_id=device.device_id)["items"]
+                )
+                if len(_get(cp, "/v1/events", device_id=device.device_id)["items"]) == 2
+                else None
+            ),
+            timeout=30,
+        )
+        assert names == ["after", "oddity"]
+        stored = _get(cp, "/v1/events", device_id=device.device_id, name="oddity")["items"][0]
+        assert stored["body"] == {"name": "oddity", "blob": {"$base64": "AAE="}, "x": None}
+        wait_for(lambda: _rejections(cp, device.device_id).get("unstorable") == 1)
+    finally:
+        device.close()
+        _sql(database_url, remove)

@@ -117,3 +117,32 @@ def test_presence_events_and_samples() -> None:
     sample = plan.samples[0]
     assert sample["input"] == b"\x00\x01" and "input" not in sample["meta"]
     assert sample["verdict"] == "audit" and plan.accepted == 3
+
+
+def test_bodies_are_made_storable_as_json() -> None:
+    """Bytes, NaN and NUL characters in a body reach the database as JSON both backends take."""
+    body = {
+        "blob": b"\x00\xff",
+        "ratio": float("nan"),
+        "note": "a\x00b",
+        "list": [b"x", 1.5],
+        "health": {"temp_c": float("inf")},
+    }
+    event = {"name": "dr\x00ift", "raw": b"\x01"}
+    plan = plan_ingest(
+        [_message(A, "telemetry", [body]), _message(A, "events", [event], seq0=5)],
+        _info(),
+        0.0,
+        LIMITS,
+    )
+    stored = plan.telemetry[0]["body"]
+    assert stored == {
+        "blob": {"$base64": "AP8="},
+        "ratio": None,
+        "note": "ab",
+        "list": [{"$base64": "eA=="}, 1.5],
+        "health": {"temp_c": None},
+    }
+    assert plan.devices[A].health == (1000.0, {"temp_c": None})
+    assert plan.events[0]["name"] == "drift"
+    assert plan.events[0]["body"]["raw"] == {"$base64": "AQ=="}
