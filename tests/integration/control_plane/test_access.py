@@ -126,3 +126,31 @@ def test_device_list_paginates_and_filters(
     assert sorted(seen) == sorted(ids) and len(seen) == 5
     assert len(tagged) == 2 and all("n1" in d["tags"] for d in tagged)
     assert quarantined.json()["items"] == []
+
+
+def test_the_database_refuses_to_rewrite_the_audit_log(
+    cp: ControlPlaneProcess, database_url: str
+) -> None:
+    """UPDATE and DELETE on audit_log fail in the database itself, whoever connects."""
+    import asyncio
+
+    import pytest
+    from sqlalchemy import text
+    from sqlalchemy.exc import DBAPIError
+
+    from control_plane.db.engine import Database
+
+    assert _audit(cp)  # there are entries to protect
+
+    async def attempt(statement: str) -> None:
+        db = Database(database_url)
+        try:
+            async with db.engine.begin() as conn:
+                await conn.execute(text(statement))
+        finally:
+            await db.close()
+
+    for statement in ("UPDATE audit_log SET outcome = 'ok'", "DELETE FROM audit_log"):
+        with pytest.raises(DBAPIError, match="the audit log is append-only"):
+            asyncio.run(attempt(statement))
+    assert _audit(cp)

@@ -83,7 +83,7 @@ def test_serve_refuses_a_database_behind_the_migrations(
     migrated = subprocess.run(
         [*CP, "migrate"], env=env, capture_output=True, text=True, timeout=60, check=False
     )
-    assert migrated.returncode == 0 and "at migration 0001" in migrated.stdout
+    assert migrated.returncode == 0 and "at migration 0002" in migrated.stdout
 
     async def revision() -> str | None:
         db = Database(url)
@@ -92,7 +92,7 @@ def test_serve_refuses_a_database_behind_the_migrations(
         finally:
             await db.close()
 
-    assert asyncio.run(revision()) == "0001"
+    assert asyncio.run(revision()) == "0002"
 
 
 def test_bad_settings_exit_with_one_sentence(cp: ControlPlaneProcess) -> None:
