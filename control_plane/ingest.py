@@ -26,12 +26,12 @@ from nacl.signing import VerifyKey
 from paho.mqtt.enums import CallbackAPIVersion
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
-from sqlalchemy import Table, bindparam, or_, select, update
+from sqlalchemy import JSON, Boolean, Float, String, Table, bindparam, case, func, select, update
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.exc import DBAPIError, InterfaceError, OperationalError
 from tenacity import AsyncRetrying, retry_if_exception, wait_exponential_jitter
 
-from control_plane.db.engine import Database
+from control_plane.db.engine import Database, dumps_json
 from control_plane.db.models import Device, Event, IngestRejection, SampleRow, TelemetryRow
 from control_plane.ingest_plan import DeviceInfo, IngestPlan, Message, plan_ingest
 from control_plane.metrics import Metrics
@@ -43,6 +43,8 @@ log = logging.getLogger("control_plane.ingest")
 UPLINK_FILTER = "edged/v1/+/+"
 RECORD_KEY = ("device_id", "boot", "seq")
 DEVICES: Table = Device.__table__  # type: ignore[assignment]
+NULLABLE_JSON = JSON(none_as_null=True)
+COPY_THRESHOLD = 64  # rows: below this a plain INSERT is cheaper than the staging round trips
 
 
 @dataclass(frozen=True, slots=True)
@@ -61,6 +63,63 @@ class IngestConfig:
     session_expiry_s: int = 86_400
     device_cache_s: float = 5.0
     max_message_bytes: int = 1 << 20
+
+
+def _device_update() -> Any:
+    c = DEVICES.c
+    health_at = bindparam("b_health_at", type_=Float)
+    newer = health_at.is_not(None) & (c.last_health_at.is_(None) | (c.last_health_at <= health_at))
+    return (
+        update(DEVICES)
+        .where(c.id == bindparam("b_id"))
+        .values(
+            last_seen=bindparam("b_seen", type_=Float),
+            online=func.coalesce(bindparam("b_online", type_=Boolean), c.online),
+            last_drift=func.coalesce(bindparam("b_drift", type_=NULLABLE_JSON), c.last_drift),
+            model_name=func.coalesce(bindparam("b_model", type_=String), c.model_name),
+            model_version=func.coalesce(bindparam("b_version", type_=String), c.model_version),
+            software_version=func.coalesce(
+                bindparam("b_software", type_=String), c.software_version
+            ),
+            last_health=case(
+                (newer, bindparam("b_health", type_=NULLABLE_JSON)), else_=c.last_health
+            ),
+            last_health_at=case((newer, health_at), else_=c.last_health_at),
+        )
+    )
+
+
+_DEVICE_UPDATE = _device_update()
+
+
+async def _copy_ignoring_duplicates(session: Any, table: Table, rows: list[dict[str, Any]]) -> int:
+    """PostgreSQL: COPY the rows into a temporary staging table (binary, no per-row SQL),
+    then one INSERT ... SELECT ... ON CONFLICT DO NOTHING; how many were new."""
+    columns = [c.name for c in table.columns]
+    json_columns = {c.name for c in table.columns if isinstance(c.type, JSON)}
+    stage = f"{table.name}_stage"
+    # The adapter opens its transaction at the first statement it runs itself: run one, so
+    # the COPY below belongs to this batch's transaction (and ON COMMIT clears the stage).
+    await session.execute(select(1))
+    connection = await session.connection()
+    raw = (await connection.get_raw_connection()).driver_connection
+    await raw.execute(
+        f"CREATE TEMP TABLE IF NOT EXISTS {stage} (LIKE {table.name}) ON COMMIT DELETE ROWS"
+    )
+    records = [
+        tuple(
+            (row.get(f"{c}_json") or dumps_json(row[c])) if c in json_columns else row.get(c)
+            for c in columns
+        )
+        for row in rows
+    ]
+    await raw.copy_records_to_table(stage, records=records, columns=columns)
+    listed = ", ".join(f'"{c}"' for c in columns)
+    inserted = await raw.fetch(
+        f"INSERT INTO {table.name} ({listed}) SELECT {listed} FROM {stage} "
+        "ON CONFLICT (device_id, boot, seq) DO NOTHING RETURNING seq"
+    )
+    return len(inserted)
 
 
 def _transient(exc: BaseException) -> bool:
@@ -274,6 +333,9 @@ class Ingest:
     async def _insert(self, session: Any, model: Any, rows: list[dict[str, Any]]) -> int:
         """Insert, ignoring records already stored; how many were new."""
         table = model.__table__
+        if self.db.dialect == "postgresql" and len(rows) >= COPY_THRESHOLD:
+            return await _copy_ignoring_duplicates(session, table, rows)
+        rows = [{k: v for k, v in row.items() if not k.endswith("_json")} for row in rows]
         statement = (
             self._insert_fn()(table)
             .on_conflict_do_nothing(index_elements=list(RECORD_KEY))
@@ -283,37 +345,27 @@ class Ingest:
         return len(result.all())
 
     async def _update_devices(self, session: Any, plan: IngestPlan) -> None:
+        """One executemany UPDATE for every device the batch touched: last seen always;
+        presence, drift, model and software when the batch says; health only if newer."""
         if not plan.devices:
             return
-        seen = [{"b_id": d, "b_seen": u.last_seen} for d, u in plan.devices.items()]
-        await session.execute(
-            update(DEVICES)
-            .where(DEVICES.c.id == bindparam("b_id"))
-            .values(last_seen=bindparam("b_seen")),
-            seen,
-        )
+        params = []
         for device_id, u in plan.devices.items():
-            values: dict[str, Any] = {}
-            if u.online is not None:
-                values["online"] = u.online
-            elif u.health is not None:
-                values["online"] = True  # telemetry arriving: the device is up
-            if u.drift is not None:
-                values["last_drift"] = u.drift[1]
-            if u.model is not None:
-                values["model_name"], values["model_version"] = u.model[1], u.model[2]
-            if u.software_version is not None:
-                values["software_version"] = u.software_version
-            if values:
-                await session.execute(update(Device).where(Device.id == device_id).values(values))
-            if u.health is not None:  # only ever replaced by a newer report
-                at, health = u.health
-                await session.execute(
-                    update(Device)
-                    .where(Device.id == device_id)
-                    .where(or_(Device.last_health_at.is_(None), Device.last_health_at <= at))
-                    .values(last_health=health, last_health_at=at)
-                )
+            online = u.online if u.online is not None else (True if u.health else None)
+            params.append(
+                {
+                    "b_id": device_id,
+                    "b_seen": u.last_seen,
+                    "b_online": online,
+                    "b_drift": u.drift[1] if u.drift else None,
+                    "b_model": u.model[1] if u.model else None,
+                    "b_version": u.model[2] if u.model else None,
+                    "b_software": u.software_version,
+                    "b_health": u.health[1] if u.health else None,
+                    "b_health_at": u.health[0] if u.health else None,
+                }
+            )
+        await session.execute(_DEVICE_UPDATE, params)
 
     async def _count_rejections(self, session: Any, plan: IngestPlan) -> None:
         now = time.time()

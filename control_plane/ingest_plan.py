@@ -15,10 +15,12 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
+import orjson
 from nacl.signing import VerifyKey
 
+from control_plane.json_codec import dumps_json
 from edged_formats.errors import MessageError, SignatureError, UnknownDevice
-from edged_formats.wire import Batch, Record, WireLimits, decode_batch
+from edged_formats.wire import Batch, Record, WireLimits, check_plain_value, decode_batch
 
 __all__ = ["DeviceInfo", "IngestPlan", "Message", "plan_ingest"]
 
@@ -97,24 +99,22 @@ def _reason(exc: MessageError) -> str:
     return "schema"
 
 
-def _jsonable(value: Any) -> Any:
-    """A record body as JSON both backends store: byte strings become {"$base64": ...},
-    non-finite floats null, NUL characters dropped (PostgreSQL refuses them in text)."""
-    if isinstance(value, dict):
-        return {_clean(k): _jsonable(v) for k, v in value.items()}
-    if isinstance(value, list):
-        return [_jsonable(v) for v in value]
-    if isinstance(value, str):
-        return _clean(value)
-    if isinstance(value, float) and not math.isfinite(value):
-        return None
+def _bytes_as_json(value: Any) -> Any:
     if isinstance(value, bytes):
         return {"$base64": base64.b64encode(value).decode()}
-    return value
+    raise TypeError(f"a {type(value).__name__} is not a plain value")
 
 
-def _clean(text: str) -> str:
-    return text.replace("\x00", "") if "\x00" in text else text
+def json_body(body: Any) -> str:
+    """A record body's stored JSON, checked in the same pass (`decode_batch`'s body_check):
+    orjson refuses non-text keys and anything but plain values, as the wire does; whatever it
+    refuses goes through the wire's own check, which raises the wire's sentence or, for the
+    few values orjson cannot write (integers beyond 64-bit signed), passes to the json module."""
+    try:
+        return orjson.dumps(body, default=_bytes_as_json).decode()
+    except TypeError:
+        check_plain_value(body, "record body")
+        return dumps_json(body)
 
 
 def _text(value: Any, limit: int) -> str:
@@ -162,7 +162,7 @@ def _key(batch: Batch, record: Record, received: float) -> dict[str, Any]:
 def _add_records(plan: IngestPlan, batch: Batch, received: float) -> None:
     update = plan.devices.setdefault(batch.device, DeviceUpdate(last_seen=received))
     update.last_seen = max(update.last_seen, received)
-    for record in batch.records:
+    for record, body_json in zip(batch.records, batch.checked, strict=True):
         body = record.body
         if batch.channel == "state":
             if isinstance(body, dict) and isinstance(body.get("online"), bool):
@@ -172,17 +172,19 @@ def _add_records(plan: IngestPlan, batch: Batch, received: float) -> None:
         if batch.channel == "telemetry":
             row.update({name: _dig(body, path) for name, path in _TELEMETRY_FIGURES.items()})
             row["uncertain_share"] = _uncertain_share(body)
-            row["body"] = _jsonable(body)
+            row["body"], row["body_json"] = body, body_json
             plan.telemetry.append(row)
-            _note_telemetry(update, record.created, row["body"])
+            _note_telemetry(update, record.created, body)
         elif batch.channel == "events":
             name = body.get("name")
             row.update(
-                name=_text(name if isinstance(name, str) else record.kind, 64), body=_jsonable(body)
+                name=_text(name if isinstance(name, str) else record.kind, 64),
+                body=body,
+                body_json=body_json,
             )
             plan.events.append(row)
         else:
-            meta = _jsonable({k: v for k, v in body.items() if k != "input"})
+            meta = {k: v for k, v in body.items() if k != "input"}
             raw = body.get("input")
             row.update(
                 verdict=_text(body["verdict"], 32) if body.get("verdict") is not None else None,
@@ -239,7 +241,9 @@ def plan_ingest(
             return info.verify_key if info is not None else None
 
         try:
-            batch = decode_batch(message.topic, message.payload, key_for, limits=limits)
+            batch = decode_batch(
+                message.topic, message.payload, key_for, limits=limits, body_check=json_body
+            )
             _check_bodies(batch)
         except UnknownDevice as exc:
             plan.reject(claimed, "unknown_device", str(exc))

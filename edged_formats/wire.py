@@ -36,6 +36,7 @@ __all__ = [
     "Batch",
     "Record",
     "WireLimits",
+    "check_plain_value",
     "decode_batch",
     "encode_batch",
     "encode_batch_raw",
@@ -93,29 +94,62 @@ def parse_topic(topic: str) -> tuple[str, str]:
     return parts[2], parts[3]
 
 
-def _check_value(value: Any, where: str) -> None:
+_PLAIN_SCALARS = frozenset({type(None), bool, float, str, bytes})
+
+
+def check_plain_value(value: Any, where: str) -> None:
     """Refuse anything a v1 reader would not decode back to the same plain value."""
-    stack = [(value, 0)]
-    while stack:
-        item, depth = stack.pop()
-        if item is None or isinstance(item, bool | float | str | bytes):
-            continue
-        if isinstance(item, int):
-            if not -_CBOR_INT_LIMIT <= item < _CBOR_INT_LIMIT:
-                raise MessageError(f"{where} holds an integer outside the 64-bit CBOR range")
-            continue
+    _check_item(value, where, 0)
+
+
+_check_value = check_plain_value
+
+
+def _check_item(item: Any, where: str, depth: int) -> None:
+    # Exact types first (what CBOR decoding yields): this runs for every value ingest reads.
+    kind = type(item)
+    if kind in _PLAIN_SCALARS:
+        return
+    if kind is int:
+        if not -_CBOR_INT_LIMIT <= item < _CBOR_INT_LIMIT:
+            raise MessageError(f"{where} holds an integer outside the 64-bit CBOR range")
+        return
+    if kind is dict or kind is list or kind is tuple:
         if depth >= MAX_BODY_DEPTH:
             raise MessageError(f"{where} nests containers deeper than {MAX_BODY_DEPTH} levels")
-        if isinstance(item, list | tuple):
-            stack.extend((v, depth + 1) for v in item)
-        elif isinstance(item, dict):
+        if kind is dict:
             for key, v in item.items():
-                if not isinstance(key, str):
+                if type(key) is not str and not isinstance(key, str):
                     raise MessageError(f"{where} has a map key that is not a text string")
-                stack.append((v, depth + 1))
+                if type(v) not in _PLAIN_SCALARS:
+                    _check_item(v, where, depth + 1)
         else:
-            name = type(item).__name__
-            raise MessageError(f"{where} holds a {name}, which the wire format cannot carry")
+            for v in item:
+                if type(v) not in _PLAIN_SCALARS:
+                    _check_item(v, where, depth + 1)
+        return
+    _check_subclass(item, where, depth)
+
+
+def _check_subclass(item: Any, where: str, depth: int) -> None:
+    """Subclasses of the plain types (numpy floats, IntEnum, OrderedDict, ...)."""
+    if isinstance(item, bool | float | str | bytes):
+        return
+    if isinstance(item, int):
+        if not -_CBOR_INT_LIMIT <= item < _CBOR_INT_LIMIT:
+            raise MessageError(f"{where} holds an integer outside the 64-bit CBOR range")
+        return
+    if isinstance(item, list | tuple | dict):
+        if depth >= MAX_BODY_DEPTH:
+            raise MessageError(f"{where} nests containers deeper than {MAX_BODY_DEPTH} levels")
+        values = item.items() if isinstance(item, dict) else ((None, v) for v in item)
+        for key, v in values:
+            if isinstance(item, dict) and not isinstance(key, str):
+                raise MessageError(f"{where} has a map key that is not a text string")
+            _check_item(v, where, depth + 1)
+        return
+    name = type(item).__name__
+    raise MessageError(f"{where} holds a {name}, which the wire format cannot carry")
 
 
 def _check_counter(value: Any, name: str) -> None:
@@ -138,6 +172,27 @@ class Record:
     body: Any = None
 
     def __post_init__(self) -> None:
+        self._check_head()
+        _check_value(self.body, "record body")
+
+    @classmethod
+    def _with_checked_body(
+        cls, kind: str, boot: int, seq: int, created: float, body: Any
+    ) -> Record:
+        """A record whose body the caller has already checked (see `decode_batch`)."""
+        record = object.__new__(cls)
+        for name, value in (
+            ("kind", kind),
+            ("boot", boot),
+            ("seq", seq),
+            ("created", created),
+            ("body", body),
+        ):
+            object.__setattr__(record, name, value)
+        record._check_head()
+        return record
+
+    def _check_head(self) -> None:
         if not isinstance(self.kind, str) or not _KIND.fullmatch(self.kind):
             raise MessageError(
                 "record kind must be 1-64 characters of a-z, 0-9, '.', '_' or '-' "
@@ -153,7 +208,6 @@ class Record:
         ):
             raise MessageError("record created must be a finite number of seconds")
         object.__setattr__(self, "created", float(created))
-        _check_value(self.body, "record body")
 
     @property
     def key(self) -> tuple[int, int]:
@@ -163,12 +217,14 @@ class Record:
 
 @dataclass(frozen=True, slots=True)
 class Batch:
-    """The records of one message, with unknown payload fields kept in `extensions`."""
+    """The records of one message, with unknown payload fields kept in `extensions`, and
+    what `decode_batch`'s `body_check` returned for each record (else empty)."""
 
     device: str
     channel: str
     records: tuple[Record, ...]
     extensions: Mapping[str, Any] = field(default_factory=dict)
+    checked: tuple[Any, ...] = ()
 
     def __post_init__(self) -> None:
         topic_for(self.device, self.channel)
@@ -351,11 +407,17 @@ def _loads(data: bytes, what: str, max_depth: int) -> Any:
     return value
 
 
-def _record_from(index: int, item: Any) -> Record:
+BodyCheck = Callable[[Any], Any]
+
+
+def _record_from(index: int, item: Any, body_check: BodyCheck | None) -> tuple[Record, Any]:
     if not isinstance(item, list) or len(item) != 5:
         raise MessageError(f"record {index} is not an array [kind, boot, seq, created, body]")
     try:
-        return Record(*item)
+        if body_check is None:
+            return Record(*item), None
+        checked = body_check(item[4])
+        return Record._with_checked_body(*item), checked
     except MessageError as exc:
         # Record's messages all start with "record "; say which one.
         raise MessageError(str(exc).replace("record", f"record {index}", 1)) from exc
@@ -367,11 +429,15 @@ def decode_batch(
     verify_key_for: Callable[[str], VerifyKey | None],
     *,
     limits: WireLimits = DEFAULT_LIMITS,
+    body_check: BodyCheck | None = None,
 ) -> Batch:
     """The batch a message carries, after checking its topic, size, signature and schema.
 
     `verify_key_for(device)` returns the device's key or None when the device is unknown;
-    whatever it raises itself passes through unchanged."""
+    whatever it raises itself passes through unchanged. `body_check(body)`, when given,
+    replaces the plain-value check of each record body: it must raise `MessageError` for
+    exactly what that check refuses (a receiver that serialises bodies anyway can check them
+    in the same pass); its results are kept in `Batch.checked`."""
     if not isinstance(data, bytes | bytearray | memoryview):
         raise MessageError(f"message must be bytes, not {type(data).__name__}")
     if len(data) > limits.max_message_bytes:
@@ -396,10 +462,13 @@ def decode_batch(
         raise SignatureError(
             f"signature does not verify with the key of device '{device}' for topic '{topic}'"
         ) from exc
-    return _batch_from(_loads(payload, "payload", MAX_BODY_DEPTH + 3), device, channel, limits)
+    decoded = _loads(payload, "payload", MAX_BODY_DEPTH + 3)
+    return _batch_from(decoded, device, channel, limits, body_check)
 
 
-def _batch_from(payload: Any, device: str, channel: str, limits: WireLimits) -> Batch:
+def _batch_from(
+    payload: Any, device: str, channel: str, limits: WireLimits, body_check: BodyCheck | None
+) -> Batch:
     if not isinstance(payload, dict):
         raise MessageError("payload is not a CBOR map")
     version = payload.get("v")
@@ -422,5 +491,7 @@ def _batch_from(payload: Any, device: str, channel: str, limits: WireLimits) -> 
         )
     extensions = {k: v for k, v in payload.items() if k not in _PAYLOAD_FIELDS}
     _check_value(extensions, "payload")
-    records = tuple(_record_from(i, item) for i, item in enumerate(items))
-    return Batch(device, channel, records, extensions)
+    pairs = [_record_from(i, item, body_check) for i, item in enumerate(items)]
+    records = tuple(record for record, _ in pairs)
+    checked = tuple(result for _, result in pairs) if body_check is not None else ()
+    return Batch(device, channel, records, extensions, checked)

@@ -25,8 +25,9 @@ from sqlalchemy.ext.asyncio import (
 )
 
 from control_plane.errors import ControlPlaneError
+from control_plane.json_codec import dumps_json
 
-__all__ = ["Database", "SchemaError", "insert_ignoring_duplicates"]
+__all__ = ["Database", "SchemaError", "dumps_json", "insert_ignoring_duplicates"]
 
 MIGRATIONS = Path(__file__).resolve().parent.parent / "migrations"
 
@@ -63,7 +64,7 @@ class Database:
         options: dict[str, Any] = {}
         if self.dialect == "postgresql":
             options.update(pool_size=pool_size, max_overflow=pool_size, pool_pre_ping=True)
-        self.engine: AsyncEngine = create_async_engine(url, **options)
+        self.engine: AsyncEngine = create_async_engine(url, json_serializer=dumps_json, **options)
         if self.dialect == "sqlite":
             event.listen(self.engine.sync_engine, "connect", _sqlite_pragmas)
         self.sessions = async_sessionmaker(self.engine, expire_on_commit=False)

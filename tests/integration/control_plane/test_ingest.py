@@ -285,8 +285,30 @@ def test_hostile_bodies_are_stored_and_a_refused_message_blocks_nothing(
         )
         assert names == ["after", "oddity"]
         stored = _get(cp, "/v1/events", device_id=device.device_id, name="oddity")["items"][0]
-        assert stored["body"] == {"name": "oddity", "blob": {"$base64": "AAE="}, "x": None}
+        assert stored["body"] == {"name": "odd\x00ity", "blob": {"$base64": "AAE="}, "x": None}
         wait_for(lambda: _rejections(cp, device.device_id).get("unstorable") == 1)
     finally:
         device.close()
         _sql(database_url, remove)
+
+
+def test_large_batches_are_stored_once_too(
+    cp: ControlPlaneProcess, group: str, tmp_path: Path
+) -> None:
+    """Messages big enough for PostgreSQL's COPY path, redelivered, are stored exactly once
+    and in the batch's own transaction."""
+    device = _connected(cp, tmp_path, group)
+    start = time.time() - 50
+    try:
+        payload = device.message("telemetry", [{"rate_per_s": 3.0}] * 150, created=start)
+        topic = f"edged/v1/{device.device_id}/telemetry"
+        for _ in range(3):
+            assert device.publish_raw(topic, payload) == 0
+        wait_for(lambda: _telemetry_count(cp, device.device_id, start - 1) == 150)
+        second = device.message("telemetry", [{"rate_per_s": 4.0}] * 100, created=start + 1)
+        assert device.publish_raw(topic, second) == 0
+        wait_for(lambda: _telemetry_count(cp, device.device_id, start - 1) == 250)
+        time.sleep(0.3)
+        assert _telemetry_count(cp, device.device_id, start - 1) == 250
+    finally:
+        device.close()

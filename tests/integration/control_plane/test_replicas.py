@@ -65,7 +65,10 @@ def test_two_replicas_split_ingest_and_store_each_record_once(
                 ).json()
             return sum(p["count"] for p in series["points"])
 
-        wait_for(lambda: total() == expected, timeout=30)
+        try:
+            wait_for(lambda: total() == expected, timeout=30)
+        except AssertionError as exc:
+            raise AssertionError(f"stored {total()} of {expected}") from exc
         time.sleep(0.5)
         assert total() == expected
         shares = [_stored_by(r) for r in replicas]

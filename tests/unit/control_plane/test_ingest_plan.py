@@ -119,30 +119,67 @@ def test_presence_events_and_samples() -> None:
     assert sample["verdict"] == "audit" and plan.accepted == 3
 
 
-def test_bodies_are_made_storable_as_json() -> None:
-    """Bytes, NaN and NUL characters in a body reach the database as JSON both backends take."""
+def test_bodies_are_stored_as_json_both_backends_take() -> None:
+    """Bytes become base64, NaN and infinities null, NUL stays (escaped); names lose NUL."""
+    import json
+
+    from control_plane.db.engine import dumps_json
+
     body = {
         "blob": b"\x00\xff",
         "ratio": float("nan"),
         "note": "a\x00b",
-        "list": [b"x", 1.5],
+        "list": [b"x", 1.5, float("-inf")],
         "health": {"temp_c": float("inf")},
     }
-    event = {"name": "dr\x00ift", "raw": b"\x01"}
-    plan = plan_ingest(
-        [_message(A, "telemetry", [body]), _message(A, "events", [event], seq0=5)],
-        _info(),
-        0.0,
-        LIMITS,
-    )
-    stored = plan.telemetry[0]["body"]
-    assert stored == {
+    assert json.loads(dumps_json(body)) == {
         "blob": {"$base64": "AP8="},
         "ratio": None,
-        "note": "ab",
-        "list": [{"$base64": "eA=="}, 1.5],
+        "note": "a\x00b",
+        "list": [{"$base64": "eA=="}, 1.5, None],
         "health": {"temp_c": None},
     }
-    assert plan.devices[A].health == (1000.0, {"temp_c": None})
+    assert "\\u0000" in dumps_json({"note": "a\x00b"})
+    plan = plan_ingest(
+        [_message(A, "events", [{"name": "dr\x00ift"}], seq0=5)], _info(), 0.0, LIMITS
+    )
     assert plan.events[0]["name"] == "drift"
-    assert plan.events[0]["body"]["raw"] == {"$base64": "AQ=="}
+
+
+def _raw(device: str, body_cbor_item, kind: str = "telemetry") -> Message:
+    """A signed message whose one record body is any CBOR item (bypassing Record's checks)."""
+    from edged_formats.wire import SIGNATURE_CONTEXT
+
+    topic = f"edged/v1/{device}/telemetry"
+    payload = cbor2.dumps(
+        {"v": 1, "d": device, "c": "telemetry", "r": [[kind, 1, 1, 1.0, body_cbor_item]]},
+        canonical=True,
+    )
+    signature = KEYS[device].sign(SIGNATURE_CONTEXT + topic.encode() + b"\x00" + payload)
+    return Message(topic, cbor2.dumps({"p": payload, "s": signature.signature}))
+
+
+def test_the_fast_body_check_refuses_what_the_wire_refuses() -> None:
+    """Ingest's one-pass JSON check refuses non-text keys, CBOR undefined and deep nesting
+    like the wire's own check, and keeps what the wire allows beyond orjson's integers."""
+    deep: list = []
+    for _ in range(40):
+        deep = [deep]
+    cases = {
+        "int key": {1: "x"},
+        "undefined": {"a": cbor2.undefined},
+        "simple value": {"a": cbor2.CBORSimpleValue(99)},
+        "deep": {"a": deep},
+    }
+    for name, body in cases.items():
+        plan = plan_ingest([_raw(A, body)], _info(), 0.0, WireLimits())
+        assert plan.records == 0, name
+        assert plan.rejections, name
+    ok = plan_ingest(
+        [_raw(A, {"n": -(2**64), "b": b"\x01", "f": float("nan")})], _info(), 0.0, WireLimits()
+    )
+    assert ok.telemetry[0]["body"]["n"] == -(2**64)
+    assert (
+        ok.telemetry[0]["body_json"]
+        == '{"b":{"$base64":"AQ=="},"f":null,"n":-18446744073709551616}'
+    )
