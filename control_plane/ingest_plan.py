@@ -123,15 +123,23 @@ def _text(value: Any, limit: int) -> str:
     return str(value).replace("\x00", "")[:limit]
 
 
-def _dig(body: dict[str, Any], path: tuple[str, ...]) -> float | None:
-    value: Any = body
-    for key in path:
-        if not isinstance(value, dict):
-            return None
-        value = value.get(key)
-    if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value):
-        return None
-    return float(value)
+def _figure(value: Any) -> float | None:
+    kind = type(value)
+    if kind is float:
+        return value if math.isfinite(value) else None
+    return float(value) if kind is int else None
+
+
+def _figures(body: dict[str, Any]) -> dict[str, float | None]:
+    """The telemetry columns the API downsamples, from a record body (None where absent)."""
+    out: dict[str, float | None] = dict.fromkeys(_TELEMETRY_FIGURES)
+    for name, path in _TELEMETRY_FIGURES.items():
+        value: Any = body.get(path[0])
+        if len(path) == 2:
+            value = value.get(path[1]) if type(value) is dict else None
+        if value is not None:
+            out[name] = _figure(value)
+    return out
 
 
 def _uncertain_share(body: dict[str, Any]) -> float | None:
@@ -170,7 +178,7 @@ def _add_records(plan: IngestPlan, batch: Batch, received: float) -> None:
             continue
         row = _key(batch, record, received)
         if batch.channel == "telemetry":
-            row.update({name: _dig(body, path) for name, path in _TELEMETRY_FIGURES.items()})
+            row.update(_figures(body))
             row["uncertain_share"] = _uncertain_share(body)
             row["body"], row["body_json"] = body, body_json
             plan.telemetry.append(row)
