@@ -82,6 +82,9 @@ async def _serve(settings: Settings) -> None:
     from control_plane.app import create_app
     from control_plane.bootstrap import open_broker
 
+    # Ingest checks batches in a thread of its own; hand the GIL back to the event loop every
+    # millisecond (not Python's 5) so API requests are not held behind a batch.
+    sys.setswitchinterval(0.001)
     async with AsyncExitStack() as stack:
         broker = await open_broker(settings, stack)
         if broker.local is not None:

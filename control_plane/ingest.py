@@ -18,6 +18,7 @@ import socket
 import ssl
 import time
 from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
 
@@ -92,7 +93,21 @@ def _device_update() -> Any:
 _DEVICE_UPDATE = _device_update()
 
 
-async def _copy_ignoring_duplicates(session: Any, table: Table, rows: list[dict[str, Any]]) -> int:
+def _copy_records(
+    rows: list[dict[str, Any]], columns: list[str], json_columns: set[str]
+) -> list[tuple[Any, ...]]:
+    return [
+        tuple(
+            (row.get(f"{c}_json") or dumps_json(row[c])) if c in json_columns else row.get(c)
+            for c in columns
+        )
+        for row in rows
+    ]
+
+
+async def _copy_ignoring_duplicates(
+    session: Any, table: Table, rows: list[dict[str, Any]], planner: ThreadPoolExecutor
+) -> int:
     """PostgreSQL: COPY the rows into a temporary staging table (binary, no per-row SQL),
     then one INSERT ... SELECT ... ON CONFLICT DO NOTHING; how many were new."""
     columns = [c.name for c in table.columns]
@@ -106,13 +121,9 @@ async def _copy_ignoring_duplicates(session: Any, table: Table, rows: list[dict[
     await raw.execute(
         f"CREATE TEMP TABLE IF NOT EXISTS {stage} (LIKE {table.name}) ON COMMIT DELETE ROWS"
     )
-    records = [
-        tuple(
-            (row.get(f"{c}_json") or dumps_json(row[c])) if c in json_columns else row.get(c)
-            for c in columns
-        )
-        for row in rows
-    ]
+    records = await asyncio.get_running_loop().run_in_executor(
+        planner, _copy_records, rows, columns, json_columns
+    )
     await raw.copy_records_to_table(stage, records=records, columns=columns)
     listed = ", ".join(f'"{c}"' for c in columns)
     inserted = await raw.fetch(
@@ -140,6 +151,9 @@ class Ingest:
         self._connected = asyncio.Event()
         self._loop: asyncio.AbstractEventLoop | None = None
         self._task: asyncio.Task[None] | None = None
+        # Checking and sorting a batch is CPU work (CBOR, signatures, JSON): one thread of its
+        # own, so the API's requests keep being served on the event loop meanwhile.
+        self._planner = ThreadPoolExecutor(max_workers=1, thread_name_prefix="ingest-plan")
         self.stored = 0  # records
         self.batches = 0
         client_id = config.client_id or f"edged-cp-{socket.gethostname()}-{config.group}"
@@ -211,6 +225,7 @@ class Ingest:
             self._task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await self._task
+        self._planner.shutdown(wait=True)
         self._client.disconnect()
         await asyncio.to_thread(self._client.loop_stop)
 
@@ -300,7 +315,9 @@ class Ingest:
         started = time.perf_counter()
         claimed = {m.topic.split("/")[2] for m in batch if m.topic.count("/") >= 2}
         info = await self._device_info(claimed)
-        plan = plan_ingest(batch, info.get, time.time(), self.limits)
+        plan = await asyncio.get_running_loop().run_in_executor(
+            self._planner, plan_ingest, batch, info.get, time.time(), self.limits
+        )
         async with self.db.session() as session, session.begin():
             stored = 0
             for model, rows, channel in (
@@ -334,7 +351,7 @@ class Ingest:
         """Insert, ignoring records already stored; how many were new."""
         table = model.__table__
         if self.db.dialect == "postgresql" and len(rows) >= COPY_THRESHOLD:
-            return await _copy_ignoring_duplicates(session, table, rows)
+            return await _copy_ignoring_duplicates(session, table, rows, self._planner)
         rows = [{k: v for k, v in row.items() if not k.endswith("_json")} for row in rows]
         statement = (
             self._insert_fn()(table)
