@@ -60,7 +60,7 @@ class IngestConfig:
     client_id: str | None = None
     batch: int = 2000
     linger_s: float = 0.05
-    receive_maximum: int = 10_000
+    receive_maximum: int = 4_000  # two full batches in flight: bounds memory (~20 KB each)
     session_expiry_s: int = 86_400
     device_cache_s: float = 5.0
     max_message_bytes: int = 1 << 20
