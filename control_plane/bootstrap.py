@@ -107,6 +107,7 @@ async def open_broker(settings: Settings, stack: AsyncExitStack) -> BrokerSetup:
         local = MosquittoBroker(
             workdir=settings.data_dir / "broker",
             persistence=True,
+            die_with_parent=True,
             port=settings.local_broker_port or None,
             dynsec=DynsecBootstrap(settings.broker_admin_username, password),
         )

@@ -12,8 +12,11 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import logging
+import signal
 import sys
+from collections.abc import Iterator
 from contextlib import AsyncExitStack
 from pathlib import Path
 from typing import Any
@@ -76,8 +79,31 @@ async def _create_token(settings: Settings, args: argparse.Namespace) -> None:
     print(secret)
 
 
+def _server_class() -> Any:
+    import uvicorn
+
+    class Server(uvicorn.Server):
+        """uvicorn re-raises SIGTERM after its shutdown, which would kill the process before
+        the supervised broker and the admin session are closed: stop on it, and return."""
+
+        @contextlib.contextmanager
+        def capture_signals(self) -> Iterator[None]:
+            loop = asyncio.get_running_loop()
+            for signum in (signal.SIGINT, signal.SIGTERM):
+                loop.add_signal_handler(signum, self.handle_exit, signum, None)
+            try:
+                yield
+            finally:
+                for signum in (signal.SIGINT, signal.SIGTERM):
+                    loop.remove_signal_handler(signum)
+
+    return Server
+
+
 async def _serve(settings: Settings) -> None:
     import uvicorn
+
+    server_class = _server_class()
 
     from control_plane.app import create_app
     from control_plane.bootstrap import open_broker
@@ -100,7 +126,7 @@ async def _serve(settings: Settings) -> None:
             access_log=False,
             lifespan="on",
         )
-        server = uvicorn.Server(config)
+        server = server_class(config)
         await server.serve()
         if not server.started:
             raise ControlPlaneError("the API did not start; see the log above")

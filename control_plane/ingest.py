@@ -60,6 +60,8 @@ class IngestConfig:
     client_id: str | None = None
     batch: int = 2000
     linger_s: float = 0.05
+    batch_bytes: int = 4 << 20  # and at most this much payload per transaction
+    writers: int = 2  # batches in flight: one is planned while another is written (PostgreSQL)
     receive_maximum: int = 4_000  # two full batches in flight: bounds memory (~20 KB each)
     session_expiry_s: int = 86_400
     device_cache_s: float = 5.0
@@ -128,6 +130,7 @@ async def _copy_ignoring_duplicates(
     listed = ", ".join(f'"{c}"' for c in columns)
     inserted = await raw.fetch(
         f"INSERT INTO {table.name} ({listed}) SELECT {listed} FROM {stage} "
+        "ORDER BY device_id, boot, seq "  # one lock order for concurrent batches
         "ON CONFLICT (device_id, boot, seq) DO NOTHING RETURNING seq"
     )
     return len(inserted)
@@ -136,6 +139,9 @@ async def _copy_ignoring_duplicates(
 def _transient(exc: BaseException) -> bool:
     """Worth retrying as it is: the database is down, unreachable, busy or timed out."""
     if isinstance(exc, OperationalError | InterfaceError | OSError | TimeoutError):
+        return True
+    # PostgreSQL's deadlock and serialisation failures: the transaction is worth another go
+    if getattr(getattr(exc, "orig", None), "sqlstate", None) in ("40P01", "40001"):
         return True
     return isinstance(exc, DBAPIError) and exc.connection_invalidated
 
@@ -150,7 +156,7 @@ class Ingest:
         self._devices: dict[str, tuple[float, DeviceInfo | None]] = {}
         self._connected = asyncio.Event()
         self._loop: asyncio.AbstractEventLoop | None = None
-        self._task: asyncio.Task[None] | None = None
+        self._tasks: list[asyncio.Task[None]] = []
         # Checking and sorting a batch is CPU work (CBOR, signatures, JSON): one thread of its
         # own, so the API's requests keep being served on the event loop meanwhile.
         self._planner = ThreadPoolExecutor(max_workers=1, thread_name_prefix="ingest-plan")
@@ -214,17 +220,23 @@ class Ingest:
             self.config.host, self.config.port, keepalive=30, clean_start=False, properties=props
         )
         self._client.loop_start()
-        self._task = asyncio.create_task(self._writer(), name="ingest-writer")
+        # SQLite takes one writer at a time anyway; PostgreSQL overlaps a batch's planning
+        # with the previous one's transaction.
+        writers = self.config.writers if self.db.dialect == "postgresql" else 1
+        self._tasks = [
+            asyncio.create_task(self._writer(), name=f"ingest-writer-{i}") for i in range(writers)
+        ]
         return self
 
     async def wait_connected(self, timeout: float = 10.0) -> None:
         await asyncio.wait_for(self._connected.wait(), timeout)
 
     async def __aexit__(self, *_exc: object) -> None:
-        if self._task is not None:
-            self._task.cancel()
+        for task in self._tasks:
+            task.cancel()
+        for task in self._tasks:
             with contextlib.suppress(asyncio.CancelledError):
-                await self._task
+                await task
         self._planner.shutdown(wait=True)
         self._client.disconnect()
         await asyncio.to_thread(self._client.loop_stop)
@@ -236,8 +248,9 @@ class Ingest:
     async def _writer(self) -> None:
         while True:
             batch = [await self._queue.get()]
+            size = len(batch[0].payload)
             deadline = time.monotonic() + self.config.linger_s
-            while len(batch) < self.config.batch:
+            while len(batch) < self.config.batch and size < self.config.batch_bytes:
                 timeout = deadline - time.monotonic()
                 if timeout <= 0:
                     break
@@ -245,8 +258,14 @@ class Ingest:
                     batch.append(await asyncio.wait_for(self._queue.get(), timeout))
                 except TimeoutError:
                     break
-            while not self._queue.empty() and len(batch) < self.config.batch:
+                size += len(batch[-1].payload)
+            while (
+                not self._queue.empty()
+                and len(batch) < self.config.batch
+                and size < self.config.batch_bytes
+            ):
                 batch.append(self._queue.get_nowait())
+                size += len(batch[-1].payload)
             self.metrics.ingest_backlog.set(self._queue.qsize())
             await self._write_with_retry(batch)
             for message in batch:
@@ -367,7 +386,8 @@ class Ingest:
         if not plan.devices:
             return
         params = []
-        for device_id, u in plan.devices.items():
+        # In id order, so concurrent batches lock device rows in the same order (no deadlock).
+        for device_id, u in sorted(plan.devices.items()):
             online = u.online if u.online is not None else (True if u.health else None)
             params.append(
                 {

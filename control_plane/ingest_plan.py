@@ -28,7 +28,7 @@ _TELEMETRY_FIGURES = {
     "rate_per_s": ("rate_per_s",),
     "queue_depth": ("queue_depth",),
     "outbox_depth": ("outbox", "depth"),
-    "latency_p99_ms": ("latency_ms", "p99"),
+    "latency_p99_ms": ("latency_ms", "p99_ms"),
     "cpu_percent": ("health", "proc_cpu_percent"),
     "rss_mb": ("health", "proc_rss_mb"),
     "temp_c": ("health", "temp_c"),

@@ -34,7 +34,7 @@ import socket
 import subprocess
 import tempfile
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import TracebackType
@@ -108,6 +108,20 @@ def free_port(host: str = "127.0.0.1") -> int:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
         sock.bind((host, 0))
         return int(sock.getsockname()[1])
+
+
+def _pdeathsig() -> Callable[[], None]:
+    """What the child runs before exec: SIGTERM when the thread that started it dies (Linux
+    PR_SET_PDEATHSIG), so a killed control plane leaves no broker behind. The libc lookup
+    happens here, in the parent; the child only makes the one system call."""
+    import ctypes
+
+    prctl = ctypes.CDLL(None, use_errno=True).prctl
+
+    def set_pdeathsig() -> None:
+        prctl(1, signal.SIGTERM)
+
+    return set_pdeathsig
 
 
 def find_dynsec_plugin() -> str | None:
@@ -200,12 +214,14 @@ class MosquittoBroker:
         binary: str | None = None,
         start_timeout: float = 10.0,
         dynsec: DynsecBootstrap | None = None,
+        die_with_parent: bool = False,
     ) -> None:
         """`max_queued_messages` is large because Mosquitto's default (1000) silently drops
         QoS 1 messages for a slow subscriber; `max_inflight_messages` None keeps Mosquitto's
         default (20); `verbose_log` adds per-packet debug lines (slow under load);
         `autosave_interval` (seconds) bounds what a SIGKILL loses with persistence on;
-        `dynsec` turns on the dynamic security plugin (module docstring)."""
+        `dynsec` turns on the dynamic security plugin (module docstring); `die_with_parent`
+        ends the broker with the thread that started it (Linux)."""
         self.binary = binary or find_mosquitto()
         if self.binary is None:
             raise BrokerError("mosquitto not installed: run `make test`, which installs it")
@@ -220,6 +236,7 @@ class MosquittoBroker:
         self.port = port if port is not None else free_port(host)
         self.start_timeout = start_timeout
         self.persistence = persistence
+        self.die_with_parent = die_with_parent
         self.config_path = self.workdir / "mosquitto.conf"
         self.log_path = self.workdir / "mosquitto.log"
         self.output_path = self.workdir / "mosquitto.out"
@@ -278,6 +295,9 @@ class MosquittoBroker:
             f"log_dest file {self.log_path}",
             "log_timestamp_format %Y-%m-%dT%H:%M:%S",
             "connection_messages true",
+            # Nagle plus delayed ACKs cost every request/response exchange (enrollment's
+            # account commands) about 40 ms; the broker's messages are small and latency-bound.
+            "set_tcp_nodelay true",
         ]
         log_types = ["error", "warning", "notice", "information"]
         if verbose_log:
@@ -331,6 +351,8 @@ class MosquittoBroker:
                 stderr=subprocess.STDOUT,
                 cwd=self.workdir,
                 start_new_session=True,  # a Ctrl-C in the terminal reaches pytest, not us
+                # one prctl() call between fork and exec: nothing that could take a lock
+                preexec_fn=_pdeathsig() if self.die_with_parent else None,  # noqa: PLW1509
             )
         try:
             self._wait_ready(started + self.start_timeout)

@@ -50,7 +50,7 @@ def test_telemetry_rows_carry_the_figures_the_api_downsamples() -> None:
         "rate_per_s": 12.5,
         "queue_depth": 3,
         "outbox": {"depth": 7},
-        "latency_ms": {"p99": 4.2},
+        "latency_ms": {"p50_ms": 1.0, "p99_ms": 4.2},
         "health": {"proc_cpu_percent": 30.0, "proc_rss_mb": 61.0, "temp_c": None},
         "gating": {"confident": 3, "uncertain": 1},
         "model": {"name": "digits", "version": "2"},
