@@ -137,7 +137,7 @@ def test_cursors_out_of_range_are_refused_not_crashed(cp: ControlPlaneProcess) -
     assert empty.status_code == 422
 
 
-def test_the_api_keeps_its_openapi_promises(cp: ControlPlaneProcess) -> None:
+def test_the_api_keeps_its_openapi_promises(cp: ControlPlaneProcess, tmp_path: Path) -> None:
     """Schemathesis generates requests from /openapi.json for every route: no 500s, only
     declared status codes, content types, headers and response schemas."""
     import shutil
@@ -168,5 +168,6 @@ def test_the_api_keeps_its_openapi_promises(cp: ControlPlaneProcess) -> None:
         timeout=300,
         check=False,
         env={**os.environ, "SCHEMATHESIS_HOOKS": ""},
+        cwd=tmp_path,  # its cache directory lands here, not in the checkout
     )
     assert result.returncode == 0, result.stdout[-4000:]
