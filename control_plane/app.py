@@ -44,9 +44,7 @@ def create_app(
             await db.check_schema()
             if ingest is not None:
                 state.ingest = await stack.enter_async_context(Ingest(ingest, db, state.metrics))
-            state.ready = True
             yield
-            state.ready = False
 
     app = FastAPI(
         title="edged control plane",

@@ -8,6 +8,7 @@ import secrets
 import time
 import uuid
 from contextlib import AsyncExitStack
+from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import urlsplit
 
@@ -86,17 +87,14 @@ def _endpoint(url: str) -> BrokerEndpoint:
     return BrokerEndpoint(parts.hostname, parts.port or (8883 if tls else 1883), tls)
 
 
+@dataclass(frozen=True, slots=True)
 class BrokerSetup:
     """The broker side of a running control plane: admin client, device endpoint, ingest."""
 
-    def __init__(
-        self,
-        admin: BrokerAdmin,
-        device: BrokerEndpoint,
-        ingest: IngestConfig | None,
-        local: MosquittoBroker | None,
-    ) -> None:
-        self.admin, self.device, self.ingest, self.local = admin, device, ingest, local
+    admin: BrokerAdmin
+    device: BrokerEndpoint
+    ingest: IngestConfig | None
+    local: MosquittoBroker | None
 
 
 async def open_broker(settings: Settings, stack: AsyncExitStack) -> BrokerSetup:

@@ -32,9 +32,10 @@ from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.exc import DBAPIError, InterfaceError, OperationalError
 from tenacity import AsyncRetrying, retry_if_exception, wait_exponential_jitter
 
-from control_plane.db.engine import Database, dumps_json
+from control_plane.db.engine import Database
 from control_plane.db.models import Device, Event, IngestRejection, SampleRow, TelemetryRow
 from control_plane.ingest_plan import DeviceInfo, IngestPlan, Message, plan_ingest
+from control_plane.json_codec import dumps_json
 from control_plane.metrics import Metrics
 from edged_formats.wire import WireLimits
 
@@ -160,8 +161,6 @@ class Ingest:
         # Checking and sorting a batch is CPU work (CBOR, signatures, JSON): one thread of its
         # own, so the API's requests keep being served on the event loop meanwhile.
         self._planner = ThreadPoolExecutor(max_workers=1, thread_name_prefix="ingest-plan")
-        self.stored = 0  # records
-        self.batches = 0
         client_id = config.client_id or f"edged-cp-{socket.gethostname()}-{config.group}"
         self._client = mqtt.Client(
             CallbackAPIVersion.VERSION2,
@@ -350,8 +349,6 @@ class Ingest:
                     stored += count
             await self._update_devices(session, plan)
             await self._count_rejections(session, plan)
-        self.stored += stored
-        self.batches += 1
         self.metrics.ingest_duplicates.inc(plan.records - stored)
         self.metrics.ingest_messages.labels(outcome="accepted").inc(plan.accepted)
         for (_device, reason), (count, error) in plan.rejections.items():

@@ -9,7 +9,6 @@ broker that let it publish there), or its CBOR or schema is wrong."""
 
 from __future__ import annotations
 
-import base64
 import math
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
@@ -18,7 +17,7 @@ from typing import Any
 import orjson
 from nacl.signing import VerifyKey
 
-from control_plane.json_codec import dumps_json
+from control_plane.json_codec import bytes_as_json, dumps_json
 from edged_formats.errors import MessageError, SignatureError, UnknownDevice
 from edged_formats.wire import Batch, Record, WireLimits, check_plain_value, decode_batch
 
@@ -84,34 +83,13 @@ def _claimed_device(topic: str) -> str:
     return (parts[2] if len(parts) > 2 else "?")[:64] or "?"
 
 
-def _reason(exc: MessageError) -> str:
-    text = str(exc)
-    if "schema version" in text:
-        return "schema_version"
-    if "over the limit" in text:
-        return "oversized"
-    if "does not match topic" in text:
-        return "mismatch"
-    if "topic" in text:
-        return "topic"
-    if "CBOR" in text or "not a CBOR map" in text or "field 'p'" in text or "field 's'" in text:
-        return "malformed"
-    return "schema"
-
-
-def _bytes_as_json(value: Any) -> Any:
-    if isinstance(value, bytes):
-        return {"$base64": base64.b64encode(value).decode()}
-    raise TypeError(f"a {type(value).__name__} is not a plain value")
-
-
 def json_body(body: Any) -> str:
     """A record body's stored JSON, checked in the same pass (`decode_batch`'s body_check):
     orjson refuses non-text keys and anything but plain values, as the wire does; whatever it
     refuses goes through the wire's own check, which raises the wire's sentence or, for the
     few values orjson cannot write (integers beyond 64-bit signed), passes to the json module."""
     try:
-        return orjson.dumps(body, default=_bytes_as_json).decode()
+        return orjson.dumps(body, default=bytes_as_json).decode()
     except TypeError:
         check_plain_value(body, "record body")
         return dumps_json(body)
@@ -260,7 +238,7 @@ def plan_ingest(
             plan.reject(claimed, "bad_signature", str(exc))
             continue
         except MessageError as exc:
-            plan.reject(claimed, _reason(exc), str(exc))
+            plan.reject(claimed, exc.reason, str(exc))
             continue
         assert info is not None
         if info.status != "active":

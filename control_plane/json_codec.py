@@ -7,10 +7,11 @@ import json
 import math
 from typing import Any
 
-__all__ = ["dumps_json"]
+__all__ = ["bytes_as_json", "dumps_json"]
 
 
-def _bytes_as_json(value: Any) -> Any:
+def bytes_as_json(value: Any) -> Any:
+    """`default=` for JSON encoders: byte strings as {"$base64": ...}, nothing else."""
     if isinstance(value, bytes | bytearray | memoryview):
         return {"$base64": base64.b64encode(value).decode()}
     raise TypeError(f"a {type(value).__name__} cannot be stored as JSON")
@@ -31,7 +32,7 @@ def dumps_json(value: Any) -> str:
     (PostgreSQL refuses NaN); NUL characters stay, escaped as \\u0000, which `json` columns
     keep. The common case is one pass in C."""
     options: dict[str, Any] = {
-        "default": _bytes_as_json,
+        "default": bytes_as_json,
         "ensure_ascii": False,
         "separators": (",", ":"),
     }

@@ -49,7 +49,6 @@ class Settings(BaseSettings):
     enrollment_ttl_s: Annotated[float, Field(gt=0, le=30 * 86_400)] = 3600.0
     online_timeout_s: Annotated[float, Field(gt=0)] = 300.0
     device_cache_s: Annotated[float, Field(ge=0, le=3600)] = 5.0
-    page_limit: Annotated[int, Field(ge=1, le=10_000)] = 100
 
     @field_validator("database_url")
     @classmethod

@@ -34,4 +34,3 @@ class ControlPlaneState:
     device_broker: BrokerEndpoint
     metrics: Metrics = field(default_factory=Metrics)
     ingest: Ingest | None = None
-    ready: bool = False

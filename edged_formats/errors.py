@@ -39,7 +39,15 @@ class WireError(FormatError):
 
 
 class MessageError(WireError):
-    """A message, payload or record that breaks the wire schema or its bounds."""
+    """A message, payload or record that breaks the wire schema or its bounds.
+
+    `reason` names the kind of problem for counting: `topic`, `malformed` (not the CBOR
+    envelope), `schema_version`, `oversized`, `mismatch` (payload and topic disagree) or
+    `schema` (everything else about the data)."""
+
+    def __init__(self, message: str, reason: str = "schema") -> None:
+        super().__init__(message)
+        self.reason = reason
 
 
 class SignatureError(WireError):

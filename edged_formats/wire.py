@@ -89,8 +89,13 @@ def parse_topic(topic: str) -> tuple[str, str]:
     """(device, channel) of an uplink topic; anything else is refused."""
     parts = topic.split("/") if isinstance(topic, str) else []
     if len(parts) != 4 or f"{parts[0]}/{parts[1]}" != TOPIC_ROOT:
-        raise MessageError(f"topic {topic!r} is not of the form '{TOPIC_ROOT}/<device>/<channel>'")
-    topic_for(parts[2], parts[3])
+        raise MessageError(
+            f"topic {topic!r} is not of the form '{TOPIC_ROOT}/<device>/<channel>'", "topic"
+        )
+    try:
+        topic_for(parts[2], parts[3])
+    except MessageError as exc:
+        raise MessageError(str(exc), "topic") from exc
     return parts[2], parts[3]
 
 
@@ -100,9 +105,6 @@ _PLAIN_SCALARS = frozenset({type(None), bool, float, str, bytes})
 def check_plain_value(value: Any, where: str) -> None:
     """Refuse anything a v1 reader would not decode back to the same plain value."""
     _check_item(value, where, 0)
-
-
-_check_value = check_plain_value
 
 
 def _check_item(item: Any, where: str, depth: int) -> None:
@@ -173,7 +175,7 @@ class Record:
 
     def __post_init__(self) -> None:
         self._check_head()
-        _check_value(self.body, "record body")
+        check_plain_value(self.body, "record body")
 
     @classmethod
     def _with_checked_body(
@@ -323,11 +325,12 @@ def encode_batch_raw(
     for key, value in (extensions or {}).items():
         if not isinstance(key, str) or key in _PAYLOAD_FIELDS:
             raise MessageError(f"extension field {key!r} collides with the schema or is not text")
-        _check_value(value, f"extension field '{key}'")
+        check_plain_value(value, f"extension field '{key}'")
         payload_map[key] = value
     if len(encoded_records) > limits.max_records:
         raise MessageError(
-            f"batch of {len(encoded_records)} records is over the limit of {limits.max_records}"
+            f"batch of {len(encoded_records)} records is over the limit of {limits.max_records}",
+            "oversized",
         )
     payload_map.update(
         v=WIRE_SCHEMA_VERSION, d=device, c=channel, r=_EncodedRecords(encoded_records)
@@ -337,7 +340,9 @@ def encode_batch_raw(
     message = cbor2.dumps({"p": payload, "s": signature}, canonical=True)
     if len(message) > limits.max_message_bytes:
         raise MessageError(
-            f"message of {len(message)} bytes is over the limit of {limits.max_message_bytes} bytes"
+            f"message of {len(message)} bytes is over the limit of "
+            f"{limits.max_message_bytes} bytes",
+            "oversized",
         )
     return message
 
@@ -397,13 +402,17 @@ def _loads(data: bytes, what: str, max_depth: int) -> Any:
     except cbor2.CBORDecodeError as exc:
         if isinstance(exc.__cause__, _RefusedTag):
             tag = exc.__cause__.tag
-            raise MessageError(f"{what} uses CBOR tag {tag}, which the wire refuses") from exc
-        raise MessageError(f"{what} is not well-formed CBOR ({exc})") from exc
+            raise MessageError(
+                f"{what} uses CBOR tag {tag}, which the wire refuses", "malformed"
+            ) from exc
+        raise MessageError(f"{what} is not well-formed CBOR ({exc})", "malformed") from exc
     except (cbor2.CBORError, ValueError, TypeError, OverflowError, RecursionError) as exc:
-        raise MessageError(f"{what} is not well-formed CBOR ({exc})") from exc
+        raise MessageError(f"{what} is not well-formed CBOR ({exc})", "malformed") from exc
     if stream.tell() != len(data):
         extra = len(data) - stream.tell()
-        raise MessageError(f"{what} has trailing data after its CBOR item ({extra} bytes)")
+        raise MessageError(
+            f"{what} has trailing data after its CBOR item ({extra} bytes)", "malformed"
+        )
     return value
 
 
@@ -420,7 +429,7 @@ def _record_from(index: int, item: Any, body_check: BodyCheck | None) -> tuple[R
         return Record._with_checked_body(*item), checked
     except MessageError as exc:
         # Record's messages all start with "record "; say which one.
-        raise MessageError(str(exc).replace("record", f"record {index}", 1)) from exc
+        raise MessageError(str(exc).replace("record", f"record {index}", 1), exc.reason) from exc
 
 
 def decode_batch(
@@ -439,20 +448,23 @@ def decode_batch(
     exactly what that check refuses (a receiver that serialises bodies anyway can check them
     in the same pass); its results are kept in `Batch.checked`."""
     if not isinstance(data, bytes | bytearray | memoryview):
-        raise MessageError(f"message must be bytes, not {type(data).__name__}")
+        raise MessageError(f"message must be bytes, not {type(data).__name__}", "malformed")
     if len(data) > limits.max_message_bytes:
         raise MessageError(
-            f"message of {len(data)} bytes is over the limit of {limits.max_message_bytes} bytes"
+            f"message of {len(data)} bytes is over the limit of {limits.max_message_bytes} bytes",
+            "oversized",
         )
     device, channel = parse_topic(topic)
     outer = _loads(bytes(data), "message", MAX_BODY_DEPTH)
     if not isinstance(outer, dict):
-        raise MessageError("message is not a CBOR map {'p': payload, 's': signature}")
+        raise MessageError("message is not a CBOR map {'p': payload, 's': signature}", "malformed")
     payload, signature = outer.get("p"), outer.get("s")
     if not isinstance(payload, bytes):
-        raise MessageError("message field 'p' is not a byte string holding the payload")
+        raise MessageError(
+            "message field 'p' is not a byte string holding the payload", "malformed"
+        )
     if not isinstance(signature, bytes) or len(signature) != SIGNATURE_BYTES:
-        raise MessageError("message field 's' is not a 64-byte ed25519 signature")
+        raise MessageError("message field 's' is not a 64-byte ed25519 signature", "malformed")
     verify_key = verify_key_for(device)
     if verify_key is None:
         raise UnknownDevice(f"unknown device '{device}' has no verify key on record")
@@ -470,27 +482,34 @@ def _batch_from(
     payload: Any, device: str, channel: str, limits: WireLimits, body_check: BodyCheck | None
 ) -> Batch:
     if not isinstance(payload, dict):
-        raise MessageError("payload is not a CBOR map")
+        raise MessageError("payload is not a CBOR map", "malformed")
     version = payload.get("v")
     if isinstance(version, bool) or not isinstance(version, int):
-        raise MessageError("payload has no integer schema version 'v'")
+        raise MessageError("payload has no integer schema version 'v'", "schema_version")
     if version != WIRE_SCHEMA_VERSION:
         raise MessageError(
-            f"payload schema version {version} is unknown (this reader knows {WIRE_SCHEMA_VERSION})"
+            f"payload schema version {version} is unknown "
+            f"(this reader knows {WIRE_SCHEMA_VERSION})",
+            "schema_version",
         )
     if payload.get("d") != device:
-        raise MessageError(f"payload device {payload.get('d')!r} does not match topic '{device}'")
+        raise MessageError(
+            f"payload device {payload.get('d')!r} does not match topic '{device}'", "mismatch"
+        )
     if payload.get("c") != channel:
-        raise MessageError(f"payload channel {payload.get('c')!r} does not match topic '{channel}'")
+        raise MessageError(
+            f"payload channel {payload.get('c')!r} does not match topic '{channel}'", "mismatch"
+        )
     items = payload.get("r")
     if not isinstance(items, list):
         raise MessageError("payload field 'r' is not an array of records")
     if len(items) > limits.max_records:
         raise MessageError(
-            f"payload carries {len(items)} records, over the limit of {limits.max_records}"
+            f"payload carries {len(items)} records, over the limit of {limits.max_records}",
+            "oversized",
         )
     extensions = {k: v for k, v in payload.items() if k not in _PAYLOAD_FIELDS}
-    _check_value(extensions, "payload")
+    check_plain_value(extensions, "payload")
     pairs = [_record_from(i, item, body_check) for i, item in enumerate(items)]
     records = tuple(record for record, _ in pairs)
     checked = tuple(result for _, result in pairs) if body_check is not None else ()

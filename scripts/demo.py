@@ -36,11 +36,10 @@ from typing import Any
 
 import numpy as np
 import paho.mqtt.client as mqtt
-from demo_fleet import fleet_act
+from demo_fleet import fleet_act, rotated_digits
 from paho.mqtt.enums import CallbackAPIVersion
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
-from scipy.ndimage import rotate
 
 from control_plane.local_broker import MosquittoBroker
 from edged.identity import DeviceIdentity
@@ -114,10 +113,7 @@ def drifted_stream(test_npz: Path, path: Path) -> int:
     """The held-out digits twice as they are, then the same twice rotated by 30° (bilinear,
     rounded and clipped to 0..16 as in docs/drift.md). Returns the first rotated sample's index."""
     x = np.load(test_npz)["x"]
-    turned = np.stack(
-        [np.rint(rotate(d.astype(np.float32), 30, reshape=False, order=1)) for d in x]
-    )
-    turned = np.clip(turned, 0, 16).astype(x.dtype)
+    turned = rotated_digits(x)
     np.savez(path, x=np.concatenate([x, x, turned, turned]))
     return 2 * len(x)
 

@@ -60,12 +60,17 @@ socket = {json.dumps(str(state / "status.sock"))}
     )
 
 
+def rotated_digits(x: np.ndarray, degrees: float = 30) -> np.ndarray:
+    """Digits rotated (bilinear), rounded and clipped to 0..16 as in docs/drift.md."""
+    turned = np.stack(
+        [np.rint(rotate(d.astype(np.float32), degrees, reshape=False, order=1)) for d in x]
+    )
+    return np.clip(turned, 0, 16).astype(x.dtype)
+
+
 def _streams(test_npz: Path, work: Path) -> list[Path]:
     x = np.load(test_npz)["x"]
-    turned = np.stack(
-        [np.rint(rotate(d.astype(np.float32), 30, reshape=False, order=1)) for d in x]
-    )
-    turned = np.clip(turned, 0, 16).astype(x.dtype)
+    turned = rotated_digits(x)
     paths = []
     for name, data in (("clean", x), ("clean", x), ("rotated", np.concatenate([x[:150], turned]))):
         path = work / f"{name}-{len(paths)}.npz"

@@ -9,7 +9,7 @@ from sqlalchemy import select
 
 from control_plane.api.deps import Admin, Session
 from control_plane.api.problems import problems
-from control_plane.api.schemas import AuditPublic, Page, TextQuery
+from control_plane.api.schemas import AuditPublic, Page, TextQuery, page_of
 from control_plane.db.models import AuditEntry
 
 router = APIRouter(tags=["audit"])
@@ -37,9 +37,4 @@ async def read_audit(
     if cursor is not None:
         query = query.where(AuditEntry.id < cursor)
     rows = list(await session.scalars(query))
-    more = len(rows) > limit
-    rows = rows[:limit]
-    return Page(
-        items=[AuditPublic.model_validate(r) for r in rows],
-        next_cursor=str(rows[-1].id) if more else None,
-    )
+    return page_of(rows, limit, AuditPublic.model_validate, lambda r: str(r.id))

@@ -89,18 +89,24 @@ class Actor:
         """Record a successful mutation in the route's own transaction."""
         session.add(self._entry(action, target, "ok", detail))
 
-    async def deny(self, action: str, target: str | None, reason: str) -> Problem:
-        """Audit a refusal in its own transaction; the caller raises what this returns."""
+    async def deny(
+        self, action: str, target: str | None, reason: str, *, why: str = "role"
+    ) -> Problem:
+        """Audit a refusal (`why`: role or scope) in its own transaction; the caller raises
+        what this returns."""
         async with self.state.db.session() as session:
             session.add(self._entry(action, target, "denied", {"reason": reason}))
             await session.commit()
-        self.state.metrics.denied.labels(reason="scope" if "group" in reason else "role").inc()
+        self.state.metrics.denied.labels(reason=why).inc()
         return Problem(403, reason)
 
     async def check_group(self, action: str, group: str, target: str | None) -> None:
         if not self.principal.reaches(group):
             raise await self.deny(
-                action, target, f"token '{self.principal.name}' does not reach group '{group}'"
+                action,
+                target,
+                f"token '{self.principal.name}' does not reach group '{group}'",
+                why="scope",
             )
 
     def _entry(self, action: str, target: str | None, outcome: str, detail: Any) -> AuditEntry:

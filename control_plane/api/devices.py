@@ -20,6 +20,7 @@ from control_plane.api.schemas import (
     GroupQuery,
     Page,
     TagQuery,
+    page_of,
 )
 from control_plane.db.models import Device
 from control_plane.errors import ControlPlaneError
@@ -78,10 +79,7 @@ async def list_devices(
     if cursor is not None:
         query = query.where(Device.id > cursor)
     rows = list(await session.scalars(query))
-    more = len(rows) > limit
-    rows = rows[:limit]
-    items = [public(d, timeout) for d in rows]
-    return Page(items=items, next_cursor=rows[-1].id if more else None)
+    return page_of(rows, limit, lambda d: public(d, timeout), lambda d: d.id)
 
 
 @router.get("/v1/devices/{device_id}", responses=problems(401, 403, 404))

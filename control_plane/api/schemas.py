@@ -3,6 +3,7 @@ in a request are refused."""
 
 from __future__ import annotations
 
+from collections.abc import Callable, Sequence
 from typing import Annotated, Generic, Literal, TypeVar
 
 from fastapi import Path, Query
@@ -20,9 +21,11 @@ __all__ = [
     "TokenCreate",
     "TokenCreated",
     "TokenPublic",
+    "page_of",
 ]
 
 T = TypeVar("T")
+R = TypeVar("R")
 GroupName = Annotated[str, Field(pattern=r"^[a-z0-9][a-z0-9_-]{0,63}$")]
 Tag = Annotated[str, Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.:=-]{0,63}$")]
 Hex = Annotated[str, Field(pattern=r"^[0-9a-f]+$")]
@@ -51,6 +54,16 @@ class Page(BaseModel, Generic[T]):
 
     items: list[T]
     next_cursor: str | None
+
+
+def page_of(
+    rows: Sequence[R], limit: int, item: Callable[[R], T], cursor: Callable[[R], str]
+) -> Page[T]:
+    """The page for `rows` fetched with `limit + 1`: the first `limit` as items, and the
+    cursor of the last of them when the extra row says more follow."""
+    kept = rows[:limit]
+    more = len(rows) > limit
+    return Page(items=[item(r) for r in kept], next_cursor=cursor(kept[-1]) if more else None)
 
 
 class TokenCreate(_In):

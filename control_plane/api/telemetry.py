@@ -30,6 +30,7 @@ from control_plane.api.schemas import (
     TelemetryPoint,
     TelemetrySeries,
     TextQuery,
+    page_of,
 )
 from control_plane.db.models import Device, Event, IngestRejection, SampleRow, TelemetryRow
 
@@ -195,11 +196,8 @@ def _keyset(model: Any, query: Select[Any], cursor: str | None, limit: int) -> S
     return query.order_by(model.device_id, model.boot, model.seq).limit(limit + 1)
 
 
-def _next(rows: list[Any], limit: int) -> str | None:
-    if len(rows) <= limit:
-        return None
-    last = rows[limit - 1]
-    return f"{last.device_id}:{last.boot}:{last.seq}"
+def _record_cursor(row: Any) -> str:
+    return f"{row.device_id}:{row.boot}:{row.seq}"
 
 
 async def _scope_filter(
@@ -238,7 +236,7 @@ async def list_events(
     if name is not None:
         query = query.where(Event.name == name)
     rows = list(await session.scalars(_keyset(Event, query, cursor, limit)))
-    return Page(items=[_event(r) for r in rows[:limit]], next_cursor=_next(rows, limit))
+    return page_of(rows, limit, _event, _record_cursor)
 
 
 @router.get("/v1/samples", responses=problems(400, 401, 403, 404))
@@ -257,20 +255,20 @@ async def list_samples(
     if verdict is not None:
         query = query.where(SampleRow.verdict == verdict)
     rows = list(await session.scalars(_keyset(SampleRow, query, cursor, limit)))
-    items = [
-        SamplePublic(
-            device_id=r.device_id,
-            boot=r.boot,
-            seq=r.seq,
-            ts_ms=r.ts_ms,
-            verdict=r.verdict,
-            model=r.model,
-            meta=r.meta,
-            input_bytes=len(r.input or b""),
-        )
-        for r in rows[:limit]
-    ]
-    return Page(items=items, next_cursor=_next(rows, limit))
+    return page_of(rows, limit, _sample, _record_cursor)
+
+
+def _sample(row: SampleRow) -> SamplePublic:
+    return SamplePublic(
+        device_id=row.device_id,
+        boot=row.boot,
+        seq=row.seq,
+        ts_ms=row.ts_ms,
+        verdict=row.verdict,
+        model=row.model,
+        meta=row.meta,
+        input_bytes=len(row.input or b""),
+    )
 
 
 @router.get("/v1/ingest/rejections", responses=problems(400, 401, 403))
@@ -301,11 +299,8 @@ async def list_rejections(
             tuple_(IngestRejection.device_id, IngestRejection.reason) > (device, reason)
         )
     rows = list(await session.scalars(query))
-    more = len(rows) > limit
-    rows = rows[:limit]
-    return Page(
-        items=[RejectionPublic.model_validate(r) for r in rows],
-        next_cursor=f"{rows[-1].device_id}:{rows[-1].reason}" if more else None,
+    return page_of(
+        rows, limit, RejectionPublic.model_validate, lambda r: f"{r.device_id}:{r.reason}"
     )
 
 
@@ -323,18 +318,12 @@ async def group_drift(
     if cursor is not None:
         query = query.where(Device.id > cursor)
     rows = list(await session.scalars(query))
-    more = len(rows) > limit
-    rows = rows[:limit]
-    items = [
-        DriftSummary(
-            device_id=d.id,
-            summary=d.last_drift,
-            alarms=sorted(
-                k.removesuffix("_alarm")
-                for k, v in (d.last_drift or {}).items()
-                if k.endswith("_alarm") and v is True
-            ),
-        )
-        for d in rows
-    ]
-    return Page(items=items, next_cursor=rows[-1].id if more else None)
+    return page_of(rows, limit, _drift_summary, lambda d: d.id)
+
+
+def _drift_summary(device: Device) -> DriftSummary:
+    drift = device.last_drift or {}
+    alarms = sorted(
+        k.removesuffix("_alarm") for k, v in drift.items() if k.endswith("_alarm") and v is True
+    )
+    return DriftSummary(device_id=device.id, summary=device.last_drift, alarms=alarms)

@@ -11,7 +11,14 @@ from sqlalchemy import select
 
 from control_plane.api.deps import Admin, Session
 from control_plane.api.problems import Problem, problems
-from control_plane.api.schemas import Page, TokenCreate, TokenCreated, TokenIdPath, TokenPublic
+from control_plane.api.schemas import (
+    Page,
+    TokenCreate,
+    TokenCreated,
+    TokenIdPath,
+    TokenPublic,
+    page_of,
+)
 from control_plane.auth import hash_secret, new_secret
 from control_plane.db.models import OperatorToken
 
@@ -56,9 +63,7 @@ async def list_tokens(
     if cursor is not None:
         query = query.where(OperatorToken.id > cursor)
     rows = list(await session.scalars(query))
-    more = len(rows) > limit
-    rows = rows[:limit]
-    return Page(items=[_public(t) for t in rows], next_cursor=rows[-1].id if more else None)
+    return page_of(rows, limit, _public, lambda t: t.id)
 
 
 @router.delete("/{token_id}", status_code=204, responses=problems(401, 403, 404))

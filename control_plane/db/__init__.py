@@ -1,6 +1,6 @@
 """Storage: SQLAlchemy 2 async on SQLite (aiosqlite) or PostgreSQL (asyncpg)."""
 
-from control_plane.db.engine import Database, insert_ignoring_duplicates
+from control_plane.db.engine import Database
 from control_plane.db.models import Base
 
-__all__ = ["Base", "Database", "insert_ignoring_duplicates"]
+__all__ = ["Base", "Database"]

@@ -4,7 +4,7 @@ idempotent insert both ingest and the API rely on."""
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
@@ -13,8 +13,7 @@ from alembic import command
 from alembic.config import Config as AlembicConfig
 from alembic.runtime.migration import MigrationContext
 from alembic.script import ScriptDirectory
-from sqlalchemy import Table, event
-from sqlalchemy.dialects import postgresql, sqlite
+from sqlalchemy import event
 from sqlalchemy.engine import Connection
 from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.ext.asyncio import (
@@ -27,7 +26,7 @@ from sqlalchemy.ext.asyncio import (
 from control_plane.errors import ControlPlaneError
 from control_plane.json_codec import dumps_json
 
-__all__ = ["Database", "SchemaError", "dumps_json", "insert_ignoring_duplicates"]
+__all__ = ["Database", "SchemaError"]
 
 MIGRATIONS = Path(__file__).resolve().parent.parent / "migrations"
 
@@ -112,12 +111,3 @@ class Database:
 
     async def close(self) -> None:
         await self.engine.dispose()
-
-
-def insert_ignoring_duplicates(
-    dialect: str, table: Table, keys: Sequence[str], rows: Sequence[dict[str, Any]]
-) -> Any:
-    """INSERT ... ON CONFLICT (keys) DO NOTHING for either backend: a redelivered record is
-    stored once."""
-    insert = postgresql.insert if dialect == "postgresql" else sqlite.insert
-    return insert(table).values(list(rows)).on_conflict_do_nothing(index_elements=list(keys))

@@ -4,8 +4,6 @@ the REST API; decommissioning cuts the daemon off at the broker."""
 
 from __future__ import annotations
 
-import subprocess
-import sys
 import tempfile
 import uuid
 from collections.abc import Iterator
@@ -14,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from control_plane.local_broker import DynsecBootstrap, MosquittoBroker
-from tests.support.control_plane import ControlPlaneProcess, wait_for
+from tests.support.control_plane import ControlPlaneProcess, edged_enroll, wait_for
 from tests.support.daemon import DaemonProcess, render_toml
 
 
@@ -50,24 +48,7 @@ def test_enrolled_daemon_reports_through_the_api(
     ):
         state = tmp_path / "state"
         token = cp.enrollment_token("e2e", tags=["bench-1"])
-        enrolled = subprocess.run(
-            [
-                sys.executable,
-                "-m",
-                "edged.cli",
-                "enroll",
-                "--url",
-                cp.url,
-                "--token",
-                token,
-                "--state-dir",
-                str(state),
-            ],
-            capture_output=True,
-            text=True,
-            timeout=60,
-            check=False,
-        )
+        enrolled = edged_enroll(cp.url, token, state)
         assert enrolled.returncode == 0, enrolled.stderr
         config = tmp_path / "edged.toml"
         config.write_text(

@@ -31,9 +31,47 @@ from edged.enrollment import Enrollment, enroll
 from edged.identity import DeviceIdentity
 from edged_formats import Record, encode_batch
 
-__all__ = ["ControlPlaneProcess", "DeviceClient", "wait_for"]
+__all__ = ["CP", "ControlPlaneProcess", "DeviceClient", "edged_enroll", "run_sql", "wait_for"]
 
 CP = [sys.executable, "-m", "control_plane.cli"]
+
+
+def edged_enroll(url: str, token: str, state_dir: Path) -> subprocess.CompletedProcess[str]:
+    """`edged enroll --url URL --token TOKEN --state-dir DIR` as a real process."""
+    command = [
+        sys.executable,
+        "-m",
+        "edged.cli",
+        "enroll",
+        "--url",
+        url,
+        "--token",
+        token,
+        "--state-dir",
+        str(state_dir),
+    ]
+    return subprocess.run(command, capture_output=True, text=True, timeout=60, check=False)
+
+
+def run_sql(database_url: str, statements: Sequence[str]) -> None:
+    """Statements straight on a test database (SQLite file or PostgreSQL), in one
+    transaction; the database's own errors pass through."""
+    import asyncio
+
+    from sqlalchemy import text
+
+    from control_plane.db.engine import Database
+
+    async def run() -> None:
+        db = Database(database_url)
+        try:
+            async with db.engine.begin() as conn:
+                for statement in statements:
+                    await conn.execute(text(statement))
+        finally:
+            await db.close()
+
+    asyncio.run(run())
 
 
 def wait_for(predicate: Any, timeout: float = 10.0, interval: float = 0.05) -> Any:

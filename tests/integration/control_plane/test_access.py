@@ -5,7 +5,7 @@ from __future__ import annotations
 import uuid
 from pathlib import Path
 
-from tests.support.control_plane import ControlPlaneProcess
+from tests.support.control_plane import ControlPlaneProcess, run_sql
 
 
 def _audit(cp: ControlPlaneProcess, **params: str) -> list[dict]:
@@ -132,25 +132,11 @@ def test_the_database_refuses_to_rewrite_the_audit_log(
     cp: ControlPlaneProcess, database_url: str
 ) -> None:
     """UPDATE and DELETE on audit_log fail in the database itself, whoever connects."""
-    import asyncio
-
     import pytest
-    from sqlalchemy import text
     from sqlalchemy.exc import DBAPIError
 
-    from control_plane.db.engine import Database
-
     assert _audit(cp)  # there are entries to protect
-
-    async def attempt(statement: str) -> None:
-        db = Database(database_url)
-        try:
-            async with db.engine.begin() as conn:
-                await conn.execute(text(statement))
-        finally:
-            await db.close()
-
     for statement in ("UPDATE audit_log SET outcome = 'ok'", "DELETE FROM audit_log"):
         with pytest.raises(DBAPIError, match="the audit log is append-only"):
-            asyncio.run(attempt(statement))
+            run_sql(database_url, [statement])
     assert _audit(cp)

@@ -13,7 +13,7 @@ from edged.enrollment import enroll, load_enrollment
 from edged.errors import EnrollmentError
 from edged.identity import DeviceIdentity
 from edged_formats.enrollment import prove_possession
-from tests.support.control_plane import ControlPlaneProcess, wait_for
+from tests.support.control_plane import ControlPlaneProcess, edged_enroll, wait_for
 
 
 def _request(identity: DeviceIdentity, token: str) -> dict[str, str]:
@@ -136,26 +136,11 @@ def test_enrollment_needs_an_operator_token_to_issue(cp: ControlPlaneProcess, gr
 
 def test_edged_enroll_command(cp: ControlPlaneProcess, group: str, tmp_path: Path) -> None:
     """`edged enroll --url --token` stores the credentials; a refusal exits 1 with a sentence."""
-    import subprocess
-    import sys
-
     token = cp.enrollment_token(group)
-    command = [
-        sys.executable,
-        "-m",
-        "edged.cli",
-        "enroll",
-        "--url",
-        cp.url,
-        "--token",
-        token,
-        "--state-dir",
-        str(tmp_path),
-    ]
-    ok = subprocess.run(command, capture_output=True, text=True, timeout=60, check=False)
+    ok = edged_enroll(cp.url, token, tmp_path)
     assert ok.returncode == 0, ok.stderr
     assert "enrolled as dev-" in ok.stdout
-    again = subprocess.run(command, capture_output=True, text=True, timeout=60, check=False)
+    again = edged_enroll(cp.url, token, tmp_path)
     assert again.returncode != 0
     assert "the enrollment token was already used" in again.stderr
     assert _device_count(cp, group) == 1

@@ -10,7 +10,7 @@ from typing import Any
 import cbor2
 
 from edged_formats.wire import SIGNATURE_CONTEXT
-from tests.support.control_plane import ControlPlaneProcess, DeviceClient, wait_for
+from tests.support.control_plane import ControlPlaneProcess, DeviceClient, run_sql, wait_for
 
 
 def _get(cp: ControlPlaneProcess, path: str, **params: Any) -> Any:
@@ -227,26 +227,6 @@ def test_quarantine_refuses_data_and_decommission_revokes_credentials(
         device.close()
 
 
-def _sql(database_url: str, statements: list[str]) -> None:
-    """Run DDL straight on the test database (SQLite file or PostgreSQL)."""
-    import asyncio
-
-    from sqlalchemy import text
-
-    from control_plane.db.engine import Database
-
-    async def run() -> None:
-        db = Database(database_url)
-        try:
-            async with db.engine.begin() as conn:
-                for statement in statements:
-                    await conn.execute(text(statement))
-        finally:
-            await db.close()
-
-    asyncio.run(run())
-
-
 def test_hostile_bodies_are_stored_and_a_refused_message_blocks_nothing(
     cp: ControlPlaneProcess, database_url: str, group: str, tmp_path: Path
 ) -> None:
@@ -268,7 +248,7 @@ def test_hostile_bodies_are_stored_and_a_refused_message_blocks_nothing(
         ]
         remove = ["DROP TRIGGER poison ON events", "DROP FUNCTION refuse_poison()"]
     device = _connected(cp, tmp_path, group)
-    _sql(database_url, install)
+    run_sql(database_url, install)
     try:
         device.publish("events", [{"name": "odd\x00ity", "blob": b"\x00\x01", "x": float("nan")}])
         device.publish("events", [{"name": "poison"}])
@@ -289,7 +269,7 @@ def test_hostile_bodies_are_stored_and_a_refused_message_blocks_nothing(
         wait_for(lambda: _rejections(cp, device.device_id).get("unstorable") == 1)
     finally:
         device.close()
-        _sql(database_url, remove)
+        run_sql(database_url, remove)
 
 
 def test_large_batches_are_stored_once_too(

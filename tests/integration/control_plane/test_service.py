@@ -12,9 +12,7 @@ from pathlib import Path
 import httpx
 
 from control_plane.db.engine import Database
-from tests.support.control_plane import ControlPlaneProcess
-
-CP = [sys.executable, "-m", "control_plane.cli"]
+from tests.support.control_plane import CP, ControlPlaneProcess
 
 
 def test_openapi_declares_every_route_and_its_errors(cp: ControlPlaneProcess) -> None:

@@ -6,16 +6,13 @@ from __future__ import annotations
 import os
 import signal
 import subprocess
-import sys
 from pathlib import Path
 
 import httpx
 import pytest
 
 from control_plane.local_broker import free_port
-from tests.support.control_plane import wait_for
-
-CP = [sys.executable, "-m", "control_plane.cli"]
+from tests.support.control_plane import CP, wait_for
 
 
 def _broker_pids(data_dir: Path) -> list[int]:

@@ -123,7 +123,7 @@ def test_bodies_are_stored_as_json_both_backends_take() -> None:
     """Bytes become base64, NaN and infinities null, NUL stays (escaped); names lose NUL."""
     import json
 
-    from control_plane.db.engine import dumps_json
+    from control_plane.json_codec import dumps_json
 
     body = {
         "blob": b"\x00\xff",
