@@ -3,7 +3,8 @@ once and passed down. Unknown keys are refused; every bound is checked when the 
 the first problem is explained in one sentence naming the key (`edged check-config FILE`).
 
 Sections: [device] [engine] [pipeline] [[source]] [local_mqtt] [gating] [drift] [uplink]
-[outbox] [telemetry] [status] [log]. docs/configuration.md lists every key with its default.
+[outbox] [update] [telemetry] [status] [log]. docs/daemon.md lists every key with its bounds,
+packaging/edged.toml with its default.
 """
 
 from __future__ import annotations
@@ -29,6 +30,7 @@ __all__ = [
     "ReplaySourceConfig",
     "SourceConfig",
     "SpoolSourceConfig",
+    "UpdateConfig",
     "load_config",
     "parse_config",
 ]
@@ -39,6 +41,8 @@ MIB = 1 << 20
 Positive = Annotated[float, Meta(gt=0)]
 Port = Annotated[int, Meta(ge=1, le=65535)]
 Name = Annotated[str, Meta(pattern=r"^[a-z][a-z0-9_-]{0,31}$")]
+Share = Annotated[float, Meta(ge=0, le=1)]
+Tag = Annotated[str, Meta(pattern=r"^[a-z0-9][a-z0-9._-]{0,63}$")]
 
 
 class ConfigError(EdgedError):
@@ -140,6 +144,29 @@ class OutboxSection(_Section, frozen=True):
     min_free_mb: Annotated[int, Meta(ge=0, le=1 << 20)] = 64
 
 
+class UpdateConfig(_Section, frozen=True):
+    """Model updates (docs/ota.md): which targets this device takes, and the health trial a
+    new model must pass before it becomes the known good one.
+
+    A trial model may be started `max_start_attempts` times (the switch counts as the first)
+    before the next start rolls back without loading it. The trial passes its canaries when at
+    least `canary_min_agreement` of them give the manifest's top-1, then watches live traffic
+    for `watch_s` (0: commit on the canaries alone): once `min_watch_samples` results are in,
+    an inference error rate over `max_error_rate`, a mean confidence more than
+    `max_confidence_drop` below the previous model's, or a median latency more than
+    `max_latency_ratio` times the previous model's rolls it back."""
+
+    hardware: Tag = "any"  # this device's compatibility tag, matched against targets
+    channel: Tag = "stable"
+    max_start_attempts: Annotated[int, Meta(ge=1, le=100)] = 3
+    canary_min_agreement: Share = 1.0
+    watch_s: Annotated[float, Meta(ge=0, le=86_400)] = 300.0
+    min_watch_samples: Annotated[int, Meta(ge=1, le=1_000_000)] = 50
+    max_error_rate: Share = 0.05
+    max_confidence_drop: Share = 0.1
+    max_latency_ratio: Annotated[float, Meta(ge=1, le=1000)] = 2.0
+
+
 class TelemetryConfig(_Section, frozen=True):
     interval_s: Annotated[float, Meta(ge=1, le=86_400)] = 60.0
 
@@ -163,6 +190,7 @@ class Config(_Section, frozen=True):
     drift: DriftConfig = msgspec.field(default_factory=DriftConfig)
     uplink: UplinkSection = msgspec.field(default_factory=UplinkSection)
     outbox: OutboxSection = msgspec.field(default_factory=OutboxSection)
+    update: UpdateConfig = msgspec.field(default_factory=UpdateConfig)
     telemetry: TelemetryConfig = msgspec.field(default_factory=TelemetryConfig)
     status: StatusConfig = msgspec.field(default_factory=StatusConfig)
     log: LogConfig = msgspec.field(default_factory=LogConfig)
