@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import collections
 import ssl
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -75,8 +76,15 @@ class MqttLink:
     """`await link.connect()`, then `await link.publish(...)` returns once the broker has
     acknowledged (QoS 1 PUBACK); `disconnected` is set when the connection ends."""
 
-    def __init__(self, config: LinkConfig, *, will: tuple[str, bytes] | None = None) -> None:
+    def __init__(
+        self,
+        config: LinkConfig,
+        *,
+        will: tuple[str, bytes] | None = None,
+        on_message: Callable[[str, bytes], None] | None = None,
+    ) -> None:
         self.config = config
+        self._on_message = on_message
         self._loop = asyncio.get_running_loop()
         self._pending: dict[int, asyncio.Future[None]] = {}
         # filled by paho's thread, emptied on the loop; deque appends/pops are atomic
@@ -113,6 +121,10 @@ class MqttLink:
         client.on_disconnect = lambda _c, _u, _f, rc, _p: self._threadsafe(self._on_disconnect, rc)
         client.on_publish = lambda _c, _u, mid, rc, _p: self._queue_puback(mid, rc)
         client.on_connect_fail = lambda _c, _u: self._threadsafe(self._on_connect_fail)
+        if on_message is not None:
+            client.on_message = lambda _c, _u, message: self._threadsafe(
+                on_message, message.topic, bytes(message.payload)
+            )
         self._client = client
 
     def _queue_puback(self, mid: int, reason: ReasonCode) -> None:
@@ -163,6 +175,14 @@ class MqttLink:
         done = self._loop.create_future()
         self._pending[info.mid] = done
         await done
+
+    def subscribe(self, topic: str) -> None:
+        """Subscribe with QoS 1; messages go to `on_message(topic, payload)` on the loop."""
+        if self._on_message is None:
+            raise LinkError("this link was made without an on_message callback")
+        result, _mid = self._client.subscribe(topic, qos=1)
+        if result != paho.MQTT_ERR_SUCCESS:
+            raise LinkDown(f"subscribe refused locally: {paho.error_string(result)}")
 
     async def close(self) -> None:
         """Disconnect cleanly if connected and stop paho's thread."""

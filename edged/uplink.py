@@ -30,7 +30,14 @@ from tenacity import (
 from edged.budget import Budget, BudgetConfig
 from edged.mqtt_link import LinkConfig, LinkError, MessageRefused, MqttLink
 from edged.outbox import Outbox
-from edged_formats.wire import Record, encode_batch_raw, encode_record, message_size, topic_for
+from edged_formats.wire import (
+    TOPIC_ROOT,
+    Record,
+    encode_batch_raw,
+    encode_record,
+    message_size,
+    topic_for,
+)
 
 __all__ = ["Uplink", "UplinkConfig", "UplinkStats", "backoff_wait"]
 
@@ -103,8 +110,10 @@ class Uplink:
         *,
         monotonic: Callable[[], float] = time.monotonic,
         wall: Callable[[], float] = time.time,
+        on_command: Callable[[str, bytes], None] | None = None,
     ) -> None:
         self.config = config
+        self._on_command = on_command  # (command name, payload) from edged/v1/<id>/cmd/<name>
         self.outbox = outbox
         self._key = signing_key
         self._monotonic = monotonic
@@ -166,6 +175,14 @@ class Uplink:
             self.connected.clear()
             self.outbox.release()
 
+    @property
+    def _command_prefix(self) -> str:
+        return f"{TOPIC_ROOT}/{self.config.device_id}/cmd/"
+
+    def _command(self, topic: str, payload: bytes) -> None:
+        if self._on_command is not None and topic.startswith(self._command_prefix):
+            self._on_command(topic.removeprefix(self._command_prefix), payload)
+
     def _on_backoff(self, retry_state: RetryCallState) -> None:
         delay = retry_state.next_action.sleep if retry_state.next_action else 0.0
         self.stats.state = f"backoff {delay:.1f}s"
@@ -177,10 +194,16 @@ class Uplink:
 
     async def _session(self) -> None:
         self.stats.state = "connecting"
-        link = MqttLink(self.config.link, will=self._state_message(online=False))
+        link = MqttLink(
+            self.config.link,
+            will=self._state_message(online=False),
+            on_message=self._command if self._on_command else None,
+        )
         try:
             await link.connect()
             self.stats.connects += 1
+            if self._on_command is not None:
+                link.subscribe(f"{self._command_prefix}#")
             topic, data = self._state_message(online=True)
             try:
                 await link.publish(topic, data, retain=True)

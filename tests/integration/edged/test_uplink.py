@@ -7,7 +7,9 @@ import asyncio
 import contextlib
 from pathlib import Path
 
+import paho.mqtt.client as paho
 from nacl.signing import SigningKey
+from paho.mqtt.enums import CallbackAPIVersion
 
 from edged.budget import BudgetConfig
 from edged.mqtt_link import LinkConfig
@@ -231,3 +233,44 @@ async def test_clean_shutdown_says_offline(tmp_path, broker) -> None:
     with MqttSubscriber(broker.host, broker.port, f"edged/v1/{DEVICE}/state") as sub:
         (retained,) = await arrived(sub, lambda ms: len(ms) >= 1)
     assert decode_all([retained])[0].records[0].body == {"online": False}
+
+
+async def test_commands_reach_the_device_and_survive_a_reconnect(
+    tmp_path, broker, fault_proxy
+) -> None:
+    """A QoS 1 command on edged/v1/<id>/cmd/<name> reaches the callback, also after the
+    connection was cut and re-established."""
+    received: list[tuple[str, bytes]] = []
+    async with Outbox(outbox_config(tmp_path)) as outbox:
+        config = UplinkConfig(
+            DEVICE,
+            LinkConfig("127.0.0.1", fault_proxy.port, client_id=DEVICE, keepalive_s=5),
+            backoff_initial_s=0.05,
+            backoff_max_s=0.5,
+        )
+        uplink = Uplink(config, outbox, KEY, on_command=lambda n, p: received.append((n, p)))
+        task = asyncio.create_task(uplink.run())
+        sender = paho.Client(CallbackAPIVersion.VERSION2, protocol=paho.MQTTv5)
+        sender.connect(broker.host, broker.port)
+        sender.loop_start()
+        try:
+            for attempt in range(2):
+                await asyncio.wait_for(uplink.connected.wait(), 10)
+                await asyncio.sleep(0.3)  # let SUBSCRIBE land
+                sender.publish(
+                    f"edged/v1/{DEVICE}/cmd/update", b'{"rollout": "r%d"}' % attempt, qos=1
+                )
+                await asyncio.wait_for(until(lambda n=attempt: len(received) > n), 10)
+                if attempt == 0:
+                    fault_proxy.cut()
+                    await until(lambda: not uplink.connected.is_set())
+            sender.publish("edged/v1/dev-other/cmd/update", b"{}", qos=1)
+            await asyncio.sleep(0.3)
+        finally:
+            sender.loop_stop()
+            sender.disconnect()
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+    assert received[:2] == [("update", b'{"rollout": "r0"}'), ("update", b'{"rollout": "r1"}')]
+    assert all(name == "update" for name, _ in received)
