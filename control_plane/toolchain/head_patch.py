@@ -1,0 +1,248 @@
+"""Re-quantise a classifier head and write it into an int8 .tflite in place.
+
+A head-only fine-tune changes the final FullyConnected op's weight and bias and nothing else.
+`patch_head` re-quantises the new float head the way ai-edge-quantizer does (int8 weights,
+symmetric per output channel, scale max|w|/127; int32 bias at input scale x weight scale) and
+overwrites those tensors' bytes and scales inside the flatbuffer (LiteRT's own schema,
+`ai_edge_litert.schema_py_generated`), so every other byte of the model stays identical: OTA
+deltas and uploads stay small and no converter is needed. Given `logit_range` (the new logits'
+min and max on calibration data) the logits tensor's scale and zero point are re-calibrated
+the quantizer's way (asymmetric int8, range widened to include 0); without it they stay as
+calibrated for the base, and logits the fine-tune moved outside that range saturate.
+
+Only numpy and the flatbuffer schema shipped with ai-edge-litert: no torch, no converter, so
+this can move to the device side unchanged (issue 7's on-device export).
+
+    ValueError
+    └── HeadPatchError   a model whose head cannot be found or rewritten in place
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import numpy.typing as npt
+
+__all__ = ["Head", "HeadPatchError", "patch_head", "read_head"]
+
+_INT8, _INT32 = 9, 2  # tflite TensorType
+_INT32_RANGE = (-(2**31), 2**31 - 1)
+
+
+class HeadPatchError(ValueError):
+    """The model's classifier head cannot be located or rewritten in place."""
+
+
+@dataclass(frozen=True)
+class Head:
+    """The quantised head as stored in the model: weight [classes, embedding], bias [classes],
+    one scale per class for each (or one for all), the scale of the embedding input, and the
+    logits' scale and zero point."""
+
+    weight: npt.NDArray[np.int8]
+    bias: npt.NDArray[np.int32]
+    weight_scale: npt.NDArray[np.float32]
+    bias_scale: npt.NDArray[np.float32]
+    input_scale: float
+    output_scale: float
+    output_zero_point: int
+
+    def dequantised(self) -> tuple[npt.NDArray[np.float32], npt.NDArray[np.float32]]:
+        """The float weight and bias these int8/int32 values stand for."""
+        weight = self.weight.astype(np.float32) * _per_row(self.weight_scale, len(self.weight))
+        bias = self.bias.astype(np.float32) * self.bias_scale
+        return weight.astype(np.float32), bias.astype(np.float32)
+
+
+@dataclass
+class _Views:
+    """Writable numpy views into one bytearray holding the model."""
+
+    weight: npt.NDArray[np.int8]
+    bias: npt.NDArray[np.int32]
+    weight_scale: npt.NDArray[np.float32]
+    bias_scale: npt.NDArray[np.float32]
+    input_scale: float
+    output_scale: npt.NDArray[np.float32]
+    output_zero_point: npt.NDArray[np.int64]
+
+    def head(self) -> Head:
+        return Head(
+            self.weight.copy(),
+            self.bias.copy(),
+            self.weight_scale.copy(),
+            self.bias_scale.copy(),
+            self.input_scale,
+            float(self.output_scale[0]),
+            int(self.output_zero_point[0]),
+        )
+
+
+def read_head(model: bytes, output_name: str) -> Head:
+    """The quantised head of the FullyConnected op that produces output `output_name`."""
+    return _locate(bytearray(model), output_name).head()
+
+
+def patch_head(
+    model: bytes,
+    output_name: str,
+    weight: npt.NDArray[np.floating[Any]],
+    bias: npt.NDArray[np.floating[Any]],
+    *,
+    logit_range: tuple[float, float] | None = None,
+) -> bytes:
+    """`model` with the head producing `output_name` re-quantised from the float `weight`
+    [classes, embedding] and `bias` [classes] (and its output re-calibrated to `logit_range`
+    when given); every byte outside those tensors' data and quantisation is unchanged."""
+    buffer = bytearray(model)
+    views = _locate(buffer, output_name)
+    classes, size = views.weight.shape
+    weight = np.asarray(weight, dtype=np.float32)
+    bias = np.asarray(bias, dtype=np.float32)
+    if weight.shape != (classes, size) or bias.shape != (classes,):
+        raise HeadPatchError(
+            f"head has weight {list(weight.shape)} and bias {list(bias.shape)}, the model "
+            f"expects [{classes}, {size}] and [{classes}]"
+        )
+    if not (np.all(np.isfinite(weight)) and np.all(np.isfinite(bias))):
+        raise HeadPatchError("head has non-finite weights")
+    per_channel = len(views.weight_scale) == classes
+    peak = np.abs(weight).max(axis=1) if per_channel else np.abs(weight).max(keepdims=True)
+    # An all-zero row keeps its old scale: any scale represents zeros, and the bias needs one.
+    weight_scale = np.where(peak > 0, peak / np.float32(127), views.weight_scale)
+    weight_scale = weight_scale.astype(np.float32)
+    bias_scale = (np.float32(views.input_scale) * _per_row(weight_scale, classes)[:, 0]).astype(
+        np.float32
+    )
+    quantised = np.clip(np.rint(weight / _per_row(weight_scale, classes)), -127, 127)
+    bias_q = np.rint(bias / bias_scale)  # in float32, as the quantizer rounds
+    if bias_q.min() < _INT32_RANGE[0] or bias_q.max() > _INT32_RANGE[1]:
+        raise HeadPatchError("head bias does not fit int32 at the re-quantised scale")
+    views.weight[...] = quantised.astype(np.int8)
+    views.bias[...] = bias_q.astype(np.int32)
+    views.weight_scale[...] = weight_scale
+    views.bias_scale[...] = bias_scale
+    if logit_range is not None:
+        views.output_scale[...], views.output_zero_point[...] = _asymmetric(*logit_range)
+    patched = bytes(buffer)
+    check = read_head(patched, output_name)
+    if not (
+        np.array_equal(check.weight, quantised.astype(np.int8))
+        and np.array_equal(check.bias_scale, bias_scale)
+    ):
+        raise HeadPatchError("head tensors did not read back as written")  # pragma: no cover
+    return patched
+
+
+def _asymmetric(low: float, high: float) -> tuple[np.float32, np.int64]:
+    """int8 scale and zero point for values in [low, high], as ai-edge-quantizer derives them
+    for activations (the range always includes 0)."""
+    if not (np.isfinite(low) and np.isfinite(high) and low <= high):
+        raise HeadPatchError(f"logit range [{low}, {high}] is not a finite interval")
+    bound_min, bound_max = min(low, 0.0), max(high, 0.0)
+    scale = np.float32(max(bound_max - bound_min, 1e-9) / 255.0)
+    zero_point = np.int64(np.clip(np.rint(-128 - bound_min / scale), -128, 127))
+    return scale, zero_point
+
+
+def _per_row(scale: npt.NDArray[np.float32], rows: int) -> npt.NDArray[np.float32]:
+    return np.broadcast_to(scale.reshape(-1, 1), (rows, 1)).astype(np.float32)
+
+
+def _locate(buffer: bytearray, output_name: str) -> _Views:
+    from ai_edge_litert import schema_py_generated as schema
+
+    if len(buffer) < 8 or buffer[4:8] != b"TFL3":
+        raise HeadPatchError("model is not a TFLite flatbuffer (no TFL3 identifier)")
+    model = schema.Model.GetRootAs(buffer, 0)
+    graph = model.Subgraphs(0)
+    inputs, output = _head_op(schema, model, graph, output_name)
+    source, weight_t, bias_t, output_t = (graph.Tensors(i) for i in (*inputs[:3], output))
+    _check_private(model, graph, (inputs[1], inputs[2]))
+    shape = tuple(_ints(weight_t.ShapeAsNumpy()))
+    if weight_t.Type() != _INT8 or len(shape) != 2:
+        raise HeadPatchError("the head's weight is not a 2-D int8 tensor")
+    if bias_t.Type() != _INT32 or tuple(_ints(bias_t.ShapeAsNumpy())) != (shape[0],):
+        raise HeadPatchError("the head's bias is not an int32 vector of one value per class")
+    if output_t.Type() != _INT8:
+        raise HeadPatchError("the head's output is not an int8 tensor")
+    weight_q, bias_q, source_q, output_q = (
+        t.Quantization() for t in (weight_t, bias_t, source, output_t)
+    )
+    for q, what, scales in (
+        (source_q, "input", (1,)),
+        (output_q, "output", (1,)),
+        (weight_q, "weight", (1, shape[0])),
+        (bias_q, "bias", (shape[0],)),
+    ):
+        if q is None or q.ScaleLength() not in scales:
+            raise HeadPatchError(f"the head's {what} is not quantised per tensor or per class")
+    for q in (weight_q, bias_q):
+        if q.ZeroPointLength() and np.any(q.ZeroPointAsNumpy() != 0):
+            raise HeadPatchError("the head is not symmetrically quantised (zero point != 0)")
+    if output_q.ZeroPointLength() != 1:
+        raise HeadPatchError("the head's output has no single zero point")
+    return _Views(
+        weight=_data(model, buffer, weight_t.Buffer(), np.int8).reshape(shape),
+        bias=_data(model, buffer, bias_t.Buffer(), np.dtype("<i4")),
+        weight_scale=weight_q.ScaleAsNumpy(),
+        bias_scale=bias_q.ScaleAsNumpy(),
+        input_scale=float(source_q.ScaleAsNumpy()[0]),
+        output_scale=output_q.ScaleAsNumpy(),
+        output_zero_point=output_q.ZeroPointAsNumpy(),
+    )
+
+
+def _head_op(schema: Any, model: Any, graph: Any, output_name: str) -> tuple[list[int], int]:
+    """Input tensor indices of the FullyConnected op producing the named output, and the
+    output's own index."""
+    outputs = [graph.Outputs(i) for i in range(graph.OutputsLength())]
+    named = [t for t in outputs if graph.Tensors(t).Name().decode() == output_name]
+    if not named:
+        raise HeadPatchError(f"model has no output named {output_name!r}")
+    producers = [
+        graph.Operators(i)
+        for i in range(graph.OperatorsLength())
+        if named[0] in _ints(graph.Operators(i).OutputsAsNumpy())
+    ]
+    if len(producers) != 1:
+        raise HeadPatchError(f"output {output_name!r} is not produced by exactly one operator")
+    code = model.OperatorCodes(producers[0].OpcodeIndex())
+    builtin = max(code.BuiltinCode(), code.DeprecatedBuiltinCode())
+    if builtin != schema.BuiltinOperator.FULLY_CONNECTED:
+        raise HeadPatchError(f"output {output_name!r} is not produced by a FullyConnected op")
+    inputs = _ints(producers[0].InputsAsNumpy())
+    if len(inputs) < 3 or inputs[2] < 0:
+        raise HeadPatchError("the head's FullyConnected op has no bias")
+    return inputs, named[0]
+
+
+def _check_private(model: Any, graph: Any, tensors: tuple[int, int]) -> None:
+    """Neither head tensor's buffer may be shared with any other tensor of the model, or the
+    in-place write would change another op too."""
+    mine = {graph.Tensors(t).Buffer() for t in tensors}
+    for g in range(model.SubgraphsLength()):
+        sub = model.Subgraphs(g)
+        for t in range(sub.TensorsLength()):
+            if (g, t) not in {(0, tensors[0]), (0, tensors[1])} and sub.Tensors(t).Buffer() in mine:
+                raise HeadPatchError("the head's weights share a buffer with another tensor")
+
+
+def _data(model: Any, buffer: bytearray, index: int, dtype: Any) -> Any:
+    """A writable view of a buffer's bytes, inline in the flatbuffer or appended after it."""
+    record = model.Buffers(index)
+    dtype = np.dtype(dtype)
+    if record.DataLength():
+        data = record.DataAsNumpy()  # a view into `buffer` (a bytearray), so writable
+        return data.view(dtype)
+    offset, size = int(record.Offset()), int(record.Size())
+    if offset <= 1 or size % dtype.itemsize or offset + size > len(buffer):
+        raise HeadPatchError(f"the head's buffer {index} has no data inside the model")
+    return np.frombuffer(buffer, dtype=dtype, count=size // dtype.itemsize, offset=offset)
+
+
+def _ints(values: Any) -> list[int]:
+    """A flatbuffer int vector as a list (the generated code returns 0 for an empty one)."""
+    return [] if isinstance(values, int) else [int(v) for v in values]
