@@ -112,7 +112,7 @@ class HttpFetcher:
         self.bytes_per_s = bytes_per_s
         self._retry = tenacity.Retrying(
             stop=tenacity.stop_after_attempt(attempts),
-            wait=tenacity.wait_exponential_jitter(initial=0.5, max=10),
+            wait=tenacity.wait_random_exponential(multiplier=0.5, max=10),
             retry=tenacity.retry_if_exception(_transient),
             reraise=True,
         )
@@ -164,7 +164,7 @@ class HttpFetcher:
                 if status == 200:
                     have = 0  # the server ignored the range: start again
                 write, throttle = open_at(have), _Throttle(self.bytes_per_s)
-                for chunk in response.iter_bytes(CHUNK):
+                for chunk in response.iter_bytes():  # as received: a break keeps what came
                     have += len(chunk)
                     if have > cap:
                         raise TooLarge(f"{path} is longer than the {cap} bytes allowed")
