@@ -23,6 +23,7 @@ from edged.atomic import atomic_write, fsync_directory
 from edged.errors import EdgedError
 from edged.ota.delta import PatchError, apply_patch
 from edged.ota.fetcher import Fetcher, FetchError, NotFound, ensure_space
+from edged.ota.slots import fault_point
 from edged_formats.errors import TrustError
 from edged_formats.tuf import (
     TargetFile,
@@ -189,6 +190,7 @@ class UpdateClient:
                 fallback = f"patch not used: {exc}"
                 log.warning("update %s: %s", target.name, fallback)
             else:
+                fault_point("patch")  # test hook: rebuilt in memory, not yet written
                 atomic_write(final, rebuilt)
                 return Fetched(final, "patch", len(data))
         return self._full(target, final, fallback)

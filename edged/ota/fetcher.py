@@ -24,6 +24,7 @@ import httpx
 import tenacity
 
 from edged.errors import EdgedError
+from edged.ota.slots import fault_point
 
 __all__ = [
     "FetchError",
@@ -139,7 +140,14 @@ class HttpFetcher:
         with contextlib.ExitStack() as files:
 
             def open_at(offset: int) -> Callable[[bytes], object]:
-                return files.enter_context(dest.open("ab" if offset else "wb")).write
+                out = files.enter_context(dest.open("ab" if offset else "wb"))
+
+                def write(chunk: bytes) -> None:
+                    out.write(chunk)
+                    out.flush()
+                    fault_point("download")  # test hook: freeze mid-transfer
+
+                return write
 
             self._get(path, max_bytes, have, open_at)
 
