@@ -1,10 +1,16 @@
 """The edged daemon: `edged run --config /etc/edged/edged.toml`, a systemd `Type=notify` service.
 
-Start: configuration, device key, model (loaded, checked, first inference run), outbox, sample
-store, uplink, local bus, sources; then READY=1. While serving: WATCHDOG=1 from the loop (only
-while inference makes progress), a STATUS= line, telemetry every interval, `edged status` over a
-unix socket. SIGHUP reloads the configuration without dropping a sample; SIGTERM stops the
-sources, drains what is queued, flushes the outbox and exits within `drain_timeout_s`.
+Start: configuration, device key, model slots (edged.ota.slots: adopt the configured bundle on a
+first start, count a trial's start, roll back a crash loop before loading), the active slot's
+model (verified, loaded, checked, first inference run; the known good one if it fails), outbox,
+sample store, uplink, local bus, sources; then READY=1. While serving: WATCHDOG=1 from the loop
+(only while inference makes progress), a STATUS= line, telemetry every interval, `edged status`
+over a unix socket. SIGHUP reloads the configuration without dropping a sample; SIGTERM stops
+the sources, drains what is queued, flushes the outbox and exits within `drain_timeout_s`.
+
+Models change only through `Daemon.install` (the updater's entry point; a changed
+`device.model` goes the same way): stage into the inactive slot, switch, health trial
+(edged.ota.trial), commit or roll back, each step an `ota.*` event in the outbox.
 """
 
 from __future__ import annotations
@@ -12,6 +18,7 @@ from __future__ import annotations
 import asyncio
 import collections
 import contextlib
+import hashlib
 import importlib
 import json
 import logging
@@ -33,18 +40,29 @@ from edged.config import (
 )
 from edged.engine import Engine, EngineOptions, open_bundle
 from edged.enrollment import load_enrollment
-from edged.errors import EdgedError
+from edged.errors import EdgedError, ModelError
 from edged.health import HealthProbe
 from edged.identity import DeviceIdentity
 from edged.local_bus import LocalBus, MqttSource
 from edged.logs import RateLimitedLog, configure_logging, log_event
 from edged.mqtt_link import LinkConfig
 from edged.notify import Notifier
+from edged.ota.slots import SlotError, Slots, fault_point, file_sha256
+from edged.ota.trial import (
+    Baseline,
+    InstallOutcome,
+    Traffic,
+    TrialPolicy,
+    Verdict,
+    Watch,
+    canary_verdict,
+)
 from edged.outbox import MIB, Outbox, OutboxConfig
-from edged.pipeline import Pipeline, ResultSink
+from edged.pipeline import Pipeline, Result, ResultSink
 from edged.sample_store import SampleStore
 from edged.sources import ReplaySource, Source, SpoolSource
 from edged.uplink import Uplink, UplinkConfig
+from edged_formats import Bundle, FormatError, read_bundle
 
 __all__ = ["Daemon", "run_daemon"]
 
@@ -79,7 +97,12 @@ class Daemon:
         self.state = "starting"
         self.bad_input = RateLimitedLog(logging.getLogger("edged.input"))
         self._rates: collections.deque[tuple[float, int]] = collections.deque(maxlen=61)
-        self._reloads: set[asyncio.Task[None]] = set()
+        self._reloads: set[asyncio.Task[Any]] = set()
+        self.traffic = Traffic()  # the serving model's recent results: a trial's baseline
+        self._watch: tuple[str, Watch] | None = None  # (version under trial, its watch)
+        self._installing = asyncio.Lock()  # one install or trial at a time
+        self._notes: list[tuple[str, dict[str, Any]]] = []  # events from before the outbox
+        self._failed = False
 
     # -- start ------------------------------------------------------------------------------
 
@@ -100,7 +123,8 @@ class Daemon:
             or self.identity.default_device_id()
         )
         options = EngineOptions(cfg.engine.runtime, cfg.engine.threads, True, cfg.engine.max_batch)
-        self.engine = await asyncio.to_thread(Engine.from_file, cfg.device.model, options)
+        self.slots = Slots(cfg.device.state_dir / "models")
+        self.engine = await asyncio.to_thread(self._load_model, options)
         self.probe = HealthProbe(cfg.device.state_dir)
         outbox_config = OutboxConfig(
             cfg.device.state_dir / "outbox.db",
@@ -111,7 +135,11 @@ class Daemon:
             Outbox(outbox_config) as self.outbox,
             SampleStore(cfg.device.state_dir / "samples.db") as store,
         ):
-            sinks = [_load_sink(spec) for spec in cfg.plugins]
+            for name, detail in [*self.slots.notes, *self._notes]:
+                await self._event(name, **detail)
+            self.slots.notes.clear()
+            sinks: list[ResultSink] = [self._observe]
+            sinks += [_load_sink(spec) for spec in cfg.plugins]
             self.pipeline = Pipeline(
                 self.engine,
                 gating=cfg.gating,
@@ -127,6 +155,46 @@ class Daemon:
                 return await self._serve()
             finally:
                 self.pipeline.close()
+
+    def _load_model(self, options: EngineOptions) -> Engine:
+        """In a thread, before anything serves: the slots' state, one more start of a trial
+        (or its rollback past the cap), then the active slot's model, verified; if it does
+        not verify or load, roll back and serve the known good one; if that fails too, the
+        ModelError says so and the daemon exits."""
+        slots, update = self.slots, self.config.update
+        slots.adopt(self.config.device.model)
+        trial = slots.state.trial
+        reason = slots.count_start(update.max_start_attempts)
+        if trial is not None and reason is not None:
+            self._note_rollback(trial.version, reason)
+        elif trial is not None:
+            attempts = trial.attempts + 1
+            self._notes.append(
+                ("ota.trial_resumed", {"version": trial.version, "attempts": attempts})
+            )
+        try:
+            return self._open_active(options)
+        except (SlotError, ModelError) as exc:
+            trial = slots.state.trial
+            if trial is None:
+                raise ModelError(f"the known good model cannot be served: {exc}") from exc
+            reason = f"does not load: {exc}"
+            slots.rollback(reason)
+            self._note_rollback(trial.version, reason)
+        try:
+            return self._open_active(options)
+        except (SlotError, ModelError) as exc:
+            raise ModelError(f"the known good model cannot be served either: {exc}") from exc
+
+    def _open_active(self, options: EngineOptions) -> Engine:
+        self.slots.verify(self.slots.state.active)
+        return Engine.from_file(self.slots.active_path(), options)
+
+    def _note_rollback(self, version: str, reason: str) -> None:
+        restored = self.slots.status()["active"]["version"]
+        self._notes.append(
+            ("ota.rolled_back", {"version": version, "reason": reason, "restored": restored})
+        )
 
     def _uplink(self, identity_key: Any) -> Uplink:
         up = self.config.uplink
@@ -205,16 +273,22 @@ class Daemon:
             device=self.device_id,
             model=manifest.name,
             version=manifest.version,
+            slot=self.slots.state.active,
+            trial=self.slots.state.trial is not None,
             sources=",".join(s.name for s in sources) or "none",
         )
         self.notifier.ready(self._status_line())
+        if self.slots.state.trial is not None:
+            self._spawn(self._resume_trial(), "trial")
+        else:
+            self._spawn(self._install_configured(cfg.device.model), "configured model")
         failed = await self._wait_for_stop(background)
         await self._stop(source_tasks, background)
         status_server.close()
         await status_server.wait_closed()
         with contextlib.suppress(FileNotFoundError):
             cfg.status.socket.unlink()
-        return 1 if failed else 0
+        return 1 if failed or self._failed else 0
 
     async def _wait_for_stop(self, background: list[asyncio.Task[Any]]) -> bool:
         """Until SIGTERM, or a background task dies (a bug): then exit non-zero so systemd
@@ -229,6 +303,11 @@ class Daemon:
                 )
                 return True
         return False
+
+    def _spawned_ended(self, task: asyncio.Task[Any]) -> None:
+        """An install or trial the daemon started itself died of a bug or the disk: say so."""
+        if not task.cancelled() and task.exception() is not None:
+            log_event(log, "error", "task_failed", task=task.get_name(), exc_info=task.exception())
 
     def _source_ended(self, task: asyncio.Task[None]) -> None:
         if task.cancelled():
@@ -300,23 +379,230 @@ class Daemon:
             return
         old, self.config = self.config, new
         configure_logging(new.log.level, new.log.format)
-        if new.device.model != old.device.model:
-            await self.swap_model(new.device.model)
+        self._spawn(self._install_configured(new.device.model), "configured model")
         later = [name for name in RESTART_ONLY if getattr(new, name) != getattr(old, name)]
+        later = [
+            name
+            for name in later
+            if name != "device" or new.device.state_dir != old.device.state_dir
+        ]
         log_event(log, "info", "reloaded", restart_needed_for=",".join(later) or "nothing")
         self.notifier.ready(self._status_line())
 
-    async def swap_model(self, path: Path) -> None:
+    def _spawn(self, work: Any, name: str) -> None:
+        task = asyncio.create_task(work, name=name)
+        self._reloads.add(task)  # keep a reference until it is done
+        task.add_done_callback(self._reloads.discard)
+        task.add_done_callback(self._spawned_ended)
+
+    # -- model installs (docs/ota.md) -------------------------------------------------------
+
+    async def install(self, bundle: bytes | Path, sha256: str, version: str) -> InstallOutcome:
+        """Install an already verified bundle safely; the one way a model changes.
+
+        `bundle` is the artifact (bytes, or a file to read), `sha256` its verified digest (hex)
+        and `version` the version the signed metadata names (the manifest must say the same).
+        Steps, each an event in the outbox (`{"name": ..., "version": ..., ...}`):
+
+        1. checks: one install at a time, no trial running, the digest, the bundle format,
+           the version, the same sample shape and dtype as the serving model; any failure:
+           `ota.failed` {reason}, outcome "refused", nothing switched;
+        2. the bytes are written into the inactive slot and read back (`ota.staged` {slot,
+           sha256}); a file changed on disk is refused as in 1;
+        3. the trial and the new active slot are recorded, then the engine swaps
+           (`ota.switched` {slot, previous});
+        4. the health trial (canaries, then `[update] watch_s` of live traffic);
+        5. `ota.committed` {reason, figures} (outcome "committed"), or the known good model
+           is restored and `ota.rolled_back` {reason, restored, figures} (outcome
+           "rolled_back").
+
+        Returns when the trial has its verdict (up to `watch_s` after the switch). A stop or a
+        crash before that leaves the trial recorded: the next start counts it, rolls it back
+        past `max_start_attempts`, and otherwise serves it and runs its trial again. Never
+        raises for a bad bundle or a failing model; cancelling it is a stop (as above)."""
+        return await self._install(bundle, sha256, version, None)
+
+    async def _install(
+        self, bundle: bytes | Path, sha256: str, version: str, factory_sha256: str | None
+    ) -> InstallOutcome:
+        if self.state != "running":
+            return await self._refuse(version, f"the daemon is {self.state}, not serving")
+        if self._installing.locked():
+            return await self._refuse(version, "another install or trial is in progress")
+        async with self._installing:
+            try:
+                data = (
+                    bundle
+                    if isinstance(bundle, bytes)
+                    else await asyncio.to_thread(bundle.read_bytes)
+                )
+                new = await asyncio.to_thread(self._check_bundle, data, sha256, version)
+                path = await asyncio.to_thread(self.slots.stage, data, sha256, version)
+            except (EdgedError, OSError) as exc:
+                return await self._refuse(version, _why(exc))
+            del data
+            slot = self.slots.state.inactive
+            await self._event("ota.staged", version=version, slot=slot, sha256=sha256)
+            fault_point("staged")
+            previous = self.engine.manifest.version
+            baseline = self.traffic.baseline()
+            try:
+                await asyncio.to_thread(self.slots.begin_trial, baseline.to_dict(), factory_sha256)
+            except (EdgedError, OSError) as exc:
+                return await self._refuse(version, _why(exc))
+            await self._event("ota.switched", version=version, slot=slot, previous=previous)
+            fault_point("switched")
+            try:
+                await asyncio.to_thread(self.engine.swap, new)
+            except EdgedError as exc:  # the engine still serves the known good model
+                verdict = Verdict("rollback", f"does not load: {exc}")
+                return await self._conclude(verdict, version, swapped=False)
+            del new
+            self.pipeline.model_swapped()
+            log_event(
+                log, "info", "model_swapped", previous=previous, version=version, path=str(path)
+            )
+            fault_point("swapped")
+            return await self._conclude(await self._trial(version, baseline), version)
+
+    def _check_bundle(self, data: bytes, sha256: str, version: str) -> Bundle:
+        if hashlib.sha256(data).hexdigest() != sha256:
+            raise SlotError("the bundle does not match its sha256")
         try:
-            bundle = await asyncio.to_thread(open_bundle, path)
-            previous = await asyncio.to_thread(self.engine.swap, bundle)
-        except EdgedError as exc:
-            log_event(log, "error", "model_refused", path=str(path), reason=str(exc))
-            return
-        self.pipeline.model_swapped()
-        log_event(
-            log, "info", "model_swapped", previous=previous, version=self.engine.manifest.version
+            new = read_bundle(data)
+        except FormatError as exc:
+            raise ModelError(f"not a servable bundle: {exc}") from exc
+        manifest, serving = new.manifest, self.engine.manifest
+        if manifest.version != version:
+            raise ModelError(f"the bundle is version {manifest.version}, not {version}")
+        if (manifest.input.shape[1:], manifest.input.dtype) != (
+            serving.input.shape[1:],
+            serving.input.dtype,
+        ):
+            raise ModelError(
+                f"the bundle takes {manifest.input.dtype} samples of shape "
+                f"{list(manifest.input.shape[1:])}; the sources deliver {serving.input.dtype} "
+                f"{list(serving.input.shape[1:])} (a restart is needed for that)"
+            )
+        return new
+
+    async def _refuse(self, version: str, reason: str) -> InstallOutcome:
+        await self._event("ota.failed", version=version, reason=reason)
+        return InstallOutcome("refused", version, reason)
+
+    async def _trial(self, version: str, baseline: Baseline) -> Verdict:
+        """Canaries, then the watch of live traffic, until a verdict."""
+        policy = TrialPolicy.from_config(self.config.update)
+        try:
+            agreement = await asyncio.to_thread(self.engine.canary_agreement)
+        except Exception as exc:  # a runtime that fails on the canaries fails the trial
+            return Verdict("rollback", f"canaries could not run: {exc!r}")
+        verdict = canary_verdict(agreement, policy)
+        if verdict.action == "rollback":
+            return verdict
+        watch = Watch(policy, baseline, time.monotonic())
+        self._watch = (version, watch)
+        errors = self.bad_input.counts().get("inference", 0)
+        try:
+            while True:
+                now_errors = self.bad_input.counts().get("inference", 0)
+                watch.error(now_errors - errors)
+                errors = now_errors
+                result = watch.verdict(time.monotonic())
+                if result.action != "watch":
+                    return Verdict(result.action, result.reason, verdict.figures | result.figures)
+                left = watch.started + policy.watch_s - time.monotonic()
+                await asyncio.sleep(max(0.01, min(1.0, left)))
+        finally:
+            self._watch = None
+
+    async def _conclude(
+        self, verdict: Verdict, version: str, *, swapped: bool = True
+    ) -> InstallOutcome:
+        self.traffic.clear()  # the next baseline is whatever serves from now on
+        if verdict.action == "commit":
+            await asyncio.to_thread(self.slots.commit)
+            fault_point("committed")
+            await self._event(
+                "ota.committed", version=version, reason=verdict.reason, figures=verdict.figures
+            )
+            return InstallOutcome("committed", version, verdict.reason, verdict.figures)
+        await asyncio.to_thread(self.slots.rollback, verdict.reason)
+        fault_point("rolled_back")
+        restored = self.slots.status()["active"]["version"]
+        if swapped:
+            try:
+                await asyncio.to_thread(self._swap_to_active)
+            except (EdgedError, OSError) as exc:  # the known good model does not load now
+                log_event(log, "error", "restore_failed", version=restored, reason=_why(exc))
+                self._failed = True
+                self.stopping.set()  # exit 1: the next start serves the known good or says why
+        await self._event(
+            "ota.rolled_back",
+            version=version,
+            reason=verdict.reason,
+            restored=restored,
+            figures=verdict.figures,
         )
+        return InstallOutcome("rolled_back", version, verdict.reason, verdict.figures)
+
+    def _swap_to_active(self) -> None:
+        self.slots.verify(self.slots.state.active)
+        self.engine.swap(open_bundle(self.slots.active_path()))
+        self.pipeline.model_swapped()
+
+    async def _resume_trial(self) -> None:
+        """A start with a trial recorded serves the trial model: its trial runs again."""
+        trial = self.slots.state.trial
+        assert trial is not None
+        async with self._installing:
+            verdict = await self._trial(trial.version, Baseline.from_dict(trial.baseline))
+            await self._conclude(verdict, trial.version)
+
+    async def _install_configured(self, path: Path) -> None:
+        """`device.model` names a bundle other than the one adopted or installed from it
+        last: install it like any update (its trial decides whether it stays)."""
+        try:
+            sha256 = await asyncio.to_thread(file_sha256, path)
+        except OSError as exc:
+            log_event(
+                log, "warning", "configured_model_unreadable", path=str(path), reason=_why(exc)
+            )
+            return
+        state = self.slots.state
+        if sha256 in (state.factory_sha256, state.held[state.active].sha256):
+            return
+        try:
+            data, version = await asyncio.to_thread(_read_configured, path)
+        except (OSError, FormatError) as exc:
+            log_event(log, "error", "model_refused", path=str(path), reason=_why(exc))
+            return
+        log_event(log, "info", "configured_model_changed", path=str(path), version=version)
+        digest = hashlib.sha256(data).hexdigest()  # of what is installed, if the file changed
+        outcome = await self._install(data, digest, version, digest)
+        log_event(
+            log,
+            "info",
+            "configured_model_" + outcome.result,
+            version=version,
+            reason=outcome.reason,
+        )
+
+    def _observe(self, result: Result) -> None:
+        """A pipeline sink: each result feeds the running trial's watch, or the baseline."""
+        watching = self._watch
+        if watching is None:
+            self.traffic.add(result.confidence, result.latency_ms)
+        elif result.model == watching[0]:
+            watching[1].result(result.confidence, result.latency_ms)
+
+    async def _event(self, name: str, **detail: Any) -> None:
+        """A durable event in the outbox (and a log line)."""
+        log_event(log, "info", name, **detail)
+        try:
+            await self.outbox.put("event", {"name": name, **detail})
+        except EdgedError as exc:
+            log_event(log, "error", "event_not_stored", event=name, reason=str(exc))
 
     # -- periodic work ----------------------------------------------------------------------
 
@@ -377,6 +663,7 @@ class Daemon:
             "state": self.state,
             "uptime_s": round(time.monotonic() - self.started, 1),
             "model": {"name": manifest.name, "version": manifest.version},
+            "slots": self._slots_status(),
             "rate_per_s": round(self._rate(), 2),
             "queue_depth": self.pipeline.depth,
             "counts": {
@@ -410,6 +697,12 @@ class Daemon:
             else {"connected": self.bus.connected.is_set(), "published": self.bus.published},
         }
 
+    def _slots_status(self) -> dict[str, Any]:
+        status = self.slots.status()
+        watching = self._watch
+        status["watch"] = None if watching is None else watching[1].figures(time.monotonic())
+        return status
+
     async def _status_server(self) -> asyncio.AbstractServer:
         path = self.config.status.socket
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -426,6 +719,17 @@ class Daemon:
         server = await asyncio.start_unix_server(answer, path=str(path))
         os.chmod(path, 0o660)
         return server
+
+
+def _read_configured(path: Path) -> tuple[bytes, str]:
+    data = path.read_bytes()
+    return data, read_bundle(data).manifest.version
+
+
+def _why(exc: BaseException) -> str:
+    if isinstance(exc, OSError) and exc.strerror:
+        return f"{exc.filename or 'disk'}: {exc.strerror}"
+    return str(exc) or type(exc).__name__
 
 
 async def run_daemon(config: Config, config_path: Path | None) -> int:

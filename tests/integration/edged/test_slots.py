@@ -1,0 +1,269 @@
+"""Model installs in a real `edged run`: A/B slots, the health trial, rollback, crash loops and
+kill -9 at every step. A changed `device.model` plus SIGHUP drives `Daemon.install`, the same
+entry point the updater uses."""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import hashlib
+import json
+import signal
+import tempfile
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from edged.ota.slots import FAULT_ENV, Slots
+from edged.outbox import Outbox, OutboxConfig
+from edged_formats import read_bundle, write_bundle
+from tests.support.daemon import DaemonProcess, render_toml
+
+UPDATE = {"watch_s": 1.5, "min_watch_samples": 20, "max_latency_ratio": 50.0}
+
+
+@pytest.fixture
+def short_dir() -> Iterator[Path]:
+    """A directory with a short path for unix sockets (107-byte limit)."""
+    with tempfile.TemporaryDirectory(prefix="edged-") as d:
+        yield Path(d)
+
+
+@pytest.fixture
+def models(digits_build, tmp_path: Path) -> dict[str, Path]:
+    """The digits bundle (1.0.0), the same model as 1.1.0, and 1.1.0-bad whose manifest
+    expects other canary answers (it loads and serves, and fails its health check)."""
+    out, report = digits_build
+    original = out / report.bundle
+    bundle = read_bundle(original.read_bytes())
+    good = dataclasses.replace(bundle.manifest, version="1.1.0")
+    shifted = tuple((i + 1) % 10 for i in bundle.manifest.canaries.expected_top1)
+    bad = dataclasses.replace(
+        bundle.manifest,
+        version="1.1.0-bad",
+        canaries=dataclasses.replace(bundle.manifest.canaries, expected_top1=shifted),
+    )
+    paths = {"1.0.0": original, "1.1.0": tmp_path / "v110.edb", "bad": tmp_path / "bad.edb"}
+    paths["1.1.0"].write_bytes(write_bundle(good, bundle.members))
+    paths["bad"].write_bytes(write_bundle(bad, bundle.members))
+    paths["data"] = out / "digits-test.npz"
+    return paths
+
+
+def write_config(
+    tmp_path: Path, short_dir: Path, models: dict[str, Path], model: str, **update: Any
+) -> Path:
+    body = {
+        "device": {"state_dir": str(tmp_path / "state"), "model": str(models[model])},
+        "source": [
+            {"kind": "replay", "name": "d", "path": str(models["data"]), "rate_hz": 200.0}
+            | {"loop": True}
+        ],
+        "uplink": {"enabled": False},
+        "outbox": {"min_free_mb": 0},
+        "update": {**UPDATE, **update},
+        "status": {"socket": str(short_dir / "status.sock")},
+    }
+    path = tmp_path / "edged.toml"
+    path.write_text(render_toml(body))
+    return path
+
+
+def switch_to(daemon: DaemonProcess, config: Path, models: dict[str, Path], model: str) -> None:
+    """Point device.model at another bundle and SIGHUP: the daemon installs it."""
+    config.write_text(config.read_text().replace(str(models["1.0.0"]), str(models[model])))
+    daemon.signal(signal.SIGHUP)
+
+
+def on_disk(tmp_path: Path) -> Slots:
+    """The slots as the next start will read them (slots.json must be valid: no recovery)."""
+    slots = Slots(tmp_path / "state" / "models")
+    assert not slots.adopt(Path("/nonexistent"))
+    assert not slots.notes, slots.notes
+    slots.verify(slots.state.active)
+    slots.verify(slots.state.known_good)
+    return slots
+
+
+def events(tmp_path: Path) -> list[dict[str, Any]]:
+    """The ota.* events the daemon stored in its outbox, in order."""
+
+    async def read() -> list[dict[str, Any]]:
+        config = OutboxConfig(tmp_path / "state" / "outbox.db", min_free_bytes=0)
+        async with Outbox(config) as outbox:
+            records = await outbox.lease(100_000, 1 << 30)
+        return [r.body for r in records if r.kind == "event" and r.body["name"].startswith("ota.")]
+
+    return asyncio.run(read())
+
+
+def serving(daemon: DaemonProcess) -> tuple[str, str, str, Any]:
+    """(engine version, active version, known good version, trial) from `edged status`."""
+    status = daemon.status()
+    slots = status["slots"]
+    return (
+        status["model"]["version"],
+        slots["active"]["version"],
+        slots["known_good"]["version"],
+        slots["trial"],
+    )
+
+
+def inferred(daemon: DaemonProcess) -> int:
+    return int(daemon.status()["counts"]["inferred"])
+
+
+def stopped(daemon: DaemonProcess) -> bool:
+    assert daemon.process is not None
+    stat = Path(f"/proc/{daemon.process.pid}/stat").read_text()
+    return stat.rpartition(")")[2].split()[0] == "T"
+
+
+def test_a_good_model_passes_its_trial_and_is_committed(tmp_path, short_dir, models) -> None:
+    """1.0.0 adopted on the first start; 1.1.0 is staged into slot b, switched to, passes
+    canaries and the watch, and becomes the known good model: staged, switched, committed."""
+    config = write_config(tmp_path, short_dir, models, "1.0.0")
+    with DaemonProcess(config, tmp_path) as daemon:
+        daemon.wait_ready()
+        assert serving(daemon) == ("1.0.0", "1.0.0", "1.0.0", None)
+        daemon.wait_for(lambda: inferred(daemon) > 100, 20, "a baseline of traffic")
+        switch_to(daemon, config, models, "1.1.0")
+        daemon.wait_for(lambda: "event=ota.committed" in daemon.log(), 30, "the commit")
+        assert serving(daemon) == ("1.1.0", "1.1.0", "1.1.0", None)
+        assert daemon.terminate() == 0
+    names = [e["name"] for e in events(tmp_path)]
+    assert names == ["ota.staged", "ota.switched", "ota.committed"]
+    committed = events(tmp_path)[-1]
+    assert committed["figures"]["canary_agreement"] == 1.0
+    assert committed["figures"]["samples"] >= 20
+    assert committed["figures"]["baseline"]["samples"] > 0
+    assert on_disk(tmp_path).state.active == "b"
+
+
+def test_a_model_failing_its_canaries_is_rolled_back(tmp_path, short_dir, models) -> None:
+    """A bundle that loads but fails its canaries is switched to, rolled back, and the daemon
+    keeps serving 1.0.0 without a pause in inference; the reason is kept, reported as
+    ota.rolled_back, and a restart does not try it again."""
+    config = write_config(tmp_path, short_dir, models, "1.0.0")
+    with DaemonProcess(config, tmp_path) as daemon:
+        daemon.wait_ready()
+        daemon.wait_for(lambda: inferred(daemon) > 50, 20, "traffic")
+        switch_to(daemon, config, models, "bad")
+        daemon.wait_for(lambda: "event=ota.rolled_back" in daemon.log(), 30, "the rollback")
+        assert serving(daemon) == ("1.0.0", "1.0.0", "1.0.0", None)
+        rollback = daemon.status()["slots"]["last_rollback"]
+        assert rollback["version"] == "1.1.0-bad" and rollback["reason"].startswith("canaries")
+        before = inferred(daemon)
+        daemon.wait_for(lambda: inferred(daemon) > before + 50, 10, "inference to go on")
+        assert daemon.terminate() == 0
+    stored = events(tmp_path)
+    assert [e["name"] for e in stored] == ["ota.staged", "ota.switched", "ota.rolled_back"]
+    assert stored[-1]["restored"] == "1.0.0" and "agree with the manifest" in stored[-1]["reason"]
+    with DaemonProcess(config, tmp_path) as again:
+        again.wait_ready()
+        assert serving(again) == ("1.0.0", "1.0.0", "1.0.0", None)
+        time.sleep(1)
+        assert "configured_model_changed" not in again.log()
+        assert again.terminate() == 0
+
+
+def test_a_trial_at_its_start_cap_is_rolled_back_before_loading(
+    tmp_path, short_dir, models
+) -> None:
+    """slots.json with a trial already started max_start_attempts times: the next start
+    rolls back to the known good model without loading the trial model."""
+    config = write_config(tmp_path, short_dir, models, "1.0.0", max_start_attempts=3)
+    with DaemonProcess(config, tmp_path) as first:
+        first.wait_ready()
+        assert first.terminate() == 0
+    slots = on_disk(tmp_path)
+    data = models["1.1.0"].read_bytes()
+    slots.stage(data, hashlib.sha256(data).hexdigest(), "1.1.0")
+    slots.begin_trial()
+    doc = json.loads(slots.path.read_text())
+    doc["trial"]["attempts"] = 3
+    slots.path.write_text(json.dumps(doc))
+    with DaemonProcess(config, tmp_path) as second:
+        second.wait_ready()
+        assert serving(second) == ("1.0.0", "1.0.0", "1.0.0", None)
+        assert "crash loop" in second.status()["slots"]["last_rollback"]["reason"]
+        ready = next(line for line in second.log().splitlines() if "event=ready" in line)
+        assert "version=1.0.0" in ready and "ota.trial_resumed" not in second.log()
+        assert second.terminate() == 0
+    assert [e["name"] for e in events(tmp_path)] == ["ota.rolled_back"]
+
+
+def test_a_crash_loop_after_the_switch_rolls_back_on_the_next_start(
+    tmp_path, short_dir, models
+) -> None:
+    """kill -9 while 1.1.0 is on trial, twice (max_start_attempts = 2): the first restart
+    serves it again and counts the attempt, the second rolls back to 1.0.0 before loading."""
+    config = write_config(tmp_path, short_dir, models, "1.0.0", max_start_attempts=2, watch_s=600.0)
+    with DaemonProcess(config, tmp_path) as daemon:
+        daemon.wait_ready()
+        switch_to(daemon, config, models, "1.1.0")
+        daemon.wait_for(lambda: "event=model_swapped" in daemon.log(), 30, "the swap")
+        daemon.kill()
+    assert on_disk(tmp_path).state.trial.attempts == 1
+    with DaemonProcess(config, tmp_path) as daemon:
+        daemon.wait_ready()
+        version, active, good, trial = serving(daemon)
+        assert (version, active, good, trial["attempts"]) == ("1.1.0", "1.1.0", "1.0.0", 2)
+        daemon.wait_for(lambda: daemon.status()["slots"]["watch"] is not None, 10, "the watch")
+        daemon.kill()
+    with DaemonProcess(config, tmp_path) as daemon:
+        daemon.wait_ready()
+        assert serving(daemon) == ("1.0.0", "1.0.0", "1.0.0", None)
+        reason = daemon.status()["slots"]["last_rollback"]["reason"]
+        assert "crash loop: 1.1.0 was started 2 times" in reason
+        assert daemon.terminate() == 0
+    names = [e["name"] for e in events(tmp_path)]
+    assert names == ["ota.staged", "ota.switched", "ota.trial_resumed", "ota.rolled_back"]
+
+
+# Where each step's kill -9 leaves slots.json: (active, known_good, trial attempts or None).
+STEPS = {
+    ("1.1.0", "stage.written"): ("1.0.0", "1.0.0", None),
+    ("1.1.0", "staged"): ("1.0.0", "1.0.0", None),
+    ("1.1.0", "switched"): ("1.1.0", "1.0.0", 1),
+    ("1.1.0", "swapped"): ("1.1.0", "1.0.0", 1),
+    ("1.1.0", "committed"): ("1.1.0", "1.1.0", None),
+    ("bad", "rolled_back"): ("1.0.0", "1.0.0", None),
+}
+
+
+@pytest.mark.parametrize(("model", "step"), list(STEPS), ids=[s for _, s in STEPS])
+def test_kill_9_at_every_step_leaves_one_verified_model(
+    tmp_path, short_dir, models, model, step
+) -> None:
+    """The daemon frozen at a step of stage/switch/trial/commit (or rollback) and killed: on
+    disk slots.json is valid and names verified files, old or new state, nothing between;
+    the restart serves exactly the active slot's model and ends with one known good model
+    (1.1.0 when that was installed, 1.0.0 after the bad one)."""
+    config = write_config(tmp_path, short_dir, models, "1.0.0")
+    with DaemonProcess(config, tmp_path, env={FAULT_ENV: step}) as daemon:
+        daemon.wait_ready()
+        daemon.wait_for(lambda: inferred(daemon) > 50, 20, "traffic")
+        switch_to(daemon, config, models, model)
+        daemon.wait_for(lambda: stopped(daemon), 30, f"the pause at {step}")
+        assert f"event=fault_pause step={step}" in daemon.log()
+        daemon.kill()
+    slots = on_disk(tmp_path)
+    trial = slots.state.trial
+    state = slots.status()
+    got = (state["active"]["version"], state["known_good"]["version"], trial and trial.attempts)
+    assert got == STEPS[(model, step)]
+    final = "1.0.0" if model == "bad" else "1.1.0"
+    with DaemonProcess(config, tmp_path) as daemon:
+        daemon.wait_ready()
+        ready = next(line for line in daemon.log().splitlines() if "event=ready" in line)
+        assert f"version={got[0]} slot={slots.state.active}" in ready  # what the kill left
+        daemon.wait_for(
+            lambda: serving(daemon) == (final, final, final, None), 30, "one known good model"
+        )
+        assert daemon.terminate() == 0
+    settled = on_disk(tmp_path).state
+    assert settled.active == settled.known_good and settled.trial is None
