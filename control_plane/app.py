@@ -13,11 +13,21 @@ from contextlib import AsyncExitStack, asynccontextmanager
 
 from fastapi import FastAPI, Request, Response
 
-from control_plane.api import audit, devices, enrollment, ops, telemetry, tokens
+from control_plane.api import (
+    audit,
+    devices,
+    enrollment,
+    models,
+    ops,
+    repository,
+    telemetry,
+    tokens,
+)
 from control_plane.api.problems import install_handlers
 from control_plane.broker_admin import BrokerAdmin
 from control_plane.db.engine import Database
 from control_plane.ingest import Ingest, IngestConfig
+from control_plane.repository import RepositoryStore
 from control_plane.settings import Settings
 from control_plane.state import BrokerEndpoint, ControlPlaneState
 from edged_formats import __version__
@@ -42,6 +52,9 @@ def create_app(
         async with AsyncExitStack() as stack:
             stack.push_async_callback(db.close)
             await db.check_schema()
+            app.state.repository = await stack.enter_async_context(
+                RepositoryStore(settings, db).running()
+            )
             if ingest is not None:
                 state.ingest = await stack.enter_async_context(Ingest(ingest, db, state.metrics))
             yield
@@ -55,6 +68,8 @@ def create_app(
     install_handlers(app)
     for module in (tokens, enrollment, devices, telemetry, audit, ops):
         app.include_router(module.router)
+    app.include_router(models.router)
+    app.include_router(repository.router)
 
     @app.middleware("http")
     async def count_requests(

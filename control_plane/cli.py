@@ -3,6 +3,16 @@
     edged-control-plane migrate [--config FILE]
     edged-control-plane create-token --name NAME --role admin|operator|viewer [--group G ...]
     edged-control-plane serve [--config FILE] [--host H] [--port P]
+    edged-control-plane keys init --offline-dir DIR [--key-dir KEYDIR] [--root-keys N]
+                                  [--root-threshold T] [--targets online|offline]
+    edged-control-plane root sign --offline-dir DIR [--rotate ROLE ...] [--key-dir KEYDIR]
+    edged-control-plane root publish FILE --url URL --token TOKEN
+    edged-control-plane root install FILE [--config FILE]
+    edged-control-plane targets sign --offline-dir DIR --url URL --token TOKEN
+
+`keys`, `root sign` and `targets sign` run where the offline keys are (they never reach the
+server); `root publish` uploads what they signed, `root install` writes it straight to the
+database of the server it runs on (docs/control-plane.md, "Signed repository").
 
 Configuration comes from `--config FILE` (TOML) or `EDGED_CP_*` environment variables
 (control_plane.settings). Errors are one sentence on stderr and exit status 2.
@@ -52,7 +62,52 @@ def _parser() -> argparse.ArgumentParser:
         help="reach only this device group (repeatable; default: every group)",
     )
     token.add_argument("--expires-in-s", type=float)
+    _signing_parsers(sub)
     return parser
+
+
+def _signing_parsers(sub: Any) -> None:
+    def config(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
+        p.add_argument("--config", type=Path, help="TOML settings file (else EDGED_CP_* env)")
+        return p
+
+    def expiry(p: argparse.ArgumentParser) -> None:
+        p.add_argument("--expires-days", type=int, default=365, help="root lifetime (days)")
+
+    keys = sub.add_parser("keys", help="make the repository's signing keys").add_subparsers(
+        dest="action", required=True
+    )
+    init = config(keys.add_parser("init", help="new keys for every role and 1.root.json"))
+    init.add_argument("--offline-dir", type=Path, required=True)
+    init.add_argument("--key-dir", type=Path, help="the server's key_dir (default: settings)")
+    init.add_argument("--root-keys", type=int, default=1)
+    init.add_argument("--root-threshold", type=int, default=1)
+    init.add_argument("--targets", choices=["online", "offline"], default="online")
+    expiry(init)
+    root = sub.add_parser("root", help="sign, publish or install root metadata")
+    actions = root.add_subparsers(dest="action", required=True)
+    sign = config(actions.add_parser("sign", help="sign root N+1, rotating roles' keys"))
+    sign.add_argument("--offline-dir", type=Path, required=True)
+    sign.add_argument("--rotate", action="append", default=[], metavar="ROLE")
+    sign.add_argument("--key-dir", type=Path, help="where new online keys are written")
+    sign.add_argument("--root-keys", type=int)
+    sign.add_argument("--root-threshold", type=int)
+    expiry(sign)
+    publish = config(actions.add_parser("publish", help="upload root metadata to the API"))
+    publish.add_argument("file", type=Path)
+    publish.add_argument("--url", required=True)
+    publish.add_argument("--token", required=True, help="an admin API token")
+    install = config(actions.add_parser("install", help="install root metadata in the database"))
+    install.add_argument("file", type=Path)
+    targets = sub.add_parser("targets", help="sign pending targets with offline keys")
+    tsign = config(
+        targets.add_subparsers(dest="action", required=True).add_parser(
+            "sign", help="fetch the pending targets, sign them offline, post the signatures"
+        )
+    )
+    tsign.add_argument("--offline-dir", type=Path, required=True)
+    tsign.add_argument("--url", required=True)
+    tsign.add_argument("--token", required=True, help="an admin API token")
 
 
 async def _migrate(settings: Settings) -> None:
@@ -77,6 +132,102 @@ async def _create_token(settings: Settings, args: argparse.Namespace) -> None:
         await db.close()
     print(f"token {token_id} ({args.role}) for {args.name}:", file=sys.stderr)
     print(secret)
+
+
+async def _root_install(settings: Settings, path: Path) -> None:
+    import time
+
+    from control_plane.db.models import AuditEntry
+    from control_plane.repository import RepositoryStore, Transaction
+
+    data = _read(path)
+    db = Database(settings.database_url)
+
+    async def work(tx: Transaction) -> int:
+        root = await tx.install_root(data, time.time())
+        tx.session.add(
+            AuditEntry(
+                at=time.time(),
+                actor="edged-control-plane root install",
+                role=None,
+                action="repository.root",
+                target=f"root v{root.version}",
+                outcome="ok",
+                source="local",
+                detail={"file": str(path)},
+            )
+        )
+        return root.version
+
+    try:
+        await db.check_schema()
+        version = await RepositoryStore(settings, db).run(work)
+    finally:
+        await db.close()
+    print(f"root v{version} installed; the repository is re-signed under it")
+
+
+def _read(path: Path) -> bytes:
+    try:
+        return path.read_bytes()
+    except OSError as exc:
+        raise ControlPlaneError(f"cannot read {path}: {exc.strerror or exc}") from exc
+
+
+def _api_detail(response: Any) -> str:
+    try:
+        return str(response.json()["detail"])
+    except (ValueError, KeyError, TypeError):
+        return f"HTTP {response.status_code}"
+
+
+def _signing(args: argparse.Namespace, settings: Settings) -> None:
+    """`keys init`, `root sign`, `root publish` and `targets sign` (no database)."""
+    import httpx
+
+    from control_plane import signing_keys
+
+    days = getattr(args, "expires_days", 365) * 86_400
+    if args.command == "keys":
+        path = signing_keys.init_keys(
+            args.offline_dir,
+            args.key_dir or settings.signing_key_dir,
+            root_keys=args.root_keys,
+            root_threshold=args.root_threshold,
+            targets_offline=args.targets == "offline",
+            expires_s=days,
+        )
+        print(path)
+    elif args.command == "root" and args.action == "sign":
+        print(
+            signing_keys.sign_next_root(
+                args.offline_dir,
+                rotate=args.rotate,
+                key_dir=args.key_dir,
+                root_keys=args.root_keys,
+                root_threshold=args.root_threshold,
+                expires_s=days,
+            )
+        )
+    elif args.command == "root":
+        data = _read(args.file)
+        try:
+            response = httpx.post(
+                args.url.rstrip("/") + "/v1/repository/root",
+                content=data,
+                headers={
+                    "Authorization": f"Bearer {args.token}",
+                    "Content-Type": "application/json",
+                },
+                timeout=60,
+            )
+        except httpx.HTTPError as exc:
+            raise ControlPlaneError(f"cannot reach {args.url}: {exc}") from exc
+        if response.status_code != 200:
+            raise ControlPlaneError(f"the control plane refused the root: {_api_detail(response)}")
+        print(f"root v{response.json()['root']['version']} published")
+    else:
+        print(signing_keys.sign_pending_targets(args.offline_dir, args.url, args.token))
 
 
 def _server_class() -> Any:
@@ -147,6 +298,10 @@ def main(argv: list[str] | None = None) -> int:
             asyncio.run(_migrate(settings))
         elif args.command == "create-token":
             asyncio.run(_create_token(settings, args))
+        elif args.command == "root" and args.action == "install":
+            asyncio.run(_root_install(settings, args.file))
+        elif args.command in ("keys", "root", "targets"):
+            _signing(args, settings)
         else:
             asyncio.run(_serve(settings))
     except ControlPlaneError as exc:

@@ -7,6 +7,9 @@ file, typed and checked once at start, unknown keys refused (pydantic-settings).
     broker_admin_*    the account that manages device credentials at the broker
     device_broker_url what devices are told to connect to (defaults to broker_url)
     enrollment_ttl_s  default lifetime of an enrollment token
+    key_dir           the online signing keys (default <data_dir>/keys; never root keys)
+    repository_dir    artifacts and patches served to devices (default <data_dir>/repository)
+    *_expiry_s        lifetime of each online-signed role; re-signed at half of it
 """
 
 from __future__ import annotations
@@ -49,6 +52,13 @@ class Settings(BaseSettings):
     enrollment_ttl_s: Annotated[float, Field(gt=0, le=30 * 86_400)] = 3600.0
     online_timeout_s: Annotated[float, Field(gt=0)] = 300.0
     device_cache_s: Annotated[float, Field(ge=0, le=3600)] = 5.0
+    key_dir: Path | None = None
+    repository_dir: Path | None = None
+    max_bundle_bytes: Annotated[int, Field(ge=1024, le=512 << 20)] = 256 << 20
+    targets_expiry_s: Annotated[int, Field(ge=4, le=366 * 86_400)] = 90 * 86_400
+    snapshot_expiry_s: Annotated[int, Field(ge=4, le=366 * 86_400)] = 7 * 86_400
+    timestamp_expiry_s: Annotated[int, Field(ge=4, le=366 * 86_400)] = 86_400
+    repository_check_s: Annotated[float, Field(gt=0, le=3600)] = 60.0
 
     @field_validator("database_url")
     @classmethod
@@ -63,6 +73,18 @@ class Settings(BaseSettings):
         if url is not None and not url.startswith(("mqtt://", "mqtts://")):
             raise ValueError("must be mqtt://host:port or mqtts://host:port")
         return url
+
+    @property
+    def signing_key_dir(self) -> Path:
+        return self.key_dir if self.key_dir is not None else self.data_dir / "keys"
+
+    @property
+    def artifact_dir(self) -> Path:
+        return (
+            self.repository_dir
+            if self.repository_dir is not None
+            else (self.data_dir / "repository")
+        )
 
     @property
     def backend(self) -> str:

@@ -6,11 +6,17 @@ directory: `enrollment.json` (control plane URL, device id, group, broker addres
 secrets), `uplink.password` and `api.token` (mode 0600, written atomically). When
 `enrollment.json` exists and `[uplink] username` is not set, the daemon takes its uplink
 address and credentials from these files, so a device needs no hand-edited configuration.
+
+When the answer carries the update repository's root metadata (`root`, newer control planes),
+it is checked (its own signatures) and written to `<state_dir>/ota/metadata/root.json`
+(atomically, 0644): the trusted root the OTA trust walk starts from (docs/ota.md). A root
+already there, pinned by the image, is kept; the walk moves it forward.
 """
 
 from __future__ import annotations
 
 import json
+import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -22,12 +28,15 @@ from edged.errors import EnrollmentError
 from edged.identity import DeviceIdentity
 from edged_formats import __version__
 from edged_formats.enrollment import prove_possession
+from edged_formats.errors import TrustError
+from edged_formats.tuf import TrustedSet
 
 __all__ = ["Enrollment", "enroll", "load_enrollment"]
 
 ENROLLMENT_FILE = "enrollment.json"
 PASSWORD_FILE = "uplink.password"
 API_TOKEN_FILE = "api.token"
+ROOT_FILE = Path("ota") / "metadata" / "root.json"
 SECRET_MODE = 0o600
 
 
@@ -91,6 +100,7 @@ def enroll(
             username=broker["username"],
         )
         password, api_token = str(broker["password"]), str(answer["api_token"])
+        root = _root(answer.get("root"))
     except (ValueError, KeyError, TypeError) as exc:
         raise EnrollmentError(f"the control plane's answer is not an enrollment: {exc!r}") from exc
     if enrollment.device_id != identity.default_device_id():
@@ -103,7 +113,27 @@ def enroll(
     atomic_write(state_dir / API_TOKEN_FILE, api_token.encode(), mode=SECRET_MODE)
     record = {**asdict(enrollment), "tags": list(enrollment.tags)}
     atomic_write(state_dir / ENROLLMENT_FILE, json.dumps(record, indent=2).encode(), mode=0o644)
+    root_file = state_dir / ROOT_FILE
+    if root is not None and not root_file.exists():
+        root_file.parent.mkdir(parents=True, exist_ok=True)
+        atomic_write(root_file, root, mode=0o644)
     return enrollment
+
+
+def _root(value: Any) -> bytes | None:
+    """The root metadata of the answer, checked against its own keys (None: not sent)."""
+    if value is None:
+        return None
+    if not isinstance(value, str):
+        raise TypeError("root must be the root metadata as JSON text")
+    data = value.encode("utf-8")
+    try:
+        TrustedSet(data, time.time())
+    except TrustError as exc:
+        raise EnrollmentError(
+            f"the control plane sent root metadata that is not valid: {exc}"
+        ) from exc
+    return data
 
 
 def load_enrollment(state_dir: Path) -> Enrollment | None:

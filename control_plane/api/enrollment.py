@@ -1,6 +1,6 @@
 """Device enrollment: operators issue one-time, expiring tokens; a device redeems one with
 its new public key and a proof of possession, and receives its id, its API token and broker
-credentials that reach only its own topics."""
+credentials that reach only its own topics, and the update repository's trusted root."""
 
 from __future__ import annotations
 
@@ -26,6 +26,7 @@ from control_plane.api.schemas import (
 from control_plane.auth import hash_secret, new_secret
 from control_plane.db.models import AuditEntry, Device, EnrollmentToken
 from control_plane.errors import ControlPlaneError
+from control_plane.repository import current_root
 from edged_formats.enrollment import verify_possession
 from edged_formats.errors import SignatureError
 
@@ -143,6 +144,7 @@ async def enroll(
         await state.broker_admin.revoke_device(device_id)
         raise
     broker = state.device_broker
+    root = await current_root(session)
     return EnrollResponse(
         device_id=device_id,
         group=token.group,
@@ -155,4 +157,5 @@ async def enroll(
             username=device_id,
             password=password,
         ),
+        root=root.decode("utf-8") if root is not None else None,
     )

@@ -23,6 +23,15 @@ __all__ = [
     "TokenPublic",
     "page_of",
 ]
+__all__ += [
+    "LineageEntry",
+    "ModelDetail",
+    "ModelPublic",
+    "PatchPublic",
+    "PendingTargetsPublic",
+    "RepositoryStatus",
+    "TargetsSignatures",
+]
 
 T = TypeVar("T")
 R = TypeVar("R")
@@ -123,6 +132,11 @@ class EnrollResponse(BaseModel):
     tags: list[str]
     api_token: str = Field(description="the device's own API token; shown once")
     broker: BrokerCredentials
+    root: str | None = Field(
+        None,
+        description="the update repository's current root metadata (JSON text), which the"
+        " device keeps as its trusted root; null until a root is installed",
+    )
 
 
 class DevicePublic(BaseModel):
@@ -227,3 +241,90 @@ class RejectionPublic(BaseModel):
 
 
 DriftPublic.model_rebuild()
+
+
+# -- model registry and update repository (control_plane.registry, control_plane.repository) --
+
+MODEL_NAME = r"^[a-z0-9][a-z0-9._-]{0,63}$"
+ModelNamePath = Annotated[str, Path(pattern=MODEL_NAME)]
+ModelVersionPath = Annotated[str, Path(pattern=MODEL_NAME)]
+ModelNameQuery = Annotated[str | None, Query(pattern=MODEL_NAME)]
+ChannelQuery = Annotated[str, Query(pattern=GROUP, description="the devices' update channel")]
+HardwareTag = Annotated[str, Field(pattern=MODEL_NAME)]
+HardwareQuery = Annotated[
+    list[HardwareTag] | None,
+    Query(max_length=32, description="compatibility tags (repeatable); default: any"),
+]
+ModelCursor = Annotated[str | None, Query(pattern=r"^[0-9]{1,18}$")]
+METADATA_FILE = r"^(timestamp|[1-9][0-9]{0,18}\.(root|targets|snapshot))\.json$"
+MetadataFilePath = Annotated[str, Path(pattern=METADATA_FILE)]
+TARGET_PATH = r"^[a-z0-9_-][a-z0-9._-]{0,127}(/[a-z0-9_-][a-z0-9._-]{0,127}){0,7}$"
+TargetPath = Annotated[str, Path(pattern=TARGET_PATH)]
+
+
+class PatchPublic(BaseModel):
+    parent_sha256: str = Field(description="the artifact this patch applies to")
+    name: str
+    length: int
+    sha256: str
+
+
+class ModelPublic(BaseModel):
+    name: str
+    version: str
+    parent_version: str | None
+    target: str = Field(description="the target name in targets metadata")
+    sha256: str
+    length: int
+    channel: str
+    hardware: list[str]
+    manifest: dict[str, object]
+    patches: list[PatchPublic]
+    uploaded_at: float
+    uploaded_by: str
+    revoked_at: float | None
+    revoked_by: str | None
+
+
+class LineageEntry(BaseModel):
+    version: str
+    sha256: str
+    revoked: bool
+
+
+class ModelDetail(ModelPublic):
+    lineage: list[LineageEntry] = Field(description="registered ancestors, the parent first")
+
+
+class RoleStatus(BaseModel):
+    version: int
+    expires_at: float
+    sha256: str
+    signed_at: float
+
+
+class RepositoryStatus(BaseModel):
+    root: RoleStatus | None
+    targets: RoleStatus | None
+    snapshot: RoleStatus | None
+    timestamp: RoleStatus | None
+    online_roles: list[str] = Field(description="roles this server holds a threshold of keys for")
+    pending_targets: int | None = Field(description="targets version awaiting offline signatures")
+
+
+class PendingTargetsPublic(BaseModel):
+    version: int
+    signed: str = Field(description="the canonical JSON the signatures cover, as text")
+    keyids: list[str] = Field(description="the targets keys of the current root")
+    threshold: int
+    signed_by: list[str]
+
+
+class TargetsSignature(_In):
+    keyid: Annotated[Hex, Field(min_length=64, max_length=64)]
+    sig: Annotated[Hex, Field(min_length=128, max_length=128)]
+
+
+class TargetsSignatures(_In):
+    version: Annotated[int, Field(ge=1, le=2**63 - 1)]
+    signatures: list[TargetsSignature] = Field(min_length=1, max_length=64)

@@ -20,6 +20,7 @@ from sqlalchemy import (
     MetaData,
     String,
     Text,
+    UniqueConstraint,
 )
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
@@ -30,7 +31,10 @@ __all__ = [
     "EnrollmentToken",
     "Event",
     "IngestRejection",
+    "ModelVersion",
     "OperatorToken",
+    "PendingTargets",
+    "RepositoryMetadata",
     "SampleRow",
     "TelemetryRow",
 ]
@@ -181,3 +185,56 @@ class IngestRejection(Base):
     first_at: Mapped[float] = mapped_column(Float)
     last_at: Mapped[float] = mapped_column(Float)
     last_error: Mapped[str] = mapped_column(Text)
+
+
+class RepositoryMetadata(Base):
+    """One signed metadata file of the update repository, immutable once written: root,
+    targets and snapshot by version (`N.role.json`), every timestamp version too (the newest is
+    served as `timestamp.json`). The primary key makes two replicas signing the same next
+    version collide instead of both publishing."""
+
+    __tablename__ = "repository_metadata"
+
+    role: Mapped[str] = mapped_column(String(16), primary_key=True)
+    version: Mapped[int] = mapped_column(BigInteger, primary_key=True)
+    data: Mapped[bytes] = mapped_column(LargeBinary)
+    sha256: Mapped[str] = mapped_column(String(64))
+    expires_at: Mapped[float] = mapped_column(Float)
+    created_at: Mapped[float] = mapped_column(Float)
+
+
+class PendingTargets(Base):
+    """Targets metadata waiting for offline signatures (targets keys off the server): the
+    canonical bytes of its `signed` part and the signatures collected so far."""
+
+    __tablename__ = "repository_pending_targets"
+
+    version: Mapped[int] = mapped_column(BigInteger, primary_key=True)
+    signed: Mapped[bytes] = mapped_column(LargeBinary)
+    signatures: Mapped[dict[str, Any]] = mapped_column(JSON, default=dict)
+    created_at: Mapped[float] = mapped_column(Float)
+
+
+class ModelVersion(Base):
+    """A model bundle in the registry: its artifact (stored under the repository's targets),
+    lineage, where it may be installed, and the delta patches from its parent."""
+
+    __tablename__ = "model_versions"
+
+    id: Mapped[int] = mapped_column(BigInteger().with_variant(Integer, "sqlite"), primary_key=True)
+    name: Mapped[str] = mapped_column(String(64))
+    version: Mapped[str] = mapped_column(String(64))
+    parent_version: Mapped[str | None] = mapped_column(String(64), nullable=True)
+    target: Mapped[str] = mapped_column(String(200), unique=True)
+    sha256: Mapped[str] = mapped_column(String(64))
+    length: Mapped[int] = mapped_column(BigInteger)
+    channel: Mapped[str] = mapped_column(String(64))
+    hardware: Mapped[list[str]] = mapped_column(JSON)
+    manifest: Mapped[dict[str, Any]] = mapped_column(JSON)
+    patches: Mapped[dict[str, Any]] = mapped_column(JSON, default=dict)
+    uploaded_at: Mapped[float] = mapped_column(Float)
+    uploaded_by: Mapped[str] = mapped_column(String(160))
+    revoked_at: Mapped[float | None] = mapped_column(Float, nullable=True)
+    revoked_by: Mapped[str | None] = mapped_column(String(160), nullable=True)
+
+    __table_args__ = (UniqueConstraint("name", "version", name="uq_model_versions_name_version"),)

@@ -31,7 +31,17 @@ from edged.enrollment import Enrollment, enroll
 from edged.identity import DeviceIdentity
 from edged_formats import Record, encode_batch
 
-__all__ = ["CP", "ControlPlaneProcess", "DeviceClient", "edged_enroll", "run_sql", "wait_for"]
+__all__ = [
+    "CP",
+    "ControlPlaneProcess",
+    "DeviceClient",
+    "child_bundle",
+    "edged_enroll",
+    "init_repository",
+    "repository_fetcher",
+    "run_sql",
+    "wait_for",
+]
 
 CP = [sys.executable, "-m", "control_plane.cli"]
 
@@ -309,3 +319,46 @@ class DeviceClient:
             self.client.disconnect()
             self.client.loop_stop()
             self.client = None
+
+
+# -- the signed update repository (issue 6) ---------------------------------------------------
+
+
+def init_repository(cp: ControlPlaneProcess, offline_dir: Path, *extra: str) -> Path:
+    """`keys init` (root keys into `offline_dir`, online keys into the server's key_dir) and
+    `root install` of 1.root.json straight into the database; the root file's path."""
+    key_dir = Path(cp.env["EDGED_CP_DATA_DIR"]) / "keys"
+    made = cp.run_cli(
+        "keys", "init", "--offline-dir", str(offline_dir), "--key-dir", str(key_dir), *extra
+    )
+    assert made.returncode == 0, made.stderr
+    root = Path(made.stdout.strip())
+    installed = cp.run_cli("root", "install", str(root))
+    assert installed.returncode == 0, installed.stderr
+    return root
+
+
+def repository_fetcher(cp: ControlPlaneProcess, token: str) -> Any:
+    """The device's HttpFetcher pointed at this control plane's repository routes."""
+    from edged.ota.fetcher import HttpFetcher
+
+    return HttpFetcher(f"{cp.url}/v1/repository", token, timeout_s=10, attempts=1)
+
+
+def child_bundle(parent: bytes, version: str, **changes: Any) -> bytes:
+    """A valid bundle made from `parent`: another version whose parent is `parent`'s, with
+    `changes` to the manifest (metrics, say) and the same members unless `members` is given."""
+    import dataclasses
+
+    from edged_formats.bundle import digest_members, read_bundle, write_bundle
+
+    bundle = read_bundle(parent)
+    members = dict(changes.pop("members", bundle.members))
+    manifest = dataclasses.replace(
+        bundle.manifest,
+        version=version,
+        parent_version=bundle.manifest.version,
+        members=digest_members(members),
+        **changes,
+    )
+    return write_bundle(manifest, members)
