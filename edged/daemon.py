@@ -18,7 +18,6 @@ from __future__ import annotations
 import asyncio
 import collections
 import contextlib
-import hashlib
 import importlib
 import json
 import logging
@@ -38,31 +37,23 @@ from edged.config import (
     SpoolSourceConfig,
     load_config,
 )
-from edged.engine import Engine, EngineOptions, open_bundle
+from edged.engine import Engine, EngineOptions
 from edged.enrollment import load_enrollment
-from edged.errors import EdgedError, ModelError
+from edged.errors import EdgedError
 from edged.health import HealthProbe
 from edged.identity import DeviceIdentity
 from edged.local_bus import LocalBus, MqttSource
 from edged.logs import RateLimitedLog, configure_logging, log_event
 from edged.mqtt_link import LinkConfig
 from edged.notify import Notifier
-from edged.ota.slots import SlotError, Slots, fault_point, file_sha256
-from edged.ota.trial import (
-    Baseline,
-    InstallOutcome,
-    Traffic,
-    TrialPolicy,
-    Verdict,
-    Watch,
-    canary_verdict,
-)
+from edged.ota.install import Installer, load_serving
+from edged.ota.slots import Slots
+from edged.ota.trial import InstallOutcome
 from edged.outbox import MIB, Outbox, OutboxConfig
-from edged.pipeline import Pipeline, Result, ResultSink
+from edged.pipeline import Pipeline, ResultSink
 from edged.sample_store import SampleStore
 from edged.sources import ReplaySource, Source, SpoolSource
 from edged.uplink import Uplink, UplinkConfig
-from edged_formats import Bundle, FormatError, read_bundle
 
 __all__ = ["Daemon", "run_daemon"]
 
@@ -98,10 +89,6 @@ class Daemon:
         self.bad_input = RateLimitedLog(logging.getLogger("edged.input"))
         self._rates: collections.deque[tuple[float, int]] = collections.deque(maxlen=61)
         self._reloads: set[asyncio.Task[Any]] = set()
-        self.traffic = Traffic()  # the serving model's recent results: a trial's baseline
-        self._watch: tuple[str, Watch] | None = None  # (version under trial, its watch)
-        self._installing = asyncio.Lock()  # one install or trial at a time
-        self._notes: list[tuple[str, dict[str, Any]]] = []  # events from before the outbox
         self._failed = False
 
     # -- start ------------------------------------------------------------------------------
@@ -124,7 +111,13 @@ class Daemon:
         )
         options = EngineOptions(cfg.engine.runtime, cfg.engine.threads, True, cfg.engine.max_batch)
         self.slots = Slots(cfg.device.state_dir / "models")
-        self.engine = await asyncio.to_thread(self._load_model, options)
+        self.engine, notes = await asyncio.to_thread(
+            load_serving,
+            self.slots,
+            cfg.device.model,
+            cfg.update.max_start_attempts,
+            lambda path: Engine.from_file(path, options),
+        )
         self.probe = HealthProbe(cfg.device.state_dir)
         outbox_config = OutboxConfig(
             cfg.device.state_dir / "outbox.db",
@@ -135,11 +128,9 @@ class Daemon:
             Outbox(outbox_config) as self.outbox,
             SampleStore(cfg.device.state_dir / "samples.db") as store,
         ):
-            for name, detail in [*self.slots.notes, *self._notes]:
+            for name, detail in notes:
                 await self._event(name, **detail)
-            self.slots.notes.clear()
-            sinks: list[ResultSink] = [self._observe]
-            sinks += [_load_sink(spec) for spec in cfg.plugins]
+            sinks = [_load_sink(spec) for spec in cfg.plugins]
             self.pipeline = Pipeline(
                 self.engine,
                 gating=cfg.gating,
@@ -151,50 +142,20 @@ class Daemon:
                 sinks=sinks,
                 bad_input=self.bad_input,
             )
+            self.installer = Installer(
+                self.slots,
+                self.engine,
+                update=lambda: self.config.update,
+                model_swapped=self.pipeline.model_swapped,
+                inference_errors=lambda: self.bad_input.counts().get("inference", 0),
+                emit=self._event,
+                restore_failed=self._restore_failed,
+            )
+            self.pipeline.sinks.insert(0, self.installer.observe)
             try:
                 return await self._serve()
             finally:
                 self.pipeline.close()
-
-    def _load_model(self, options: EngineOptions) -> Engine:
-        """In a thread, before anything serves: the slots' state, one more start of a trial
-        (or its rollback past the cap), then the active slot's model, verified; if it does
-        not verify or load, roll back and serve the known good one; if that fails too, the
-        ModelError says so and the daemon exits."""
-        slots, update = self.slots, self.config.update
-        slots.adopt(self.config.device.model)
-        trial = slots.state.trial
-        reason = slots.count_start(update.max_start_attempts)
-        if trial is not None and reason is not None:
-            self._note_rollback(trial.version, reason)
-        elif trial is not None:
-            attempts = trial.attempts + 1
-            self._notes.append(
-                ("ota.trial_resumed", {"version": trial.version, "attempts": attempts})
-            )
-        try:
-            return self._open_active(options)
-        except (SlotError, ModelError) as exc:
-            trial = slots.state.trial
-            if trial is None:
-                raise ModelError(f"the known good model cannot be served: {exc}") from exc
-            reason = f"does not load: {exc}"
-            slots.rollback(reason)
-            self._note_rollback(trial.version, reason)
-        try:
-            return self._open_active(options)
-        except (SlotError, ModelError) as exc:
-            raise ModelError(f"the known good model cannot be served either: {exc}") from exc
-
-    def _open_active(self, options: EngineOptions) -> Engine:
-        self.slots.verify(self.slots.state.active)
-        return Engine.from_file(self.slots.active_path(), options)
-
-    def _note_rollback(self, version: str, reason: str) -> None:
-        restored = self.slots.status()["active"]["version"]
-        self._notes.append(
-            ("ota.rolled_back", {"version": version, "reason": reason, "restored": restored})
-        )
 
     def _uplink(self, identity_key: Any) -> Uplink:
         up = self.config.uplink
@@ -279,9 +240,9 @@ class Daemon:
         )
         self.notifier.ready(self._status_line())
         if self.slots.state.trial is not None:
-            self._spawn(self._resume_trial(), "trial")
+            self._spawn(self.installer.resume_trial(), "trial")
         else:
-            self._spawn(self._install_configured(cfg.device.model), "configured model")
+            self._spawn(self.installer.install_configured(cfg.device.model), "configured model")
         failed = await self._wait_for_stop(background)
         await self._stop(source_tasks, background)
         status_server.close()
@@ -379,7 +340,7 @@ class Daemon:
             return
         old, self.config = self.config, new
         configure_logging(new.log.level, new.log.format)
-        self._spawn(self._install_configured(new.device.model), "configured model")
+        self._spawn(self.installer.install_configured(new.device.model), "configured model")
         later = [name for name in RESTART_ONLY if getattr(new, name) != getattr(old, name)]
         later = [
             name
@@ -420,181 +381,15 @@ class Daemon:
         crash before that leaves the trial recorded: the next start counts it, rolls it back
         past `max_start_attempts`, and otherwise serves it and runs its trial again. Never
         raises for a bad bundle or a failing model; cancelling it is a stop (as above)."""
-        return await self._install(bundle, sha256, version, None)
-
-    async def _install(
-        self, bundle: bytes | Path, sha256: str, version: str, factory_sha256: str | None
-    ) -> InstallOutcome:
         if self.state != "running":
-            return await self._refuse(version, f"the daemon is {self.state}, not serving")
-        if self._installing.locked():
-            return await self._refuse(version, "another install or trial is in progress")
-        async with self._installing:
-            try:
-                data = (
-                    bundle
-                    if isinstance(bundle, bytes)
-                    else await asyncio.to_thread(bundle.read_bytes)
-                )
-                new = await asyncio.to_thread(self._check_bundle, data, sha256, version)
-                path = await asyncio.to_thread(self.slots.stage, data, sha256, version)
-            except (EdgedError, OSError) as exc:
-                return await self._refuse(version, _why(exc))
-            del data
-            slot = self.slots.state.inactive
-            await self._event("ota.staged", version=version, slot=slot, sha256=sha256)
-            fault_point("staged")
-            previous = self.engine.manifest.version
-            baseline = self.traffic.baseline()
-            try:
-                await asyncio.to_thread(self.slots.begin_trial, baseline.to_dict(), factory_sha256)
-            except (EdgedError, OSError) as exc:
-                return await self._refuse(version, _why(exc))
-            await self._event("ota.switched", version=version, slot=slot, previous=previous)
-            fault_point("switched")
-            try:
-                await asyncio.to_thread(self.engine.swap, new)
-            except EdgedError as exc:  # the engine still serves the known good model
-                verdict = Verdict("rollback", f"does not load: {exc}")
-                return await self._conclude(verdict, version, swapped=False)
-            del new
-            self.pipeline.model_swapped()
-            log_event(
-                log, "info", "model_swapped", previous=previous, version=version, path=str(path)
-            )
-            fault_point("swapped")
-            return await self._conclude(await self._trial(version, baseline), version)
+            return await self.installer.refuse(version, f"the daemon is {self.state}")
+        return await self.installer.install(bundle, sha256, version)
 
-    def _check_bundle(self, data: bytes, sha256: str, version: str) -> Bundle:
-        if hashlib.sha256(data).hexdigest() != sha256:
-            raise SlotError("the bundle does not match its sha256")
-        try:
-            new = read_bundle(data)
-        except FormatError as exc:
-            raise ModelError(f"not a servable bundle: {exc}") from exc
-        manifest, serving = new.manifest, self.engine.manifest
-        if manifest.version != version:
-            raise ModelError(f"the bundle is version {manifest.version}, not {version}")
-        if (manifest.input.shape[1:], manifest.input.dtype) != (
-            serving.input.shape[1:],
-            serving.input.dtype,
-        ):
-            raise ModelError(
-                f"the bundle takes {manifest.input.dtype} samples of shape "
-                f"{list(manifest.input.shape[1:])}; the sources deliver {serving.input.dtype} "
-                f"{list(serving.input.shape[1:])} (a restart is needed for that)"
-            )
-        return new
-
-    async def _refuse(self, version: str, reason: str) -> InstallOutcome:
-        await self._event("ota.failed", version=version, reason=reason)
-        return InstallOutcome("refused", version, reason)
-
-    async def _trial(self, version: str, baseline: Baseline) -> Verdict:
-        """Canaries, then the watch of live traffic, until a verdict."""
-        policy = TrialPolicy.from_config(self.config.update)
-        try:
-            agreement = await asyncio.to_thread(self.engine.canary_agreement)
-        except Exception as exc:  # a runtime that fails on the canaries fails the trial
-            return Verdict("rollback", f"canaries could not run: {exc!r}")
-        verdict = canary_verdict(agreement, policy)
-        if verdict.action == "rollback":
-            return verdict
-        watch = Watch(policy, baseline, time.monotonic())
-        self._watch = (version, watch)
-        errors = self.bad_input.counts().get("inference", 0)
-        try:
-            while True:
-                now_errors = self.bad_input.counts().get("inference", 0)
-                watch.error(now_errors - errors)
-                errors = now_errors
-                result = watch.verdict(time.monotonic())
-                if result.action != "watch":
-                    return Verdict(result.action, result.reason, verdict.figures | result.figures)
-                left = watch.started + policy.watch_s - time.monotonic()
-                await asyncio.sleep(max(0.01, min(1.0, left)))
-        finally:
-            self._watch = None
-
-    async def _conclude(
-        self, verdict: Verdict, version: str, *, swapped: bool = True
-    ) -> InstallOutcome:
-        self.traffic.clear()  # the next baseline is whatever serves from now on
-        if verdict.action == "commit":
-            await asyncio.to_thread(self.slots.commit)
-            fault_point("committed")
-            await self._event(
-                "ota.committed", version=version, reason=verdict.reason, figures=verdict.figures
-            )
-            return InstallOutcome("committed", version, verdict.reason, verdict.figures)
-        await asyncio.to_thread(self.slots.rollback, verdict.reason)
-        fault_point("rolled_back")
-        restored = self.slots.status()["active"]["version"]
-        if swapped:
-            try:
-                await asyncio.to_thread(self._swap_to_active)
-            except (EdgedError, OSError) as exc:  # the known good model does not load now
-                log_event(log, "error", "restore_failed", version=restored, reason=_why(exc))
-                self._failed = True
-                self.stopping.set()  # exit 1: the next start serves the known good or says why
-        await self._event(
-            "ota.rolled_back",
-            version=version,
-            reason=verdict.reason,
-            restored=restored,
-            figures=verdict.figures,
-        )
-        return InstallOutcome("rolled_back", version, verdict.reason, verdict.figures)
-
-    def _swap_to_active(self) -> None:
-        self.slots.verify(self.slots.state.active)
-        self.engine.swap(open_bundle(self.slots.active_path()))
-        self.pipeline.model_swapped()
-
-    async def _resume_trial(self) -> None:
-        """A start with a trial recorded serves the trial model: its trial runs again."""
-        trial = self.slots.state.trial
-        assert trial is not None
-        async with self._installing:
-            verdict = await self._trial(trial.version, Baseline.from_dict(trial.baseline))
-            await self._conclude(verdict, trial.version)
-
-    async def _install_configured(self, path: Path) -> None:
-        """`device.model` names a bundle other than the one adopted or installed from it
-        last: install it like any update (its trial decides whether it stays)."""
-        try:
-            sha256 = await asyncio.to_thread(file_sha256, path)
-        except OSError as exc:
-            log_event(
-                log, "warning", "configured_model_unreadable", path=str(path), reason=_why(exc)
-            )
-            return
-        state = self.slots.state
-        if sha256 in (state.factory_sha256, state.held[state.active].sha256):
-            return
-        try:
-            data, version = await asyncio.to_thread(_read_configured, path)
-        except (OSError, FormatError) as exc:
-            log_event(log, "error", "model_refused", path=str(path), reason=_why(exc))
-            return
-        log_event(log, "info", "configured_model_changed", path=str(path), version=version)
-        digest = hashlib.sha256(data).hexdigest()  # of what is installed, if the file changed
-        outcome = await self._install(data, digest, version, digest)
-        log_event(
-            log,
-            "info",
-            "configured_model_" + outcome.result,
-            version=version,
-            reason=outcome.reason,
-        )
-
-    def _observe(self, result: Result) -> None:
-        """A pipeline sink: each result feeds the running trial's watch, or the baseline."""
-        watching = self._watch
-        if watching is None:
-            self.traffic.add(result.confidence, result.latency_ms)
-        elif result.model == watching[0]:
-            watching[1].result(result.confidence, result.latency_ms)
+    def _restore_failed(self, reason: str) -> None:
+        """The known good model would not load back after a rollback: exit 1, so the next
+        start serves it or says why."""
+        self._failed = True
+        self.stopping.set()
 
     async def _event(self, name: str, **detail: Any) -> None:
         """A durable event in the outbox (and a log line)."""
@@ -663,7 +458,7 @@ class Daemon:
             "state": self.state,
             "uptime_s": round(time.monotonic() - self.started, 1),
             "model": {"name": manifest.name, "version": manifest.version},
-            "slots": self._slots_status(),
+            "slots": self.installer.status(),
             "rate_per_s": round(self._rate(), 2),
             "queue_depth": self.pipeline.depth,
             "counts": {
@@ -697,12 +492,6 @@ class Daemon:
             else {"connected": self.bus.connected.is_set(), "published": self.bus.published},
         }
 
-    def _slots_status(self) -> dict[str, Any]:
-        status = self.slots.status()
-        watching = self._watch
-        status["watch"] = None if watching is None else watching[1].figures(time.monotonic())
-        return status
-
     async def _status_server(self) -> asyncio.AbstractServer:
         path = self.config.status.socket
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -719,17 +508,6 @@ class Daemon:
         server = await asyncio.start_unix_server(answer, path=str(path))
         os.chmod(path, 0o660)
         return server
-
-
-def _read_configured(path: Path) -> tuple[bytes, str]:
-    data = path.read_bytes()
-    return data, read_bundle(data).manifest.version
-
-
-def _why(exc: BaseException) -> str:
-    if isinstance(exc, OSError) and exc.strerror:
-        return f"{exc.filename or 'disk'}: {exc.strerror}"
-    return str(exc) or type(exc).__name__
 
 
 async def run_daemon(config: Config, config_path: Path | None) -> int:
