@@ -54,7 +54,9 @@ class _Section(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=
 
 
 class DeviceConfig(_Section, frozen=True):
-    """`state_dir` holds the key, outbox and sample store; `model` is the bundle served."""
+    """`state_dir` holds the key, outbox, sample store and model slots (`models/`); `model`
+    is the configured bundle: adopted as the known good model on the first start, and when
+    its content changes later (restart or SIGHUP) installed through the health trial."""
 
     state_dir: Path = Path("/var/lib/edged")
     model: Path = Path("/var/lib/edged/models/current.edb")

@@ -380,9 +380,12 @@ class Daemon:
         Returns when the trial has its verdict (up to `watch_s` after the switch). A stop or a
         crash before that leaves the trial recorded: the next start counts it, rolls it back
         past `max_start_attempts`, and otherwise serves it and runs its trial again. Never
-        raises for a bad bundle or a failing model; cancelling it is a stop (as above)."""
+        raises for a bad bundle or a failing model (only OSError when the disk fails to take
+        the commit or rollback record; the recorded state then decides at the next start);
+        cancelling it is a stop (as above). Before READY or while stopping it refuses without
+        an event."""
         if self.state != "running":
-            return await self.installer.refuse(version, f"the daemon is {self.state}")
+            return InstallOutcome("refused", version, f"the daemon is {self.state}, not serving")
         return await self.installer.install(bundle, sha256, version)
 
     def _restore_failed(self, reason: str) -> None:
