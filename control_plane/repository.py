@@ -373,14 +373,21 @@ class RepositoryStore:
             if online and _due(rows["targets"], now):
                 tx._store(repo.publish(await tx.current_targets(), int(now)), now)
                 return ["targets", "snapshot", "timestamp"]
+            pended = []
+            if not online and _due(rows["targets"], now) and state.pending is None:
+                version = await tx._pend(state, await tx.current_targets(), now)
+                log.warning(
+                    "targets are past half their lifetime: run `targets sign` (v%d)", version
+                )
+                pended = [f"pending targets v{version}"]
             if _due(rows["snapshot"], now):
                 targets = _parse(rows["targets"].data, "targets")
                 tx._store(repo.sign_targets(targets, rows["targets"].data, int(now)), now)
-                return ["snapshot", "timestamp"]
+                return [*pended, "snapshot", "timestamp"]
             if _due(rows["timestamp"], now):  # type: ignore[arg-type]
                 tx._store(repo.refresh_timestamp(int(now)), now)
-                return ["timestamp"]
-            return []
+                return [*pended, "timestamp"]
+            return pended
 
         return await self.run(work)
 
