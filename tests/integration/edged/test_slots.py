@@ -19,7 +19,7 @@ import pytest
 
 from edged.ota.slots import FAULT_ENV, Slots
 from edged.outbox import Outbox, OutboxConfig
-from edged_formats import read_bundle, write_bundle
+from edged_formats import Manifest, read_bundle, write_bundle
 from tests.support.daemon import DaemonProcess, render_toml
 
 UPDATE = {"watch_s": 1.5, "min_watch_samples": 20, "max_latency_ratio": 50.0}
@@ -194,6 +194,30 @@ def test_a_trial_at_its_start_cap_is_rolled_back_before_loading(
         assert "version=1.0.0" in ready and "ota.trial_resumed" not in second.log()
         assert second.terminate() == 0
     assert [e["name"] for e in events(tmp_path)] == ["ota.rolled_back"]
+
+
+def test_a_trial_model_that_does_not_load_is_rolled_back_at_start(
+    tmp_path, short_dir, models
+) -> None:
+    """A trial slot whose bundle is well-formed but that the runtime refuses: the start rolls
+    back to the known good model and serves it, and says why."""
+    from tests.unit.edged_formats.samples import manifest_dict, members
+
+    config = write_config(tmp_path, short_dir, models, "1.0.0")
+    with DaemonProcess(config, tmp_path) as first:
+        first.wait_ready()
+        assert first.terminate() == 0
+    broken = write_bundle(Manifest.from_dict(manifest_dict()), members())  # no real flatbuffer
+    slots = on_disk(tmp_path)
+    slots.stage(broken, hashlib.sha256(broken).hexdigest(), "1.2.0")
+    slots.begin_trial()
+    with DaemonProcess(config, tmp_path) as second:
+        second.wait_ready()
+        assert serving(second) == ("1.0.0", "1.0.0", "1.0.0", None)
+        reason = second.status()["slots"]["last_rollback"]["reason"]
+        assert reason.startswith("does not load:") and "refused the model" in reason
+        assert second.terminate() == 0
+    assert [e["name"] for e in events(tmp_path)] == ["ota.trial_resumed", "ota.rolled_back"]
 
 
 def test_a_crash_loop_after_the_switch_rolls_back_on_the_next_start(

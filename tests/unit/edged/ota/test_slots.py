@@ -9,7 +9,9 @@ from pathlib import Path
 
 import pytest
 
+from edged.errors import ModelError
 from edged.ota import slots as slots_module
+from edged.ota.install import load_serving
 from edged.ota.slots import SlotError, Slots, SlotsState, file_sha256
 from edged_formats import Manifest, write_bundle
 from tests.unit.edged_formats.samples import manifest_dict, members
@@ -259,3 +261,53 @@ def test_inconsistent_states_are_refused() -> None:
     with pytest.raises(ValueError, match="describe"):
         SlotsState("a", "a", {})
     assert SlotsState.from_json(SlotsState("a", "a", held).to_json()) == SlotsState("a", "a", held)
+
+
+def staged_trial(slots: Slots, version: str = "1.1.0") -> None:
+    data = bundle(version)
+    slots.stage(data, sha(data), version)
+    slots.begin_trial()
+
+
+def test_start_loads_the_active_slot_after_counting_the_trial(slots, factory) -> None:
+    """load_serving: a recorded trial is counted first, then its slot's file is loaded."""
+    staged_trial(slots)
+    loaded: list[Path] = []
+    engine, notes = load_serving(slots, factory, 3, lambda path: loaded.append(path) or "engine")
+    assert engine == "engine" and loaded == [slots.root / "b" / "bundle.edb"]
+    assert notes == [("ota.trial_resumed", {"version": "1.1.0", "attempts": 2})]
+    assert reopened(slots, factory).state.trial.attempts == 2
+
+
+def test_a_trial_model_that_does_not_load_is_rolled_back_at_start(slots, factory) -> None:
+    """The active (trial) model raising ModelError, or its file not verifying, is rolled back
+    and the known good one loaded; the rollback is a note for the outbox."""
+    staged_trial(slots)
+
+    def load(path: Path) -> str:
+        if path.parent.name == "b":
+            raise ModelError("the runtime refused the model")
+        return "known good"
+
+    engine, notes = load_serving(slots, factory, 3, load)
+    assert engine == "known good" and slots.state.active == "a"
+    name, detail = notes[-1]
+    assert name == "ota.rolled_back" and detail["restored"] == "1.0.0"
+    assert detail["reason"] == "does not load: the runtime refused the model"
+    staged_trial(slots, "1.2.0")
+    slots.active_path().write_bytes(b"changed")
+    engine, notes = load_serving(Slots(slots.root), factory, 3, load)
+    assert engine == "known good" and "does not match its sha256" in notes[-1][1]["reason"]
+
+
+def test_a_known_good_model_that_does_not_load_fails_clearly(slots, factory) -> None:
+    """Nothing to roll back to: one ModelError saying the known good model cannot be served."""
+
+    def load(path: Path) -> str:
+        raise ModelError("broken")
+
+    with pytest.raises(ModelError, match="the known good model cannot be served: broken"):
+        load_serving(slots, factory, 3, load)
+    staged_trial(slots)
+    with pytest.raises(ModelError, match="cannot be served either: broken"):
+        load_serving(Slots(slots.root), factory, 3, load)
