@@ -2,5 +2,6 @@
 
 from control_plane.db.engine import Database
 from control_plane.db.models import Base
+from control_plane.db.rollouts import Rollout, RolloutDevice  # their tables join Base
 
-__all__ = ["Base", "Database"]
+__all__ = ["Base", "Database", "Rollout", "RolloutDevice"]
