@@ -23,11 +23,13 @@ from control_plane.api import (
     telemetry,
     tokens,
 )
+from control_plane.api import rollouts as rollout_routes
 from control_plane.api.problems import install_handlers
 from control_plane.broker_admin import BrokerAdmin
 from control_plane.db.engine import Database
 from control_plane.ingest import Ingest, IngestConfig
 from control_plane.repository import RepositoryStore
+from control_plane.rollouts import RolloutEngine
 from control_plane.settings import Settings
 from control_plane.state import BrokerEndpoint, ControlPlaneState
 from edged_formats import __version__
@@ -57,6 +59,10 @@ def create_app(
             )
             if ingest is not None:
                 state.ingest = await stack.enter_async_context(Ingest(ingest, db, state.metrics))
+            # staged rollouts; notifications go out on the ingest's broker login, if any
+            app.state.rollouts = await stack.enter_async_context(
+                RolloutEngine(db, settings, broker=ingest)
+            )
             yield
 
     app = FastAPI(
@@ -68,6 +74,7 @@ def create_app(
     install_handlers(app)
     for module in (tokens, enrollment, devices, telemetry, audit, ops):
         app.include_router(module.router)
+    app.include_router(rollout_routes.router)
     app.include_router(models.router)
     app.include_router(repository.router)
 

@@ -383,7 +383,7 @@ def stage_verdict(cohort: Sequence[Progress], criteria: Criteria, now: float) ->
     times = sorted(p.at if p.at is not None else now for p in cohort if p.reported)
     soak_until = times[quorum - 1] + criteria.soak_s
     if now < soak_until:
-        wait = (f"soaking for {soak_until - now:.0f} s more",)
+        wait = (f"soaking for {criteria.soak_s:g} s, until {soak_until:.0f} (Unix s)",)
         return Verdict("pending", wait, n, reported, soak_until)
     return Verdict("passed", (), n, reported, soak_until)
 

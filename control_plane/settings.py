@@ -7,6 +7,7 @@ file, typed and checked once at start, unknown keys refused (pydantic-settings).
     broker_admin_*    the account that manages device credentials at the broker
     device_broker_url what devices are told to connect to (defaults to broker_url)
     enrollment_ttl_s  default lifetime of an enrollment token
+    rollout_tick_s    how often the rollout engine reads ota.* reports and acts on them
     key_dir           the online signing keys (default <data_dir>/keys; never root keys)
     repository_dir    artifacts and patches served to devices (default <data_dir>/repository)
     *_expiry_s        lifetime of each online-signed role; re-signed at half of it
@@ -59,6 +60,10 @@ class Settings(BaseSettings):
     snapshot_expiry_s: Annotated[int, Field(ge=4, le=366 * 86_400)] = 7 * 86_400
     timestamp_expiry_s: Annotated[int, Field(ge=4, le=366 * 86_400)] = 86_400
     repository_check_s: Annotated[float, Field(gt=0, le=3600)] = 60.0
+    # staged rollouts (control_plane.rollouts): how often the engine acts, and how far back
+    # past its cursor it re-reads events (ingest's commits may land out of receipt order)
+    rollout_tick_s: Annotated[float, Field(gt=0, le=3600)] = 5.0
+    rollout_event_lag_s: Annotated[float, Field(ge=0, le=3600)] = 60.0
 
     @field_validator("database_url")
     @classmethod

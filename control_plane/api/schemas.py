@@ -7,7 +7,7 @@ from collections.abc import Callable, Sequence
 from typing import Annotated, Generic, Literal, TypeVar
 
 from fastapi import Path, Query
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 __all__ = [
     "BrokerCredentials",
@@ -328,3 +328,178 @@ class TargetsSignature(_In):
 class TargetsSignatures(_In):
     version: Annotated[int, Field(ge=1, le=2**63 - 1)]
     signatures: list[TargetsSignature] = Field(min_length=1, max_length=64)
+
+
+# -- staged rollouts (control_plane.rollouts, control_plane.api.rollouts) --------------------
+
+__all__ += [
+    "RolloutCreate",
+    "RolloutCriteria",
+    "RolloutDevicePublic",
+    "RolloutPublic",
+    "RolloutSelector",
+    "RolloutStage",
+    "TargetRef",
+    "UpdateAssignment",
+]
+
+ROLLOUT_ID = r"^[0-9a-f]{32}$"
+RolloutIdPath = Annotated[str, Path(pattern=ROLLOUT_ID)]
+RolloutCursor = Annotated[str | None, Query(pattern=ROLLOUT_ID)]
+# A TUF target name: relative path segments of [a-z0-9._-], none starting with a dot (so
+# never `.` or `..`), as the other routes that take target paths check them.
+TargetName = Annotated[
+    str,
+    Field(
+        pattern=r"^[a-z0-9_-][a-z0-9._-]{0,127}(/[a-z0-9_-][a-z0-9._-]{0,127}){0,7}$",
+        max_length=200,
+        examples=["models/digits/1.3.0.edb"],
+    ),
+]
+ModelVersion = Annotated[str, Field(pattern=r"^[a-z0-9][a-z0-9._-]{0,63}$", examples=["1.3.0"])]
+DeviceId = Annotated[str, Field(pattern=DEVICE_ID)]
+
+
+class TargetRef(_In):
+    target: TargetName
+    version: ModelVersion
+
+
+class RolloutSelector(_In):
+    """Which devices: those in `group`, carrying every one of `tags`, and (when listed) among
+    `devices`; the filters combine. Only active devices the caller's scope reaches."""
+
+    group: GroupName | None = None
+    tags: list[Tag] = Field(default_factory=list, max_length=32)
+    devices: list[DeviceId] = Field(default_factory=list, max_length=10_000)
+
+    @model_validator(mode="after")
+    def _something(self) -> RolloutSelector:
+        if self.group is None and not self.tags and not self.devices:
+            raise ValueError("name a group, tags or devices")
+        return self
+
+
+class RolloutStage(_In):
+    """A share (`percent`) or a number (`count`) of the targeted devices, cumulative."""
+
+    percent: Annotated[float, Field(gt=0, le=100)] | None = None
+    count: Annotated[int, Field(ge=1, le=1_000_000)] | None = None
+    require_approval: bool = Field(False, description="an operator approves before it starts")
+
+    @model_validator(mode="after")
+    def _one(self) -> RolloutStage:
+        if (self.percent is None) == (self.count is None):
+            raise ValueError("a stage has either a percent or a count")
+        return self
+
+
+class RolloutCriteria(_In):
+    """What each stage must show before the next starts; null switches a bound off."""
+
+    min_install_success: Annotated[float, Field(ge=0, le=1)] = 0.95
+    max_failed: Annotated[int, Field(ge=0, le=1_000_000)] | None = None
+    max_rollbacks: Annotated[int, Field(ge=0, le=1_000_000)] | None = 0
+    max_confidence_drop: Annotated[float, Field(ge=0, le=1)] | None = 0.1
+    max_latency_ratio: Annotated[float, Field(ge=1, le=1000)] | None = 2.0
+    min_devices_reporting: Annotated[
+        float,
+        Field(gt=0, le=1, description="share of a stage's devices that must have reported"),
+    ] = 1.0
+    soak_s: Annotated[
+        float,
+        Field(ge=0, le=30 * 86_400, description="how long after that share reported it waits"),
+    ] = 300.0
+
+
+class RolloutCreate(_In):
+    target: TargetName
+    version: ModelVersion
+    previous: TargetRef | None = Field(
+        None, description="what a rollback assigns instead; required with on_failure rollback"
+    )
+    selector: RolloutSelector
+    stages: list[RolloutStage] = Field(min_length=1, max_length=20)
+    criteria: RolloutCriteria = RolloutCriteria()
+    on_failure: Literal["pause", "rollback"] = "pause"
+
+    @model_validator(mode="after")
+    def _coherent(self) -> RolloutCreate:
+        from control_plane.rollout_plan import PlanError, Stage, check_stages
+
+        if self.on_failure == "rollback" and self.previous is None:
+            raise ValueError("on_failure rollback needs the previous target")
+        if self.previous is not None and self.previous.target == self.target:
+            raise ValueError("the previous target is the one being rolled out")
+        try:
+            check_stages([Stage(s.percent, s.count, s.require_approval) for s in self.stages])
+        except PlanError as exc:
+            raise ValueError(str(exc)) from exc
+        return self
+
+
+class RolloutStagePublic(BaseModel):
+    number: int = Field(description="1 for the first stage")
+    percent: float | None
+    count: int | None
+    require_approval: bool
+    devices: int = Field(description="devices this stage adds")
+    states: dict[str, int] = Field(description="those devices by state")
+
+
+class RolloutPublic(BaseModel):
+    id: str
+    target: str
+    version: str
+    previous: TargetRef | None
+    selector: dict[str, object]
+    criteria: RolloutCriteria
+    on_failure: str
+    status: Literal[
+        "running",
+        "awaiting_approval",
+        "paused",
+        "rolling_back",
+        "completed",
+        "aborted",
+        "rolled_back",
+    ]
+    stage: int = Field(description="the current stage's number; 0 before the first starts")
+    stage_started_at: float | None
+    stages: list[RolloutStagePublic]
+    devices: int
+    states: dict[str, int] = Field(description="every targeted device by state")
+    reasons: list[str] = Field(description="why it waits, paused or rolled back")
+    history: list[dict[str, object]] = Field(description="stages started, approvals, pauses...")
+    created_at: float
+    created_by: str
+    updated_at: float
+    finished_at: float | None
+
+
+class RolloutDevicePublic(BaseModel):
+    device_id: str
+    stage: int = Field(description="the number of the stage that holds the device")
+    state: Literal[
+        "pending",
+        "assigned",
+        "installing",
+        "committed",
+        "failed",
+        "reverting",
+        "reverted",
+        "revert_failed",
+    ]
+    assigned_at: float | None
+    updated_at: float | None
+    last_event: str | None
+    reason: str | None = Field(description="why it failed, as the device reported")
+    figures: dict[str, float] = Field(description="what its ota.committed report measured")
+
+
+class UpdateAssignment(BaseModel):
+    """What the calling device is to install (docs/ota.md)."""
+
+    rollout: str
+    target: str
+    version: str

@@ -224,7 +224,7 @@ def test_a_rollout_advances_only_on_a_passed_stage_and_completes_after_the_last(
     ]  # fmt: skip
     assert decide(rollout, fleet, 50).action == "wait"
     done = [replace(p, state="committed", at=50) if p.stage == 0 else p for p in fleet]
-    assert decide(rollout, done, 55).reasons == ("stage 1: soaking for 5 s more",)
+    assert decide(rollout, done, 55).reasons == ("stage 1: soaking for 10 s, until 60 (Unix s)",)
     advance = decide(rollout, done, 60)
     assert advance.action == "advance" and advance.stage == 1
     assert set(advance.devices) == {d for d, s in members.items() if s == 1}
