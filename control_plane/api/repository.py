@@ -18,7 +18,7 @@ from fastapi.responses import FileResponse
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from sqlalchemy import select
 
-from control_plane.api.deps import Admin, Operator, Session, Viewer
+from control_plane.api.deps import Actor, Admin, Operator, Session, Viewer
 from control_plane.api.problems import Problem, problems
 from control_plane.api.schemas import (
     MetadataFilePath,
@@ -29,7 +29,13 @@ from control_plane.api.schemas import (
     TargetsSignatures,
 )
 from control_plane.auth import hash_secret
-from control_plane.db.models import Device, OperatorToken, PendingTargets, RepositoryMetadata
+from control_plane.db.models import (
+    AuditEntry,
+    Device,
+    OperatorToken,
+    PendingTargets,
+    RepositoryMetadata,
+)
 from control_plane.repository import RepositoryError, RepositoryStore, RootRefused, Transaction
 from control_plane.signing_keys import role_signers
 
@@ -210,10 +216,27 @@ async def install_root(
 
     try:
         return await store.run(work)
-    except RootRefused as exc:
-        raise Problem(400, str(exc)) from exc
     except RepositoryError as exc:
-        raise Problem(409, str(exc)) from exc
+        await _audit_refusal(actor, store, "repository.root", str(exc))
+        raise Problem(400 if isinstance(exc, RootRefused) else 409, str(exc)) from exc
+
+
+async def _audit_refusal(actor: Actor, store: RepositoryStore, action: str, reason: str) -> None:
+    """A refused trust change is recorded too, in its own transaction."""
+    async with store.db.session() as session:
+        session.add(
+            AuditEntry(
+                at=time.time(),
+                actor=actor.principal.actor,
+                role=actor.principal.role.name,
+                action=action,
+                target=None,
+                outcome="refused",
+                source=actor.source,
+                detail={"route": actor.route, "reason": reason},
+            )
+        )
+        await session.commit()
 
 
 @router.get("/pending-targets", responses=problems(401, 403, 404, 409))
@@ -258,4 +281,5 @@ async def sign_targets(body: TargetsSignatures, actor: Admin, store: Store) -> R
     try:
         return await store.run(work)
     except RepositoryError as exc:
+        await _audit_refusal(actor, store, "repository.targets_signature", str(exc))
         raise Problem(409, str(exc)) from exc

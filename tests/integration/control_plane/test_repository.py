@@ -219,6 +219,11 @@ def test_roots_that_devices_would_refuse_are_refused(
     )
     assert cli.returncode == 2 and details[0] in cli.stderr
     assert _status(repo_cp)["root"]["version"] == before
+    with repo_cp.api(repo_cp.admin_token) as api:
+        refusals = api.get(
+            "/v1/audit", params={"action": "repository.root", "outcome": "refused"}
+        ).json()["items"]
+    assert details[0] in {entry["detail"]["reason"] for entry in refusals}
 
 
 def test_the_server_never_holds_root_keys(
