@@ -291,3 +291,55 @@ def test_kill_9_at_every_step_leaves_one_verified_model(
         assert daemon.terminate() == 0
     settled = on_disk(tmp_path).state
     assert settled.active == settled.known_good and settled.trial is None
+
+
+async def test_refused_installs_change_nothing(tmp_path, models, tf_bundles) -> None:
+    """Installer on a real engine: a wrong sha256, a file that is not a bundle, a version the
+    metadata did not name, a model for other inputs, and a second install during a trial are
+    each refused with ota.failed and their reason; slots.json and the served model are as
+    they were."""
+    from edged.config import UpdateConfig
+    from edged.engine import Engine
+    from edged.ota.install import Installer, load_serving
+
+    slots = Slots(tmp_path / "models")
+    engine, _ = load_serving(slots, models["1.0.0"], 3, Engine.from_file)
+    emitted: list[tuple[str, dict[str, Any]]] = []
+
+    async def emit(name: str, **detail: Any) -> None:
+        emitted.append((name, detail))
+
+    installer = Installer(
+        slots,
+        engine,
+        update=lambda: UpdateConfig(watch_s=30),
+        model_swapped=lambda: None,
+        inference_errors=lambda: 0,
+        emit=emit,
+        restore_failed=lambda reason: None,
+    )
+    before = slots.path.read_bytes()
+    good = models["1.1.0"].read_bytes()
+    other = tf_bundles["digits_float"]
+    cases = [
+        (good, "0" * 64, "1.1.0", "does not match its sha256"),
+        (b"not a bundle", hashlib.sha256(b"not a bundle").hexdigest(), "1.1.0", "not a servable"),
+        (good, hashlib.sha256(good).hexdigest(), "1.2.0", "is version 1.1.0, not 1.2.0"),
+        (other, hashlib.sha256(other.read_bytes()).hexdigest(), "1.0.0", "the bundle takes"),
+    ]
+    for bundle, digest, version, reason in cases:
+        outcome = await installer.install(bundle, digest, version)
+        assert outcome.result == "refused" and reason in outcome.reason, outcome
+        assert emitted[-1] == ("ota.failed", {"version": version, "reason": outcome.reason})
+        assert slots.path.read_bytes() == before and engine.manifest.version == "1.0.0"
+    trial = asyncio.create_task(installer.install(good, hashlib.sha256(good).hexdigest(), "1.1.0"))
+    while installer.status()["watch"] is None:
+        await asyncio.sleep(0.01)
+    busy = await installer.install(good, hashlib.sha256(good).hexdigest(), "1.1.0")
+    assert busy.result == "refused" and "in progress" in busy.reason
+    assert engine.manifest.version == "1.1.0" and slots.state.trial is not None
+    trial.cancel()  # a stop mid-trial: the trial stays recorded for the next start
+    with pytest.raises(asyncio.CancelledError):
+        await trial
+    assert Slots(slots.root).adopt(models["1.0.0"]) is False
+    assert json.loads(slots.path.read_bytes())["trial"]["version"] == "1.1.0"
