@@ -7,6 +7,7 @@ import hashlib
 from collections.abc import Iterator
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from edged.ota.client import UpdateClient
@@ -243,3 +244,41 @@ def test_revocation_removes_the_target_from_signed_metadata(
         trusted.target(f"models/{NAME}/2.0.0.edb", "any", "stable")
     assert f"models/{NAME}/1.0.0.edb" in trusted.targets.targets  # type: ignore[union-attr]
     assert {e["action"] for e in audit} == {"model.upload", "model.revoke"}
+
+
+@pytest.mark.train
+@pytest.mark.slow
+def test_a_head_only_fine_tune_reaches_the_device_as_a_small_patch(
+    cp: ControlPlaneProcess, offline_dir: Path, updater: UpdateClient, digits_build, tmp_path: Path
+) -> None:
+    """The digits reference build and a child whose classifier head was re-quantised in place
+    (control_plane.toolchain.head_patch): the device rebuilds the child from a patch of a few
+    percent of the artifact."""
+    from control_plane.toolchain.head_patch import patch_head
+    from edged_formats.bundle import dump_npz
+
+    out, report = digits_build
+    base_bytes = (out / report.bundle).read_bytes()
+    base = read_bundle(base_bytes)
+    head = base.head_weights()
+    assert head is not None and base.manifest.head is not None
+    rng = np.random.default_rng(7)
+    weight = head[0] + rng.normal(0, 0.05, head[0].shape).astype(np.float32)
+    bias = head[1] + np.float32(0.1)
+    members = dict(base.members) | {
+        "model.tflite": patch_head(base.model, base.manifest.output.name, weight, bias),
+        base.manifest.head.member: dump_npz(weight=weight, bias=bias),
+    }
+    child = child_bundle(base_bytes, base.manifest.version + "-ft1", members=members)
+    with cp.api(cp.admin_token) as api:
+        for data in (base_bytes, child):
+            response = api.post("/v1/models", content=data)
+            assert response.status_code == 201, response.text
+    held = tmp_path / "held.edb"
+    held.write_bytes(base_bytes)
+    name = f"models/{base.manifest.name}/{base.manifest.version}-ft1.edb"
+    target = updater.refresh().target(name, "any", "stable")
+    patch = target.patches[hashlib.sha256(base_bytes).hexdigest()]
+    assert patch.length < len(child) * 0.10
+    fetched = updater.fetch_target(target, held)
+    assert fetched.via == "patch" and fetched.path.read_bytes() == child
