@@ -312,14 +312,16 @@ def test_two_replicas_publishing_at_once_never_fork_the_repository(
 def test_offline_targets_keys_sign_through_the_cli(
     dynsec_mosquitto: MosquittoBroker, bundle: bytes, tmp_path: Path
 ) -> None:
-    """With `--targets offline` the server holds no targets key: an upload leaves targets
-    pending until `targets sign` signs them offline, and then a device sees the model."""
+    """With `--targets offline` the server holds no targets key: an upload (within
+    max_bundle_bytes, else 413) leaves targets pending until `targets sign` signs them
+    offline, and then a device sees the model."""
     with ControlPlaneProcess(
         f"sqlite+aiosqlite:///{tmp_path / 'offline.db'}",
         dynsec_mosquitto,
         BROKER_ADMIN,
         BROKER_ADMIN_PASSWORD,
         tmp_path / "cp",
+        max_bundle_bytes=str(len(bundle) + 1024),
     ) as cp:
         offline = tmp_path / "offline"
         init_repository(cp, offline, "--targets", "offline")
@@ -328,6 +330,9 @@ def test_offline_targets_keys_sign_through_the_cli(
         assert status["targets"] is None and status["pending_targets"] == 1
         assert not [p for p in _key_dir(cp).iterdir() if p.name.startswith("targets-")]
         with cp.api(cp.admin_token) as api:
+            too_big = api.post("/v1/models", content=bundle + bytes(2048))
+            assert too_big.status_code == 413, too_big.text
+            assert too_big.json()["detail"].endswith(f"over the {len(bundle) + 1024}-byte limit")
             assert api.post("/v1/models", content=bundle).status_code == 201
             pending = api.get("/v1/repository/pending-targets").json()
         assert pending["version"] == 2 and pending["signed_by"] == []
