@@ -35,8 +35,9 @@ from control_plane.api.schemas import (
     UpdateAssignment,
     page_of,
 )
-from control_plane.db.models import Device
+from control_plane.db.models import Device, ModelVersion
 from control_plane.db.rollouts import Rollout, RolloutDevice
+from control_plane.registry import find
 from control_plane.rollout_plan import ACTIVE, Stage, membership, stage_sizes
 from control_plane.rollouts import release
 
@@ -191,11 +192,45 @@ async def _targeted(actor: Actor, session: Session, body: RolloutCreate) -> dict
     return {i: g for i, g, _s in rows}
 
 
+async def _registered(session: Session, target: str, version: str) -> ModelVersion:
+    """The registry's model version for `target`: it must exist, be `version`, and not be
+    revoked (a revoked target is out of targets metadata: no device would install it)."""
+    row = await session.scalar(select(ModelVersion).where(ModelVersion.target == target))
+    if row is None:
+        raise Problem(404, f"no registered model has the target '{target}'")
+    if row.version != version:
+        raise Problem(400, f"target '{target}' is version {row.version}, not {version}")
+    if row.revoked_at is not None:
+        raise Problem(409, f"target '{target}' is revoked")
+    return row
+
+
+async def _previous(session: Session, body: RolloutCreate, new: ModelVersion) -> TargetRef | None:
+    """What a rollback assigns: the one named, else the registered parent of the new model."""
+    if body.previous is not None:
+        await _registered(session, body.previous.target, body.previous.version)
+        return body.previous
+    if new.parent_version is not None:
+        parent = await find(session, new.name, new.parent_version)
+        if parent is not None and parent.revoked_at is None:
+            return TargetRef(target=parent.target, version=parent.version)
+    if body.on_failure == "rollback":
+        raise Problem(
+            400,
+            f"on_failure rollback needs a previous target: '{body.target}' has no registered, "
+            "unrevoked parent; name one in `previous`",
+        )
+    return None
+
+
 @router.post("/v1/rollouts", status_code=201, responses=problems(400, 401, 403, 404, 409))
 async def create_rollout(
     body: RolloutCreate, actor: Operator, session: Session, request: Request
 ) -> RolloutPublic:
-    """Roll a target out to the devices the selector matches, stage by stage."""
+    """Roll a registered target out to the devices the selector matches, stage by stage; the
+    previous target (for a rollback) defaults to the model's registered parent."""
+    new = await _registered(session, body.target, body.version)
+    previous = await _previous(session, body, new)
     targeted = await _targeted(actor, session, body)
     if not targeted:
         raise Problem(400, "the selector matches no active device the caller reaches")
@@ -224,8 +259,8 @@ async def create_rollout(
         id=rollout_id,
         target=body.target,
         version=body.version,
-        previous_target=body.previous.target if body.previous else None,
-        previous_version=body.previous.version if body.previous else None,
+        previous_target=previous.target if previous else None,
+        previous_version=previous.version if previous else None,
         selector=body.selector.model_dump(),
         stages=stages,
         criteria=body.criteria.model_dump(),

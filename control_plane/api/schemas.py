@@ -416,7 +416,7 @@ class RolloutCreate(_In):
     target: TargetName
     version: ModelVersion
     previous: TargetRef | None = Field(
-        None, description="what a rollback assigns instead; required with on_failure rollback"
+        None, description="what a rollback assigns instead; default: the model's registered parent"
     )
     selector: RolloutSelector
     stages: list[RolloutStage] = Field(min_length=1, max_length=20)
@@ -427,8 +427,6 @@ class RolloutCreate(_In):
     def _coherent(self) -> RolloutCreate:
         from control_plane.rollout_plan import PlanError, Stage, check_stages
 
-        if self.on_failure == "rollback" and self.previous is None:
-            raise ValueError("on_failure rollback needs the previous target")
         if self.previous is not None and self.previous.target == self.target:
             raise ValueError("the previous target is the one being rolled out")
         try:

@@ -16,10 +16,19 @@ import pytest
 
 from control_plane.local_broker import MosquittoBroker
 from tests.integration.control_plane.conftest import BROKER_ADMIN, BROKER_ADMIN_PASSWORD
-from tests.support.control_plane import ControlPlaneProcess, DeviceClient, wait_for
+from tests.support.control_plane import (
+    ControlPlaneProcess,
+    DeviceClient,
+    child_bundle,
+    init_repository,
+    wait_for,
+)
 
-NEW = {"target": "models/digits/1.3.0.edb", "version": "1.3.0"}
-OLD = {"target": "models/digits/1.2.0.edb", "version": "1.2.0"}
+BUNDLE = "digits_int8_io_int8"  # packed from TensorFlow's own converter output (tests/conftest)
+MODEL = "digits-int8-io-int8"
+OLD = {"target": f"models/{MODEL}/1.0.0.edb", "version": "1.0.0"}
+NEW = {"target": f"models/{MODEL}/1.1.0.edb", "version": "1.1.0"}
+REVOKED = {"target": f"models/{MODEL}/1.2.0.edb", "version": "1.2.0"}
 GOOD = {
     "canary_agreement": 1.0,
     "confidence_before": 0.91,
@@ -43,6 +52,22 @@ def cp(
         rollout_tick_s="0.2",
     ) as process:
         yield process
+
+
+@pytest.fixture(scope="module", autouse=True)
+def registered(
+    cp: ControlPlaneProcess, tf_bundles: dict[str, Path], tmp_path_factory: pytest.TempPathFactory
+) -> None:
+    """The registry holds OLD (1.0.0), NEW (1.1.0, parent 1.0.0) and a revoked 1.2.0."""
+    init_repository(cp, tmp_path_factory.mktemp("offline") / "keys")
+    parent = tf_bundles[BUNDLE].read_bytes()
+    child = child_bundle(parent, "1.1.0")
+    with cp.api(cp.admin_token) as api:
+        for bundle in (parent, child, child_bundle(child, "1.2.0")):
+            uploaded = api.post("/v1/models", content=bundle)
+            assert uploaded.status_code == 201, uploaded.text
+        revoked = api.post(f"/v1/models/{MODEL}/1.2.0/revoke")
+        assert revoked.status_code == 200, revoked.text
 
 
 @dataclass
@@ -252,8 +277,7 @@ def test_a_failure_rolls_back_to_the_previous_target_when_asked(
             stages=[{"count": 2}, {"percent": 100}],
             criteria={"soak_s": 0},
             on_failure="rollback",
-            previous=OLD,
-        )["id"]
+        )["id"]  # the previous target: NEW's registered parent, OLD
         _until(cp, rid, lambda r: r["stage"] == 1)
         good, bad = (by_id[d] for d in sorted(_stage_devices(cp, rid, 1)))
         wait_for(lambda: {"rollout": rid} in good.received())
@@ -387,17 +411,24 @@ def test_the_device_route_answers_204_when_nothing_is_assigned(
 def test_bad_rollouts_are_refused_with_one_sentence(
     cp: ControlPlaneProcess, group: str, tmp_path: Path
 ) -> None:
-    """Schema breaks are 422 naming the field; a selector matching nobody is 400; an unknown
-    device 404; an unknown rollout 404."""
+    """Schema breaks are 422 naming the field; an unregistered target 404, a revoked one 409,
+    a rollback with no previous target to fall back on 400; a selector matching nobody 400;
+    an unknown device 404; an unknown rollout 404."""
     cp.enroll(tmp_path, group)
     one = {"selector": {"group": group}, "stages": [{"count": 1}]}
     cases = {
         "stages": {**one, "stages": [{"percent": 50}, {"percent": 10}]},
-        "rollback": {**one, "on_failure": "rollback"},
         "target": {**one, "target": "../etc/passwd"},
+    }
+    refused = {
+        "unregistered": ({**one, "target": "models/other/1.0.0.edb"}, 404),
+        "version": ({**one, "version": "9.9.9"}, 400),
+        "revoked": ({**one, **REVOKED}, 409),
+        "no previous": ({**one, **OLD, "on_failure": "rollback"}, 400),
     }
     with cp.api(cp.admin_token) as api:
         answers = {k: api.post("/v1/rollouts", json={**NEW, **v}) for k, v in cases.items()}
+        others = {k: api.post("/v1/rollouts", json={**NEW, **v}) for k, (v, _) in refused.items()}
         nobody = api.post(
             "/v1/rollouts",
             json={**NEW, "selector": {"group": f"{group}-x"}, "stages": [{"count": 1}]},
@@ -413,7 +444,9 @@ def test_bad_rollouts_are_refused_with_one_sentence(
         missing = api.get("/v1/rollouts/" + "0" * 32)
     assert {k: r.status_code for k, r in answers.items()} == {k: 422 for k in cases}
     assert "percents must increase" in answers["stages"].json()["detail"]
-    assert "needs the previous target" in answers["rollback"].json()["detail"]
+    assert {k: r.status_code for k, r in others.items()} == {k: c for k, (_, c) in refused.items()}
+    assert others["revoked"].json()["detail"] == f"target '{REVOKED['target']}' is revoked"
+    assert "has no registered, unrevoked parent" in others["no previous"].json()["detail"]
     assert answers["target"].json()["detail"].startswith("target:")
     assert nobody.status_code == 400
     assert unknown.status_code == 404
