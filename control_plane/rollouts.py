@@ -290,18 +290,22 @@ class RolloutEngine:
             return
         start = self._read_to if self._read_to is not None else min(c for _, c in active)
         events = await self._read_events(start - self.lag_s, {i for i, _ in active})
-        self._read_to = now
+        complete = True
         for rollout_id, _ in active:
             try:
                 assigned = await self._step(rollout_id, events.get(rollout_id, []), now)
             except StaleDataError:
                 log.info("rollout %s changed during the tick; the next one redoes it", rollout_id)
+                complete = False
                 continue
             except Exception:  # one rollout's trouble must not hold up the others
                 log.exception("rollout %s: tick failed", rollout_id)
+                complete = False
                 continue
             if assigned and self.notifier is not None:
                 self.notifier.notify(rollout_id, assigned)
+        if complete:  # else the next tick reads these events again
+            self._read_to = now
 
     async def _read_events(self, since: float, rollouts: set[str]) -> dict[str, list[OtaEvent]]:
         """ota.* events received after `since` that name one of `rollouts`, keyset-paged."""
