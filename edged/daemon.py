@@ -24,6 +24,7 @@ import logging
 import os
 import signal
 import time
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -358,16 +359,26 @@ class Daemon:
 
     # -- model installs (docs/ota.md) -------------------------------------------------------
 
-    async def install(self, bundle: bytes | Path, sha256: str, version: str) -> InstallOutcome:
+    async def install(
+        self,
+        bundle: bytes | Path,
+        sha256: str,
+        version: str,
+        *,
+        report: Mapping[str, str] | None = None,
+    ) -> InstallOutcome:
         """Install an already verified bundle safely; the one way a model changes.
 
         `bundle` is the artifact (bytes, or a file to read), `sha256` its verified digest (hex)
         and `version` the version the signed metadata names (the manifest must say the same).
-        Steps, each an event in the outbox (`{"name": ..., "version": ..., ...}`):
+        `report` holds fields every event of this install carries (the updater passes
+        `rollout` and `target`); they are kept in the trial record, so a verdict reached after
+        a restart carries them too. Steps, each an event in the outbox, body
+        `{"name": ..., **report, "version": ..., ...}`:
 
         1. checks: one install at a time, no trial running, the digest, the bundle format,
            the version, the same sample shape and dtype as the serving model; any failure:
-           `ota.failed` {reason}, outcome "refused", nothing switched;
+           `ota.refused` {reason}, outcome "refused", nothing switched;
         2. the bytes are written into the inactive slot and read back (`ota.staged` {slot,
            sha256}); a file changed on disk is refused as in 1;
         3. the trial and the new active slot are recorded, then the engine swaps
@@ -375,18 +386,20 @@ class Daemon:
         4. the health trial (canaries, then `[update] watch_s` of live traffic);
         5. `ota.committed` {reason, figures} (outcome "committed"), or the known good model
            is restored and `ota.rolled_back` {reason, restored, figures} (outcome
-           "rolled_back").
+           "rolled_back"); the figures are top-level keys: canary_agreement, error_rate,
+           confidence_before, confidence_after, latency_ratio, latency_before_ms,
+           latency_after_ms, samples, baseline_samples, watched_s (None: not measured).
 
         Returns when the trial has its verdict (up to `watch_s` after the switch). A stop or a
         crash before that leaves the trial recorded: the next start counts it, rolls it back
-        past `max_start_attempts`, and otherwise serves it and runs its trial again. Never
-        raises for a bad bundle or a failing model (only OSError when the disk fails to take
-        the commit or rollback record; the recorded state then decides at the next start);
-        cancelling it is a stop (as above). Before READY or while stopping it refuses without
-        an event."""
+        past `max_start_attempts` (`ota.rolled_back`), and otherwise serves it
+        (`ota.trial_resumed` {attempts}) and runs its trial again. Never raises for a bad
+        bundle or a failing model (only OSError when the disk fails to take the commit or
+        rollback record; the recorded state then decides at the next start); cancelling it
+        is a stop (as above). Before READY or while stopping it refuses without an event."""
         if self.state != "running":
             return InstallOutcome("refused", version, f"the daemon is {self.state}, not serving")
-        return await self.installer.install(bundle, sha256, version)
+        return await self.installer.install(bundle, sha256, version, report=dict(report or {}))
 
     def _restore_failed(self, reason: str) -> None:
         """The known good model would not load back after a rollback: exit 1, so the next

@@ -5,11 +5,15 @@ hot swap and the health trial (edged.ota.trial) put together. `Daemon.install` i
                      active slot, or roll back and load the known good one
     Installer.install(bytes, sha256, version)
         checks ─► stage ─► begin_trial ─► engine.swap ─► canaries ─► watch ─► commit
-          └──────────┴── refused: ota.failed          failed anywhere ─► rollback + swap back
+          └──────────┴── refused: ota.refused         failed anywhere ─► rollback + swap back
     Installer.resume_trial()   a start that found a trial: run its trial again
     Installer.observe(result)  a pipeline sink: the watch's input, and the next baseline
 
 Every step is an event through `emit` (the daemon's outbox) and, for tests, a `fault_point`.
+Each event body carries the install's `report` fields (the updater's `rollout` and `target`,
+kept in the trial record so a restart's verdict carries them too), `version`, and on a verdict
+the trial's figures at the top level (`canary_agreement`, `confidence_before`,
+`confidence_after`, `latency_ratio`, `error_rate`, ...), as docs/ota.md's rollouts read them.
 A stop or crash in between leaves slots.json at the last completed step (see slots.py).
 """
 
@@ -60,11 +64,10 @@ def load_serving(
     trial = slots.state.trial
     reason = slots.count_start(max_start_attempts)
     if trial is not None and reason is not None:
-        notes.append(_rolled_back(slots, trial.version, reason))
+        notes.append(_rolled_back(slots, trial.report, trial.version, reason))
     elif trial is not None:
-        notes.append(
-            ("ota.trial_resumed", {"version": trial.version, "attempts": trial.attempts + 1})
-        )
+        detail = {"version": trial.version, "attempts": trial.attempts + 1}
+        notes.append(("ota.trial_resumed", {**trial.report, **detail}))
     try:
         slots.verify(slots.state.active)
         return load(slots.active_path()), [*slots.notes, *notes]
@@ -74,7 +77,7 @@ def load_serving(
             raise ModelError(f"the known good model cannot be served: {exc}") from exc
         reason = f"does not load: {exc}"
         slots.rollback(reason)
-        notes.append(_rolled_back(slots, trial.version, reason))
+        notes.append(_rolled_back(slots, trial.report, trial.version, reason))
     try:
         slots.verify(slots.state.active)
         return load(slots.active_path()), [*slots.notes, *notes]
@@ -82,9 +85,9 @@ def load_serving(
         raise ModelError(f"the known good model cannot be served either: {exc}") from exc
 
 
-def _rolled_back(slots: Slots, version: str, reason: str) -> Note:
+def _rolled_back(slots: Slots, report: dict[str, str], version: str, reason: str) -> Note:
     restored = slots.status()["active"]["version"]
-    return "ota.rolled_back", {"version": version, "reason": reason, "restored": restored}
+    return "ota.rolled_back", {**report, "version": version, "reason": reason, "restored": restored}
 
 
 class Installer:
@@ -110,12 +113,19 @@ class Installer:
         self._busy = asyncio.Lock()
 
     async def install(
-        self, bundle: bytes | Path, sha256: str, version: str, factory_sha256: str | None = None
+        self,
+        bundle: bytes | Path,
+        sha256: str,
+        version: str,
+        *,
+        report: dict[str, str] | None = None,
+        factory_sha256: str | None = None,
     ) -> InstallOutcome:
         """See Daemon.install; `factory_sha256` is recorded with the switch when the bundle
         came from `device.model`."""
+        report = dict(report or {})
         if self._busy.locked():
-            return await self.refuse(version, "another install or trial is in progress")
+            return await self.refuse(version, "another install or trial is in progress", report)
         async with self._busy:
             try:
                 data = (
@@ -126,31 +136,34 @@ class Installer:
                 new = await asyncio.to_thread(self._check, data, sha256, version)
                 path = await asyncio.to_thread(self.slots.stage, data, sha256, version)
             except (EdgedError, OSError) as exc:
-                return await self.refuse(version, _why(exc))
+                return await self.refuse(version, _why(exc), report)
             del data
             slot = self.slots.state.inactive
-            await self._emit("ota.staged", version=version, slot=slot, sha256=sha256)
+            await self._event("ota.staged", report, version=version, slot=slot, sha256=sha256)
             fault_point("staged")
             previous = self.engine.manifest.version
             baseline = self.traffic.baseline()
             try:
-                await asyncio.to_thread(self.slots.begin_trial, baseline.to_dict(), factory_sha256)
+                await asyncio.to_thread(
+                    self.slots.begin_trial, baseline.to_dict(), factory_sha256, report
+                )
             except (EdgedError, OSError) as exc:
-                return await self.refuse(version, _why(exc))
-            await self._emit("ota.switched", version=version, slot=slot, previous=previous)
+                return await self.refuse(version, _why(exc), report)
+            await self._event("ota.switched", report, version=version, slot=slot, previous=previous)
             fault_point("switched")
             try:
                 await asyncio.to_thread(self.engine.swap, new)
             except EdgedError as exc:  # the engine still serves the known good model
                 verdict = Verdict("rollback", f"does not load: {exc}")
-                return await self._conclude(verdict, version, swapped=False)
+                return await self._conclude(verdict, version, report, swapped=False)
             del new
             self._model_swapped()
             log_event(
                 log, "info", "model_swapped", previous=previous, version=version, path=str(path)
             )
             fault_point("swapped")
-            return await self._conclude(await self._trial(version, baseline), version)
+            verdict = await self._trial(version, baseline)
+            return await self._conclude(verdict, version, report)
 
     def _check(self, data: bytes, sha256: str, version: str) -> Bundle:
         if hashlib.sha256(data).hexdigest() != sha256:
@@ -171,9 +184,15 @@ class Installer:
             )
         return new
 
-    async def refuse(self, version: str, reason: str) -> InstallOutcome:
-        await self._emit("ota.failed", version=version, reason=reason)
+    async def refuse(
+        self, version: str, reason: str, report: dict[str, str] | None = None
+    ) -> InstallOutcome:
+        """Nothing was switched: `ota.refused` with the reason."""
+        await self._event("ota.refused", report or {}, version=version, reason=reason)
         return InstallOutcome("refused", version, reason)
+
+    async def _event(self, name: str, report: dict[str, str], **detail: Any) -> None:
+        await self._emit(name, **{**report, **detail})
 
     async def _trial(self, version: str, baseline: Baseline) -> Verdict:
         """Canaries, then the watch of live traffic, until a verdict."""
@@ -204,14 +223,14 @@ class Installer:
             self._watch = None
 
     async def _conclude(
-        self, verdict: Verdict, version: str, *, swapped: bool = True
+        self, verdict: Verdict, version: str, report: dict[str, str], *, swapped: bool = True
     ) -> InstallOutcome:
         self.traffic.clear()  # the next baseline is whatever serves from now on
         if verdict.action == "commit":
             await asyncio.to_thread(self.slots.commit)
             fault_point("committed")
-            await self._emit(
-                "ota.committed", version=version, reason=verdict.reason, figures=verdict.figures
+            await self._event(
+                "ota.committed", report, **verdict.figures, version=version, reason=verdict.reason
             )
             return InstallOutcome("committed", version, verdict.reason, verdict.figures)
         await asyncio.to_thread(self.slots.rollback, verdict.reason)
@@ -223,12 +242,13 @@ class Installer:
             except (EdgedError, OSError) as exc:  # the known good model does not load now
                 log_event(log, "error", "restore_failed", version=restored, reason=_why(exc))
                 self._restore_failed(_why(exc))
-        await self._emit(
+        await self._event(
             "ota.rolled_back",
+            report,
+            **verdict.figures,
             version=version,
             reason=verdict.reason,
             restored=restored,
-            figures=verdict.figures,
         )
         return InstallOutcome("rolled_back", version, verdict.reason, verdict.figures)
 
@@ -245,7 +265,7 @@ class Installer:
             return
         async with self._busy:
             verdict = await self._trial(trial.version, Baseline.from_dict(trial.baseline))
-            await self._conclude(verdict, trial.version)
+            await self._conclude(verdict, trial.version, trial.report)
 
     async def install_configured(self, path: Path) -> InstallOutcome | None:
         """`device.model` names a bundle other than the one adopted or installed from it
@@ -267,7 +287,7 @@ class Installer:
             return None
         log_event(log, "info", "configured_model_changed", path=str(path), version=version)
         digest = hashlib.sha256(data).hexdigest()  # of what is installed, if the file changed
-        outcome = await self.install(data, digest, version, digest)
+        outcome = await self.install(data, digest, version, factory_sha256=digest)
         log_event(
             log,
             "info",

@@ -166,18 +166,23 @@ class Watch:
         self.errors += count
 
     def figures(self, now: float) -> dict[str, Any]:
+        """Flat figures, named as the rollout criteria read them (docs/ota.md); None where
+        not measured."""
         samples = self.results + self.errors
+        base = self.baseline
+        mean = self._confidence_sum / self.results if self.results else None
+        p50 = statistics.median(self._latencies) if self._latencies else None
+        ratio = p50 / base.latency_p50_ms if p50 is not None and base.latency_p50_ms else None
         return {
             "watched_s": round(now - self.started, 3),
             "samples": samples,
-            "error_rate": round(self.errors / samples, 4) if samples else None,
-            "mean_confidence": round(self._confidence_sum / self.results, 4)
-            if self.results
-            else None,
-            "latency_p50_ms": round(statistics.median(self._latencies), 3)
-            if self._latencies
-            else None,
-            "baseline": self.baseline.to_dict(),
+            "error_rate": _round(self.errors / samples if samples else None),
+            "confidence_before": _round(base.mean_confidence),
+            "confidence_after": _round(mean),
+            "latency_before_ms": _round(base.latency_p50_ms),
+            "latency_after_ms": _round(p50),
+            "latency_ratio": _round(ratio),
+            "baseline_samples": base.samples,
         }
 
     def verdict(self, now: float) -> Verdict:
@@ -220,3 +225,7 @@ class Watch:
                 reason = f"{samples} live samples healthy over {p.watch_s:g} s"
             return Verdict("commit", reason, figures)
         return Verdict("watch", "watching", figures)
+
+
+def _round(value: float | None) -> float | None:
+    return None if value is None else round(value, 4)

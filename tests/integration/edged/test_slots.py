@@ -22,6 +22,7 @@ from edged.outbox import Outbox, OutboxConfig
 from edged_formats import Manifest, read_bundle, write_bundle
 from tests.support.daemon import DaemonProcess, render_toml
 
+REPORT = {"rollout": "r-1", "target": "models/digits/1.1.0.edb"}
 UPDATE = {"watch_s": 1.5, "min_watch_samples": 20, "max_latency_ratio": 50.0}
 
 
@@ -137,9 +138,10 @@ def test_a_good_model_passes_its_trial_and_is_committed(tmp_path, short_dir, mod
     names = [e["name"] for e in events(tmp_path)]
     assert names == ["ota.staged", "ota.switched", "ota.committed"]
     committed = events(tmp_path)[-1]
-    assert committed["figures"]["canary_agreement"] == 1.0
-    assert committed["figures"]["samples"] >= 20
-    assert committed["figures"]["baseline"]["samples"] > 0
+    assert committed["canary_agreement"] == 1.0 and committed["error_rate"] == 0
+    assert committed["samples"] >= 20 and committed["baseline_samples"] > 0
+    assert abs(committed["confidence_after"] - committed["confidence_before"]) < 0.05
+    assert committed["latency_ratio"] is not None
     assert on_disk(tmp_path).state.active == "b"
 
 
@@ -296,8 +298,9 @@ def test_kill_9_at_every_step_leaves_one_verified_model(
 async def test_refused_installs_change_nothing(tmp_path, models, tf_bundles) -> None:
     """Installer on a real engine: a wrong sha256, a file that is not a bundle, a version the
     metadata did not name, a model for other inputs, and a second install during a trial are
-    each refused with ota.failed and their reason; slots.json and the served model are as
-    they were."""
+    each refused with ota.refused and their reason; slots.json and the served model are as
+    they were. The report fields (rollout, target) ride on every event, and in the trial
+    record across a restart."""
     from edged.config import UpdateConfig
     from edged.engine import Engine
     from edged.ota.install import Installer, load_serving
@@ -328,18 +331,28 @@ async def test_refused_installs_change_nothing(tmp_path, models, tf_bundles) -> 
         (other, hashlib.sha256(other.read_bytes()).hexdigest(), "1.0.0", "the bundle takes"),
     ]
     for bundle, digest, version, reason in cases:
-        outcome = await installer.install(bundle, digest, version)
+        outcome = await installer.install(bundle, digest, version, report=REPORT)
         assert outcome.result == "refused" and reason in outcome.reason, outcome
-        assert emitted[-1] == ("ota.failed", {"version": version, "reason": outcome.reason})
+        assert emitted[-1] == (
+            "ota.refused",
+            {**REPORT, "version": version, "reason": outcome.reason},
+        )
         assert slots.path.read_bytes() == before and engine.manifest.version == "1.0.0"
-    trial = asyncio.create_task(installer.install(good, hashlib.sha256(good).hexdigest(), "1.1.0"))
+    digest = hashlib.sha256(good).hexdigest()
+    trial = asyncio.create_task(installer.install(good, digest, "1.1.0", report=REPORT))
     while installer.status()["watch"] is None:
         await asyncio.sleep(0.01)
     busy = await installer.install(good, hashlib.sha256(good).hexdigest(), "1.1.0")
     assert busy.result == "refused" and "in progress" in busy.reason
     assert engine.manifest.version == "1.1.0" and slots.state.trial is not None
+    assert [name for name, _ in emitted[-3:]] == ["ota.staged", "ota.switched", "ota.refused"]
+    assert all(detail["rollout"] == "r-1" for _, detail in emitted[-3:-1])
     trial.cancel()  # a stop mid-trial: the trial stays recorded for the next start
     with pytest.raises(asyncio.CancelledError):
         await trial
     assert Slots(slots.root).adopt(models["1.0.0"]) is False
     assert json.loads(slots.path.read_bytes())["trial"]["version"] == "1.1.0"
+    _, notes = load_serving(Slots(slots.root), models["1.0.0"], 1, Engine.from_file)
+    ((name, detail),) = notes  # max_start_attempts 1: this start rolls the trial back
+    assert name == "ota.rolled_back" and {**detail, **REPORT} == detail
+    assert detail["restored"] == "1.0.0" and "crash loop" in detail["reason"]

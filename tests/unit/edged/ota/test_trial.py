@@ -33,7 +33,9 @@ def test_healthy_traffic_commits_when_the_watch_is_over_and_not_before() -> None
     assert watch.verdict(399.9).action == "watch"
     verdict = watch.verdict(400.0)
     assert verdict.action == "commit" and "200 live samples healthy" in verdict.reason
-    assert verdict.figures["samples"] == 200 and verdict.figures["mean_confidence"] == 0.95
+    figures = verdict.figures
+    assert figures["samples"] == 200 and figures["confidence_after"] == 0.95
+    assert figures["confidence_before"] == 0.95 and figures["latency_ratio"] == 1.0
 
 
 def test_inference_errors_over_the_rate_roll_back_early() -> None:
