@@ -365,16 +365,16 @@ class Daemon:
         sha256: str,
         version: str,
         *,
-        report: Mapping[str, str] | None = None,
+        context: Mapping[str, str] | None = None,
     ) -> InstallOutcome:
         """Install an already verified bundle safely; the one way a model changes.
 
         `bundle` is the artifact (bytes, or a file to read), `sha256` its verified digest (hex)
         and `version` the version the signed metadata names (the manifest must say the same).
-        `report` holds fields every event of this install carries (the updater passes
+        `context` holds fields every event of this install carries (the updater passes
         `rollout` and `target`); they are kept in the trial record, so a verdict reached after
         a restart carries them too. Steps, each an event in the outbox, body
-        `{"name": ..., **report, "version": ..., ...}`:
+        `{"name": ..., **context, "version": ..., ...}`:
 
         1. checks: one install at a time, no trial running, the digest, the bundle format,
            the version, the same sample shape and dtype as the serving model; any failure:
@@ -399,7 +399,7 @@ class Daemon:
         is a stop (as above). Before READY or while stopping it refuses without an event."""
         if self.state != "running":
             return InstallOutcome("refused", version, f"the daemon is {self.state}, not serving")
-        return await self.installer.install(bundle, sha256, version, report=dict(report or {}))
+        return await self.installer.install(bundle, sha256, version, context=dict(context or {}))
 
     def _restore_failed(self, reason: str) -> None:
         """The known good model would not load back after a rollback: exit 1, so the next

@@ -10,7 +10,7 @@ hot swap and the health trial (edged.ota.trial) put together. `Daemon.install` i
     Installer.observe(result)  a pipeline sink: the watch's input, and the next baseline
 
 Every step is an event through `emit` (the daemon's outbox) and, for tests, a `fault_point`.
-Each event body carries the install's `report` fields (the updater's `rollout` and `target`,
+Each event body carries the install's `context` fields (the updater's `rollout` and `target`,
 kept in the trial record so a restart's verdict carries them too), `version`, and on a verdict
 the trial's figures at the top level (`canary_agreement`, `confidence_before`,
 `confidence_after`, `latency_ratio`, `error_rate`, ...), as docs/ota.md's rollouts read them.
@@ -64,10 +64,10 @@ def load_serving(
     trial = slots.state.trial
     reason = slots.count_start(max_start_attempts)
     if trial is not None and reason is not None:
-        notes.append(_rolled_back(slots, trial.report, trial.version, reason))
+        notes.append(_rolled_back(slots, trial.context, trial.version, reason))
     elif trial is not None:
         detail = {"version": trial.version, "attempts": trial.attempts + 1}
-        notes.append(("ota.trial_resumed", {**trial.report, **detail}))
+        notes.append(("ota.trial_resumed", {**trial.context, **detail}))
     try:
         slots.verify(slots.state.active)
         return load(slots.active_path()), [*slots.notes, *notes]
@@ -77,7 +77,7 @@ def load_serving(
             raise ModelError(f"the known good model cannot be served: {exc}") from exc
         reason = f"does not load: {exc}"
         slots.rollback(reason)
-        notes.append(_rolled_back(slots, trial.report, trial.version, reason))
+        notes.append(_rolled_back(slots, trial.context, trial.version, reason))
     try:
         slots.verify(slots.state.active)
         return load(slots.active_path()), [*slots.notes, *notes]
@@ -85,9 +85,14 @@ def load_serving(
         raise ModelError(f"the known good model cannot be served either: {exc}") from exc
 
 
-def _rolled_back(slots: Slots, report: dict[str, str], version: str, reason: str) -> Note:
+def _rolled_back(slots: Slots, context: dict[str, str], version: str, reason: str) -> Note:
     restored = slots.status()["active"]["version"]
-    return "ota.rolled_back", {**report, "version": version, "reason": reason, "restored": restored}
+    return "ota.rolled_back", {
+        **context,
+        "version": version,
+        "reason": reason,
+        "restored": restored,
+    }
 
 
 class Installer:
@@ -118,14 +123,14 @@ class Installer:
         sha256: str,
         version: str,
         *,
-        report: dict[str, str] | None = None,
+        context: dict[str, str] | None = None,
         factory_sha256: str | None = None,
     ) -> InstallOutcome:
         """See Daemon.install; `factory_sha256` is recorded with the switch when the bundle
         came from `device.model`."""
-        report = dict(report or {})
+        context = dict(context or {})
         if self._busy.locked():
-            return await self.refuse(version, "another install or trial is in progress", report)
+            return await self.refuse(version, "another install or trial is in progress", context)
         async with self._busy:
             try:
                 data = (
@@ -136,26 +141,28 @@ class Installer:
                 new = await asyncio.to_thread(self._check, data, sha256, version)
                 path = await asyncio.to_thread(self.slots.stage, data, sha256, version)
             except (EdgedError, OSError) as exc:
-                return await self.refuse(version, _why(exc), report)
+                return await self.refuse(version, _why(exc), context)
             del data
             slot = self.slots.state.inactive
-            await self._event("ota.staged", report, version=version, slot=slot, sha256=sha256)
+            await self._event("ota.staged", context, version=version, slot=slot, sha256=sha256)
             fault_point("staged")
             previous = self.engine.manifest.version
             baseline = self.traffic.baseline()
             try:
                 await asyncio.to_thread(
-                    self.slots.begin_trial, baseline.to_dict(), factory_sha256, report
+                    self.slots.begin_trial, baseline.to_dict(), factory_sha256, context
                 )
             except (EdgedError, OSError) as exc:
-                return await self.refuse(version, _why(exc), report)
-            await self._event("ota.switched", report, version=version, slot=slot, previous=previous)
+                return await self.refuse(version, _why(exc), context)
+            await self._event(
+                "ota.switched", context, version=version, slot=slot, previous=previous
+            )
             fault_point("switched")
             try:
                 await asyncio.to_thread(self.engine.swap, new)
             except EdgedError as exc:  # the engine still serves the known good model
                 verdict = Verdict("rollback", f"does not load: {exc}")
-                return await self._conclude(verdict, version, report, swapped=False)
+                return await self._conclude(verdict, version, context, swapped=False)
             del new
             self._model_swapped()
             log_event(
@@ -163,7 +170,7 @@ class Installer:
             )
             fault_point("swapped")
             verdict = await self._trial(version, baseline)
-            return await self._conclude(verdict, version, report)
+            return await self._conclude(verdict, version, context)
 
     def _check(self, data: bytes, sha256: str, version: str) -> Bundle:
         if hashlib.sha256(data).hexdigest() != sha256:
@@ -185,14 +192,14 @@ class Installer:
         return new
 
     async def refuse(
-        self, version: str, reason: str, report: dict[str, str] | None = None
+        self, version: str, reason: str, context: dict[str, str] | None = None
     ) -> InstallOutcome:
         """Nothing was switched: `ota.refused` with the reason."""
-        await self._event("ota.refused", report or {}, version=version, reason=reason)
+        await self._event("ota.refused", context or {}, version=version, reason=reason)
         return InstallOutcome("refused", version, reason)
 
-    async def _event(self, name: str, report: dict[str, str], **detail: Any) -> None:
-        await self._emit(name, **{**report, **detail})
+    async def _event(self, name: str, context: dict[str, str], **detail: Any) -> None:
+        await self._emit(name, **{**context, **detail})
 
     async def _trial(self, version: str, baseline: Baseline) -> Verdict:
         """Canaries, then the watch of live traffic, until a verdict."""
@@ -223,14 +230,14 @@ class Installer:
             self._watch = None
 
     async def _conclude(
-        self, verdict: Verdict, version: str, report: dict[str, str], *, swapped: bool = True
+        self, verdict: Verdict, version: str, context: dict[str, str], *, swapped: bool = True
     ) -> InstallOutcome:
         self.traffic.clear()  # the next baseline is whatever serves from now on
         if verdict.action == "commit":
             await asyncio.to_thread(self.slots.commit)
             fault_point("committed")
             await self._event(
-                "ota.committed", report, **verdict.figures, version=version, reason=verdict.reason
+                "ota.committed", context, **verdict.figures, version=version, reason=verdict.reason
             )
             return InstallOutcome("committed", version, verdict.reason, verdict.figures)
         await asyncio.to_thread(self.slots.rollback, verdict.reason)
@@ -244,7 +251,7 @@ class Installer:
                 self._restore_failed(_why(exc))
         await self._event(
             "ota.rolled_back",
-            report,
+            context,
             **verdict.figures,
             version=version,
             reason=verdict.reason,
@@ -265,7 +272,7 @@ class Installer:
             return
         async with self._busy:
             verdict = await self._trial(trial.version, Baseline.from_dict(trial.baseline))
-            await self._conclude(verdict, trial.version, trial.report)
+            await self._conclude(verdict, trial.version, trial.context)
 
     async def install_configured(self, path: Path) -> InstallOutcome | None:
         """`device.model` names a bundle other than the one adopted or installed from it
@@ -304,6 +311,15 @@ class Installer:
             self.traffic.add(result.confidence, result.latency_ms)
         elif result.model == watching[0]:
             watching[1].result(result.confidence, result.latency_ms)
+
+    def active_sha256(self) -> str:
+        """The serving slot's bundle digest: what an assignment is compared with."""
+        state = self.slots.state
+        return state.held[state.active].sha256
+
+    def active_path(self) -> Path:
+        """The serving slot's bundle: the parent a delta patch applies to."""
+        return self.slots.active_path()
 
     def status(self) -> dict[str, Any]:
         """The slots, and the watch's figures while one runs."""

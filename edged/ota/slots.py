@@ -102,7 +102,7 @@ class Trial:
     attempts: int
     started_at: float
     baseline: dict[str, Any] = field(default_factory=dict)  # the previous model's live figures
-    report: dict[str, str] = field(default_factory=dict)  # carried by every event (rollout)
+    context: dict[str, str] = field(default_factory=dict)  # carried by every event (rollout)
 
 
 @dataclass(frozen=True, slots=True)
@@ -137,10 +137,10 @@ class SlotsState:
         at: float,
         baseline: dict[str, Any],
         factory: str | None,
-        report: dict[str, str],
+        context: dict[str, str],
     ) -> SlotsState:
         slot = self.inactive
-        trial = Trial(slot, held.version, held.sha256, 1, at, baseline, report)
+        trial = Trial(slot, held.version, held.sha256, 1, at, baseline, context)
         kept = {self.known_good: self.held[self.known_good], slot: held}
         factory = self.factory_sha256 if factory is None else factory
         return replace(self, active=slot, held=kept, trial=trial, factory_sha256=factory)
@@ -178,7 +178,7 @@ class SlotsState:
                 "attempts": trial.attempts,
                 "started_at": trial.started_at,
                 "baseline": trial.baseline,
-                "report": trial.report,
+                "context": trial.context,
             },
             "last_rollback": self.last_rollback,
             "factory_sha256": self.factory_sha256,
@@ -204,11 +204,11 @@ class SlotsState:
                     raise ValueError("trial attempts must be a count")
                 if not isinstance(started, int | float) or not isinstance(t["baseline"], dict):
                     raise ValueError("trial started_at and baseline are malformed")
-                report = t.get("report", {})
-                if not isinstance(report, dict) or not all(
-                    isinstance(v, str) for v in report.values()
+                context = t.get("context", {})
+                if not isinstance(context, dict) or not all(
+                    isinstance(v, str) for v in context.values()
                 ):
-                    raise ValueError("trial report is malformed")
+                    raise ValueError("trial context is malformed")
                 trial = Trial(
                     _slot(t["slot"]),
                     _text(t["version"]),
@@ -216,7 +216,7 @@ class SlotsState:
                     attempts,
                     float(started),
                     t["baseline"],
-                    report,
+                    context,
                 )
                 if held[trial.slot].sha256 != trial.sha256:
                     raise ValueError("the trial's sha256 disagrees with its slot's")
@@ -420,10 +420,10 @@ class Slots:
         self,
         baseline: dict[str, Any] | None = None,
         factory_sha256: str | None = None,
-        report: dict[str, str] | None = None,
+        context: dict[str, str] | None = None,
     ) -> Trial:
         """Switch to the staged slot: check its file against what stage() recorded, then
-        record the trial (with the previous model's `baseline` figures and the `report`
+        record the trial (with the previous model's `baseline` figures and the `context`
         fields its events carry) and the new active slot in one write."""
         state = self.state
         if state.trial is not None:
@@ -432,7 +432,7 @@ class Slots:
         got = self._verified_sidecar(slot)
         if got is None:
             raise SlotError(f"the bundle staged in slot {slot} does not verify; not switching")
-        new = state.with_trial(got[1], self._clock(), baseline or {}, factory_sha256, report or {})
+        new = state.with_trial(got[1], self._clock(), baseline or {}, factory_sha256, context or {})
         self._commit_state(new)
         assert new.trial is not None
         return new.trial

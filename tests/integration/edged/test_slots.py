@@ -22,7 +22,7 @@ from edged.outbox import Outbox, OutboxConfig
 from edged_formats import Manifest, read_bundle, write_bundle
 from tests.support.daemon import DaemonProcess, render_toml
 
-REPORT = {"rollout": "r-1", "target": "models/digits/1.1.0.edb"}
+CONTEXT = {"rollout": "r-1", "target": "models/digits/1.1.0.edb"}
 UPDATE = {"watch_s": 1.5, "min_watch_samples": 20, "max_latency_ratio": 50.0}
 
 
@@ -37,8 +37,8 @@ def short_dir() -> Iterator[Path]:
 def models(digits_build, tmp_path: Path) -> dict[str, Path]:
     """The digits bundle (1.0.0), the same model as 1.1.0, and 1.1.0-bad whose manifest
     expects other canary answers (it loads and serves, and fails its health check)."""
-    out, report = digits_build
-    original = out / report.bundle
+    out, context = digits_build
+    original = out / context.bundle
     bundle = read_bundle(original.read_bytes())
     good = dataclasses.replace(bundle.manifest, version="1.1.0")
     shifted = tuple((i + 1) % 10 for i in bundle.manifest.canaries.expected_top1)
@@ -299,7 +299,7 @@ async def test_refused_installs_change_nothing(tmp_path, models, tf_bundles) -> 
     """Installer on a real engine: a wrong sha256, a file that is not a bundle, a version the
     metadata did not name, a model for other inputs, and a second install during a trial are
     each refused with ota.refused and their reason; slots.json and the served model are as
-    they were. The report fields (rollout, target) ride on every event, and in the trial
+    they were. The context fields (rollout, target) ride on every event, and in the trial
     record across a restart."""
     from edged.config import UpdateConfig
     from edged.engine import Engine
@@ -322,6 +322,8 @@ async def test_refused_installs_change_nothing(tmp_path, models, tf_bundles) -> 
         restore_failed=lambda reason: None,
     )
     before = slots.path.read_bytes()
+    assert installer.active_sha256() == hashlib.sha256(models["1.0.0"].read_bytes()).hexdigest()
+    assert installer.active_path() == slots.root / "a" / "bundle.edb"
     good = models["1.1.0"].read_bytes()
     other = tf_bundles["digits_float"]
     cases = [
@@ -331,15 +333,15 @@ async def test_refused_installs_change_nothing(tmp_path, models, tf_bundles) -> 
         (other, hashlib.sha256(other.read_bytes()).hexdigest(), "1.0.0", "the bundle takes"),
     ]
     for bundle, digest, version, reason in cases:
-        outcome = await installer.install(bundle, digest, version, report=REPORT)
+        outcome = await installer.install(bundle, digest, version, context=CONTEXT)
         assert outcome.result == "refused" and reason in outcome.reason, outcome
         assert emitted[-1] == (
             "ota.refused",
-            {**REPORT, "version": version, "reason": outcome.reason},
+            {**CONTEXT, "version": version, "reason": outcome.reason},
         )
         assert slots.path.read_bytes() == before and engine.manifest.version == "1.0.0"
     digest = hashlib.sha256(good).hexdigest()
-    trial = asyncio.create_task(installer.install(good, digest, "1.1.0", report=REPORT))
+    trial = asyncio.create_task(installer.install(good, digest, "1.1.0", context=CONTEXT))
     while installer.status()["watch"] is None:
         await asyncio.sleep(0.01)
     busy = await installer.install(good, hashlib.sha256(good).hexdigest(), "1.1.0")
@@ -354,5 +356,5 @@ async def test_refused_installs_change_nothing(tmp_path, models, tf_bundles) -> 
     assert json.loads(slots.path.read_bytes())["trial"]["version"] == "1.1.0"
     _, notes = load_serving(Slots(slots.root), models["1.0.0"], 1, Engine.from_file)
     ((name, detail),) = notes  # max_start_attempts 1: this start rolls the trial back
-    assert name == "ota.rolled_back" and {**detail, **REPORT} == detail
+    assert name == "ota.rolled_back" and {**detail, **CONTEXT} == detail
     assert detail["restored"] == "1.0.0" and "crash loop" in detail["reason"]

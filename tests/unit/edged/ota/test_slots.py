@@ -134,13 +134,13 @@ def test_begin_trial_switches_and_records_the_trial_in_one_write(slots, factory)
     data = bundle("1.1.0")
     slots.stage(data, sha(data), "1.1.0")
     trial = slots.begin_trial(
-        {"samples": 10, "mean_confidence": 0.9}, factory_sha256="f" * 64, report={"rollout": "r"}
+        {"samples": 10, "mean_confidence": 0.9}, factory_sha256="f" * 64, context={"rollout": "r"}
     )
     assert (trial.slot, trial.version, trial.sha256, trial.attempts) == ("b", "1.1.0", sha(data), 1)
     state = reopened(slots, factory).state
     assert (state.active, state.known_good) == ("b", "a")
     assert state.trial == trial and state.trial.baseline["mean_confidence"] == 0.9
-    assert state.factory_sha256 == "f" * 64 and state.trial.report == {"rollout": "r"}
+    assert state.factory_sha256 == "f" * 64 and state.trial.context == {"rollout": "r"}
     with pytest.raises(SlotError, match="in progress"):
         slots.stage(data, sha(data), "1.2.0")  # slot a is known good: never overwritten now
 
