@@ -160,6 +160,7 @@ class UpdateConfig(_Section, frozen=True):
 
     hardware: Tag = "any"  # this device's compatibility tag, matched against targets
     channel: Tag = "stable"
+    poll_s: Annotated[float, Meta(ge=10, le=604_800)] = 3600.0  # ask for an update this often
     max_start_attempts: Annotated[int, Meta(ge=1, le=100)] = 3
     canary_min_agreement: Share = 1.0
     watch_s: Annotated[float, Meta(ge=0, le=86_400)] = 300.0

@@ -109,6 +109,7 @@ def test_the_update_section_has_documented_defaults_and_bounds() -> None:
         ("max_latency_ratio = 0.5", "update.max_latency_ratio"),
         ("hardware = 'Pi 4'", "update.hardware"),
         ("channel = ''", "update.channel"),
+        ("poll_s = 1", "update.poll_s"),
     ]:
         with pytest.raises(ConfigError, match=key):
             parse_config(f"[update]\n{text}\n")
