@@ -158,9 +158,12 @@ class UpdateConfig(_Section, frozen=True):
     `max_confidence_drop` below the previous model's, or a median latency more than
     `max_latency_ratio` times the previous model's rolls it back."""
 
+    enabled: bool = True  # ask the control plane for updates (needs `edged enroll`)
     hardware: Tag = "any"  # this device's compatibility tag, matched against targets
     channel: Tag = "stable"
     poll_s: Annotated[float, Meta(ge=10, le=604_800)] = 3600.0  # ask for an update this often
+    bytes_per_s: Positive | None = None  # download bandwidth limit (None: as fast as it goes)
+    timeout_s: Annotated[float, Meta(gt=0, le=600)] = 30.0  # a stalled transfer is retried
     max_start_attempts: Annotated[int, Meta(ge=1, le=100)] = 3
     canary_min_agreement: Share = 1.0
     watch_s: Annotated[float, Meta(ge=0, le=86_400)] = 300.0

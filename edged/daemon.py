@@ -50,6 +50,7 @@ from edged.notify import Notifier
 from edged.ota.install import Installer, load_serving
 from edged.ota.slots import Slots
 from edged.ota.trial import InstallOutcome
+from edged.ota.updater import Updater, updater_for
 from edged.outbox import MIB, Outbox, OutboxConfig
 from edged.pipeline import Pipeline, ResultSink
 from edged.sample_store import SampleStore
@@ -91,6 +92,7 @@ class Daemon:
         self._rates: collections.deque[tuple[float, int]] = collections.deque(maxlen=61)
         self._reloads: set[asyncio.Task[Any]] = set()
         self._failed = False
+        self.updater: Updater | None = None
 
     # -- start ------------------------------------------------------------------------------
 
@@ -177,7 +179,22 @@ class Daemon:
             key_file=None if up.key_file is None else str(up.key_file),
         )
         budget = BudgetConfig(bytes_per_s=up.bytes_per_s, bytes_per_day=up.bytes_per_day)
-        return Uplink(UplinkConfig(self.device_id, link, budget=budget), self.outbox, identity_key)
+        return Uplink(
+            UplinkConfig(self.device_id, link, budget=budget),
+            self.outbox,
+            identity_key,
+            on_command=self._command,
+        )
+
+    def _command(self, name: str, _payload: bytes) -> None:
+        """edged/v1/<id>/cmd/<name> from the control plane: `update` means "ask now"."""
+        if name == "update" and self.updater is not None:
+            self.updater.notify()
+
+    def _updater(self) -> Updater | None:
+        if not self.config.update.enabled or self.enrollment is None:
+            return None  # updates need the control plane's URL and this device's API token
+        return updater_for(self.config, self.enrollment, self.installer, self.install, self._event)
 
     def _sources(self) -> tuple[list[Source], list[MqttSource]]:
         shape = self.engine.sample_shape
@@ -211,6 +228,7 @@ class Daemon:
             bus = self.bus
             self.pipeline.sinks.insert(0, lambda result: bus.publish_result(result.to_json()))
             await self.bus.start()
+        self.updater = self._updater()
         self.uplink = self._uplink(self.identity.signing_key) if cfg.uplink.enabled else None
         status_server = await self._status_server()
         background: list[asyncio.Task[Any]] = [
@@ -220,6 +238,8 @@ class Daemon:
         ]
         if self.uplink is not None:
             background.append(asyncio.create_task(self.uplink.run(), name="uplink"))
+        if self.updater is not None:
+            background.append(asyncio.create_task(self.updater.run(), name="updater"))
         source_tasks = [
             asyncio.create_task(s.run(self.pipeline.submit), name=f"source {s.name}")
             for s in sources
@@ -475,6 +495,7 @@ class Daemon:
             "uptime_s": round(time.monotonic() - self.started, 1),
             "model": {"name": manifest.name, "version": manifest.version},
             "slots": self.installer.status(),
+            "update": None if self.updater is None else {"last_check": self.updater.last_outcome},
             "rate_per_s": round(self._rate(), 2),
             "queue_depth": self.pipeline.depth,
             "counts": {

@@ -4,19 +4,19 @@ artifact (patch or full) and hand the verified file to the installer (A/B slots 
 trial). Every step is reported as an `ota.*` event through the outbox (docs/ota.md).
 
 The assignment only says *which* target; whether it may be installed is the trust walk's and
-the target's hardware/channel decision. Blocking work (HTTP, hashing, patching) runs on one
+the target's hardware/channel decision. Blocking work (HTTP, hashing, patching) runs on a
 worker thread, so inference never waits on it. A target that failed its health trial here is
-never retried; a refusal or a transport error is retried on the next poll and reported again
-only when its reason changes.
+never retried; a refusal (of the trust walk or of the install) or a transport error is retried
+at the next poll, and reported again only when its reason changes.
 """
 
 from __future__ import annotations
 
 import asyncio
-import concurrent.futures
 import contextlib
 import json
 import logging
+import threading
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -25,12 +25,14 @@ from typing import Any, Protocol
 import httpx
 
 from edged.atomic import atomic_write
+from edged.config import Config
+from edged.enrollment import API_TOKEN_FILE, Enrollment
 from edged.errors import EdgedError
-from edged.ota.client import Fetched, UpdateClient
-from edged.ota.fetcher import FetchError
+from edged.ota.client import Fetched, UpdateClient, UpdatePolicy
+from edged.ota.fetcher import FetchError, HttpFetcher
 from edged_formats.errors import FormatError
 
-__all__ = ["Assignment", "HttpControl", "Installer", "Updater"]
+__all__ = ["Assignment", "HttpControl", "Installer", "Updater", "updater_for"]
 
 log = logging.getLogger("edged.ota")
 Emit = Callable[[str, dict[str, Any]], Awaitable[None]]
@@ -44,12 +46,31 @@ class Assignment:
     version: str
 
 
+class SlotInstaller(Protocol):
+    def active_sha256(self) -> str: ...
+
+    def active_path(self) -> Path: ...
+
+
+class InstallResult(Protocol):
+    @property
+    def result(self) -> str: ...
+
+    @property
+    def reason(self) -> str: ...
+
+
+InstallFn = Callable[..., Awaitable[InstallResult]]
+
+
 class Control(Protocol):
     def assignment(self) -> Assignment | None: ...
 
 
 class Installer(Protocol):
-    """Installs a verified bundle through the slots and the health trial; True if committed."""
+    """Installs a verified bundle through the slots and the health trial (Daemon.install):
+    returns "committed", "rolled_back" (switched to, failed its trial) or "refused" (never
+    switched to), and a reason."""
 
     def active_sha256(self) -> str | None: ...
 
@@ -57,7 +78,7 @@ class Installer(Protocol):
 
     async def install(
         self, path: Path, sha256: str, version: str, context: Mapping[str, Any]
-    ) -> tuple[bool, str | None]: ...
+    ) -> tuple[str, str]: ...
 
 
 class HttpControl:
@@ -103,7 +124,6 @@ class Updater:
         self.poll_s = poll_s
         self.state_file = state_file
         self._wake = asyncio.Event()
-        self._worker = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="edged-ota")
         self._state: dict[str, Any] = self._load()
         self.last_outcome: str | None = self._state.get("last")
 
@@ -126,20 +146,35 @@ class Updater:
         self._wake.set()
 
     async def run(self) -> None:
-        try:
-            while True:
-                try:
-                    await self.check()
-                except Exception:  # never let one bad update stop the task
-                    log.exception("update check failed")
-                with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(self._wake.wait(), self.poll_s)
-                self._wake.clear()
-        finally:
-            self._worker.shutdown(wait=False, cancel_futures=True)
+        while True:
+            try:
+                await self.check()
+            except Exception:  # never let one bad update stop the task
+                log.exception("update check failed")
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._wake.wait(), self.poll_s)
+            self._wake.clear()
 
     async def _blocking(self, fn: Callable[..., Any], *args: Any) -> Any:
-        return await asyncio.get_running_loop().run_in_executor(self._worker, fn, *args)
+        """Run `fn` on a daemon thread (one at a time: check() awaits each), so a stop never
+        waits for a download; what it left half done is resumed by the next start."""
+        loop = asyncio.get_running_loop()
+        future: asyncio.Future[Any] = loop.create_future()
+
+        def settle(error: BaseException | None, value: Any) -> None:
+            if not future.done():
+                future.set_exception(error) if error else future.set_result(value)
+
+        def work() -> None:
+            try:
+                value, error = fn(*args), None
+            except BaseException as exc:  # handed to the awaiting task
+                value, error = None, exc
+            if not loop.is_closed():
+                loop.call_soon_threadsafe(settle, error, value)
+
+        threading.Thread(target=work, name="edged-ota", daemon=True).start()
+        return await future
 
     async def _report(self, name: str, assignment: Assignment, **fields: Any) -> None:
         body = {"rollout": assignment.rollout, "target": assignment.target}
@@ -183,12 +218,14 @@ class Updater:
             fallback=fetched.fallback,
         )
         context = {"rollout": assignment.rollout, "target": assignment.target}
-        committed, reason = await self.installer.install(
+        result, reason = await self.installer.install(
             fetched.path, target.sha256, assignment.version, context
         )
+        if result == "refused":  # the installer reported it; try again at the next poll
+            return self._outcome("refused")
         await self._blocking(self.client.prune, set())
         self._remember("reported", assignment.rollout)
-        if not committed:
+        if result != "committed":
             self._remember("failed", target.sha256)
             log.warning("update %s rolled back: %s", assignment.version, reason)
             return self._outcome("rolled_back")
@@ -206,3 +243,52 @@ class Updater:
     def _outcome(self, outcome: str) -> str:
         self.last_outcome = outcome
         return outcome
+
+
+class _DaemonInstaller:
+    """The daemon's slots and Daemon.install as the updater's Installer."""
+
+    def __init__(self, slots: SlotInstaller, install: InstallFn) -> None:
+        self.slots, self._install = slots, install
+
+    def active_sha256(self) -> str | None:
+        return self.slots.active_sha256()
+
+    def active_path(self) -> Path | None:
+        return self.slots.active_path()
+
+    async def install(
+        self, path: Path, sha256: str, version: str, context: Mapping[str, Any]
+    ) -> tuple[str, str]:
+        outcome = await self._install(path, sha256, version, context=context)
+        return outcome.result, outcome.reason
+
+
+def updater_for(
+    config: Config,
+    enrollment: Enrollment,
+    slots: SlotInstaller,
+    install: InstallFn,
+    event: Callable[..., Awaitable[None]],
+) -> Updater:
+    """The daemon's updater: the enrolled control plane's repository and assignment routes."""
+    state_dir, update = config.device.state_dir, config.update
+    token = (state_dir / API_TOKEN_FILE).read_text(encoding="utf-8").strip()
+    policy = UpdatePolicy(
+        hardware=update.hardware,
+        channel=update.channel,
+        reserve_bytes=config.outbox.min_free_mb << 20,
+    )
+    base = enrollment.url.rstrip("/")
+    fetcher = HttpFetcher(
+        f"{base}/v1/repository", token, timeout_s=update.timeout_s, bytes_per_s=update.bytes_per_s
+    )
+    ota = state_dir / "ota"
+    return Updater(
+        UpdateClient(fetcher, ota, policy),
+        HttpControl(base, token, timeout_s=update.timeout_s),
+        _DaemonInstaller(slots, install),
+        lambda name, body: event(name, **body),
+        ota / "updater.json",
+        poll_s=update.poll_s,
+    )

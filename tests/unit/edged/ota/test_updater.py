@@ -38,7 +38,7 @@ class Installer:
     def __init__(self, directory: Path) -> None:
         self.path = directory / "active.edb"
         self.path.write_bytes(OLD)
-        self.verdict: tuple[bool, str | None] = (True, None)
+        self.verdict = ("committed", "healthy")
         self.installs: list[tuple[bytes, str]] = []
 
     def active_sha256(self) -> str | None:
@@ -49,9 +49,9 @@ class Installer:
 
     async def install(
         self, path: Path, sha256: str, version: str, context: Mapping[str, Any]
-    ) -> tuple[bool, str | None]:
+    ) -> tuple[str, str]:
         self.installs.append((path.read_bytes(), version))
-        if self.verdict[0]:
+        if self.verdict[0] == "committed":
             self.path.write_bytes(path.read_bytes())
         return self.verdict
 
@@ -122,9 +122,19 @@ async def test_assignment_the_device_may_not_install_is_refused(parts) -> None:
 async def test_target_that_failed_its_health_check_is_not_retried(parts) -> None:
     """After a rollback the same artifact is skipped, even across an updater restart."""
     _sim, control, installer, updater, _events = parts
-    installer.verdict = (False, "canaries 0.2 < 1.0")
+    installer.verdict = ("rolled_back", "canaries 0.2 < 1.0")
     assert await updater.check() == "rolled_back"
     assert await updater.check() == "skipped"
     again = Updater(updater.client, control, installer, updater.emit, updater.state_file)
     assert await again.check() == "skipped"
     assert len(installer.installs) == 1
+
+
+async def test_refused_install_is_tried_again(parts) -> None:
+    """An install the daemon refused (busy with a trial) is not marked failed."""
+    _sim, _control, installer, updater, _events = parts
+    installer.verdict = ("refused", "another install or trial is in progress")
+    assert await updater.check() == "refused"
+    installer.verdict = ("committed", "healthy")
+    assert await updater.check() == "committed"
+    assert len(installer.installs) == 2
