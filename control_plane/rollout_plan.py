@@ -249,10 +249,19 @@ def _rank(rollout_id: str, device_id: str) -> bytes:
     return hashlib.sha256(f"{rollout_id}\0{device_id}".encode()).digest()
 
 
-def membership(rollout_id: str, devices: Iterable[str], stages: Sequence[Stage]) -> dict[str, int]:
-    """Each device's stage: the first whose size reaches the device's hash rank. A device no
-    stage reaches (the last stage below 100 %) is left out."""
-    ranked = sorted(set(devices), key=lambda d: (_rank(rollout_id, d), d))
+def membership(
+    rollout_id: str,
+    devices: Iterable[str],
+    stages: Sequence[Stage],
+    first: Sequence[str] = (),
+) -> dict[str, int]:
+    """Each device's stage: the first whose size reaches the device's rank. `first` (canary
+    devices, in order) rank ahead of the rest, which rank by hash. A device no stage reaches
+    (the last stage below 100 %) is left out."""
+    pool = set(devices)
+    leaders = list(dict.fromkeys(d for d in first if d in pool))
+    rest = sorted(pool - set(leaders), key=lambda d: (_rank(rollout_id, d), d))
+    ranked = leaders + rest
     sizes = stage_sizes(stages, len(ranked))
     out: dict[str, int] = {}
     start = 0

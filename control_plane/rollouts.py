@@ -382,7 +382,8 @@ class RolloutEngine:
         reasons = list(decision.reasons)
         action = decision.action
         if action == "wait":
-            if row.reasons != reasons:
+            # a paused or finished rollout waits without a reason of its own: keep why it stopped
+            if reasons and row.reasons != reasons:
                 row.reasons, row.updated_at = reasons, now
             return []
         if action == "await_approval" and row.status == "awaiting_approval":

@@ -252,7 +252,10 @@ async def create_rollout(
         {"percent": s.percent, "count": s.count, "require_approval": s.require_approval}
         for s in plan
     ]
-    members = membership(rollout_id, targeted, plan)
+    strangers = [d for d in body.canaries if d not in targeted]
+    if strangers:
+        raise Problem(400, f"canary device '{strangers[0]}' is not among the targeted devices")
+    members = membership(rollout_id, targeted, plan, body.canaries)
     if not members:  # pragma: no cover - every stage holds at least one device
         raise Problem(400, "no stage holds any device")
     row = Rollout(

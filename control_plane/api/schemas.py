@@ -420,6 +420,11 @@ class RolloutCreate(_In):
     )
     selector: RolloutSelector
     stages: list[RolloutStage] = Field(min_length=1, max_length=20)
+    canaries: list[DeviceId] = Field(
+        default_factory=list,
+        max_length=100,
+        description="targeted devices that go first, in this order (the rest by hash rank)",
+    )
     criteria: RolloutCriteria = RolloutCriteria()
     on_failure: Literal["pause", "rollback"] = "pause"
 

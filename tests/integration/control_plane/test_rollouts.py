@@ -245,7 +245,9 @@ def test_a_failed_device_pauses_the_rollout_with_its_reason(
             "crash loop: 3 starts",
         )
         time.sleep(0.6)  # a few ticks: still paused, still nobody else assigned
-        assert _get(cp, f"/v1/rollouts/{rid}")["states"] == {"failed": 1, "pending": 3}
+        still = _get(cp, f"/v1/rollouts/{rid}")
+        assert still["states"] == {"failed": 1, "pending": 3}
+        assert still["reasons"] == paused["reasons"]  # later ticks keep why it paused
         assert all(d.poll() == (204, None) for d in devices if d.id != first)
         pause = [e for e in _audit(cp, rid) if e["action"] == "rollout.pause"]
         assert len(pause) == 1 and pause[0]["actor"] == "system"

@@ -308,3 +308,12 @@ def test_a_rollback_completes_once_every_updated_device_reverted() -> None:
     assert decide(rollout, fleet, 0).action == "wait"
     fleet[0] = replace(fleet[0], state="reverted")
     assert decide(rollout, fleet, 0).action == "complete"
+
+
+def test_canary_devices_go_first_in_their_order() -> None:
+    """Named canaries fill the first stages in the order given; unknown names are ignored."""
+    devices = [f"dev-{i:02d}" for i in range(10)]
+    stages = [Stage(None, 1), Stage(None, 2), Stage(100.0, None)]
+    members = membership("r-canary", devices, stages, ["dev-07", "dev-nope", "dev-03"])
+    assert members["dev-07"] == 0 and members["dev-03"] == 1
+    assert sorted(members) == devices and sum(1 for s in members.values() if s == 1) == 1
