@@ -34,8 +34,6 @@ alone.
 
 from __future__ import annotations
 
-import dataclasses
-import datetime as dt
 import hashlib
 import json
 import subprocess
@@ -52,9 +50,9 @@ import numpy.typing as npt
 import zstandard
 
 from bench.common import REPO, Result, conditions, median
+from control_plane.toolchain.head_update import head_updated_bundle, train_head
 from edged.ota.delta import apply_patch, make_patch
-from edged_formats import Bundle, read_bundle, write_bundle
-from edged_formats.bundle import digest_members, dump_npz
+from edged_formats import Bundle, read_bundle
 
 __all__ = ["run"]
 
@@ -108,85 +106,6 @@ class _Case:
 # -- the fine-tune ------------------------------------------------------------------------------
 
 
-def _train_head(
-    weight: npt.NDArray[np.float32],
-    bias: npt.NDArray[np.float32],
-    embeddings: npt.NDArray[np.float32],
-    labels: npt.NDArray[np.integer[Any]],
-    lr: float,
-    seed: int = 0,
-) -> tuple[npt.NDArray[np.float32], npt.NDArray[np.float32]]:
-    """Softmax regression from the given head: SGD with momentum on cross-entropy."""
-    rng = np.random.default_rng(seed)
-    w, b = weight.astype(np.float64), bias.astype(np.float64)
-    vw, vb = np.zeros_like(w), np.zeros_like(b)
-    for _ in range(EPOCHS):
-        order = rng.permutation(len(embeddings))
-        for start in range(0, len(order), BATCH):
-            idx = order[start : start + BATCH]
-            x = embeddings[idx].astype(np.float64)
-            logits = x @ w.T + b
-            p = np.exp(logits - logits.max(axis=1, keepdims=True))
-            p /= p.sum(axis=1, keepdims=True)
-            p[np.arange(len(idx)), labels[idx]] -= 1.0
-            p /= len(idx)
-            vw = MOMENTUM * vw + p.T @ x
-            vb = MOMENTUM * vb + p.sum(axis=0)
-            w -= lr * vw
-            b -= lr * vb
-    return w.astype(np.float32), b.astype(np.float32)
-
-
-def _fine_tuned_bundle(
-    base: Bundle,
-    weight: npt.NDArray[np.float32],
-    bias: npt.NDArray[np.float32],
-    calibration: npt.NDArray[Any],
-) -> bytes:
-    """The base bundle with the new head patched in place (logits re-calibrated on the
-    calibration samples' embeddings) and the manifest brought up to date."""
-    from control_plane.toolchain.head_patch import patch_head
-    from edged.engine import Engine, EngineOptions
-    from edged.packer import _reference  # the packer's own reference statistics
-
-    embeddings = Engine(base, EngineOptions()).predict(calibration).embeddings
-    assert embeddings is not None
-    logits = embeddings @ weight.T + bias
-    members = dict(base.members)
-    members["model.tflite"] = patch_head(
-        base.model,
-        base.manifest.output.name,
-        weight,
-        bias,
-        logit_range=(float(logits.min()), float(logits.max())),
-    )
-    members["head.npz"] = dump_npz(weight=weight, bias=bias)
-    manifest = dataclasses.replace(
-        base.manifest,
-        version=_next_version(base.manifest.version),
-        parent_version=base.manifest.version,
-        created_at=dt.datetime.now(dt.UTC).strftime("%Y-%m-%dT%H:%M:%SZ"),
-        members=digest_members(members),
-    )
-    draft = read_bundle(write_bundle(manifest, members))
-    engine = Engine(draft, EngineOptions())
-    canaries = engine.predict(draft.canary_inputs).top1
-    probabilities = engine.predict(calibration).probabilities
-    manifest = dataclasses.replace(
-        manifest,
-        canaries=dataclasses.replace(
-            manifest.canaries, expected_top1=tuple(int(i) for i in canaries)
-        ),
-        reference=_reference(calibration, probabilities),
-    )
-    return write_bundle(manifest, members)
-
-
-def _next_version(version: str) -> str:
-    major, minor, *_ = [*version.split("."), "0", "0"]
-    return f"{major}.{int(minor) + 1}.0"
-
-
 def _rotated(x: npt.NDArray[Any]) -> npt.NDArray[Any]:
     """Digits rotated (bilinear), rounded and clipped to 0..16, as `make demo` rotates them."""
     from scipy.ndimage import rotate
@@ -214,8 +133,10 @@ def _digits_case() -> _Case:
     labels = data.y_train[: NEW_SAMPLES + REPLAY_SAMPLES]
     head = base.head_weights()
     assert head is not None
-    weight, bias = _train_head(*head, embeddings, labels, LR["digits"])
-    target = _fine_tuned_bundle(base, weight, bias, data.x_val)
+    weight, bias = train_head(
+        *head, embeddings, labels, LR["digits"], epochs=EPOCHS, batch=BATCH, momentum=MOMENTUM
+    )
+    target = head_updated_bundle(base, weight, bias, data.x_val)
     tuned = Engine(read_bundle(target), EngineOptions())
     rotated_test = _rotated(data.x_test)
 
@@ -257,8 +178,10 @@ def _mobilenet_case() -> _Case:
     labels = np.concatenate([new_labels, replay.top1])
     head = base.head_weights()
     assert head is not None
-    weight, bias = _train_head(*head, embeddings, labels, LR["mobilenetv2"])
-    target = _fine_tuned_bundle(base, weight, bias, raw_images(CALIBRATION_SAMPLES))
+    weight, bias = train_head(
+        *head, embeddings, labels, LR["mobilenetv2"], epochs=EPOCHS, batch=BATCH, momentum=MOMENTUM
+    )
+    target = head_updated_bundle(base, weight, bias, raw_images(CALIBRATION_SAMPLES))
     tuned = read_bundle(target)
     tuned_engine = Engine(tuned, EngineOptions())
     after_new = tuned_engine.predict(raw_images(NEW_SAMPLES, seed=7))

@@ -321,6 +321,10 @@ class Installer:
         """The serving slot's bundle: the parent a delta patch applies to."""
         return self.slots.active_path()
 
+    def trial_running(self) -> bool:
+        """A switched-to model is still on trial (its verdict is not in yet)."""
+        return self.slots.state.trial is not None
+
     def status(self) -> dict[str, Any]:
         """The slots, and the watch's figures while one runs."""
         status = self.slots.status()

@@ -51,6 +51,8 @@ class SlotInstaller(Protocol):
 
     def active_path(self) -> Path: ...
 
+    def trial_running(self) -> bool: ...
+
 
 class InstallResult(Protocol):
     @property
@@ -75,6 +77,8 @@ class Installer(Protocol):
     def active_sha256(self) -> str | None: ...
 
     def active_path(self) -> Path | None: ...
+
+    def trial_running(self) -> bool: ...
 
     async def install(
         self, path: Path, sha256: str, version: str, context: Mapping[str, Any]
@@ -181,13 +185,15 @@ class Updater:
         await self.emit(name, body | {"version": assignment.version} | fields)
 
     async def check(self) -> str:
-        """One round: 'none', 'current', 'skipped', 'refused', 'committed' or 'rolled_back'."""
+        """One round: 'none', 'unreachable', 'busy', 'current', 'skipped', 'refused',
+        'committed' or 'rolled_back'."""
         try:
             assignment = await self._blocking(self.control.assignment)
         except FetchError as exc:
             log.warning("update: %s", exc)
             return self._outcome("unreachable")
         if assignment is None:
+            await self._blocking(self.client.prune, set())  # left by an interrupted install
             return self._outcome("none")
         try:
             trusted = await self._blocking(self.client.refresh)
@@ -196,10 +202,13 @@ class Updater:
             )
         except (FormatError, EdgedError) as exc:
             return await self._refused(assignment, exc)
+        if self.installer.trial_running():
+            return self._outcome("busy")  # the trial reports its own verdict
         if target.sha256 == self.installer.active_sha256():
             if assignment.rollout not in self._state.get("reported", {}):
                 await self._report("ota.committed", assignment, already=True)
                 self._remember("reported", assignment.rollout)
+            await self._blocking(self.client.prune, set())  # left by an interrupted install
             return self._outcome("current")
         if target.sha256 in self._state.get("failed", {}):
             return self._outcome("skipped")  # it failed its health check here before
@@ -256,6 +265,9 @@ class _DaemonInstaller:
 
     def active_path(self) -> Path | None:
         return self.slots.active_path()
+
+    def trial_running(self) -> bool:
+        return self.slots.trial_running()
 
     async def install(
         self, path: Path, sha256: str, version: str, context: Mapping[str, Any]

@@ -40,12 +40,16 @@ class Installer:
         self.path.write_bytes(OLD)
         self.verdict = ("committed", "healthy")
         self.installs: list[tuple[bytes, str]] = []
+        self.trial = False
 
     def active_sha256(self) -> str | None:
         return hashlib.sha256(self.path.read_bytes()).hexdigest()
 
     def active_path(self) -> Path | None:
         return self.path
+
+    def trial_running(self) -> bool:
+        return self.trial
 
     async def install(
         self, path: Path, sha256: str, version: str, context: Mapping[str, Any]
@@ -138,3 +142,11 @@ async def test_refused_install_is_tried_again(parts) -> None:
     installer.verdict = ("committed", "healthy")
     assert await updater.check() == "committed"
     assert len(installer.installs) == 2
+
+
+async def test_nothing_happens_while_a_trial_runs(parts) -> None:
+    """A trial in progress (resumed after a restart) is left to report its own verdict."""
+    _sim, _control, installer, updater, events = parts
+    installer.trial = True
+    assert await updater.check() == "busy"
+    assert installer.installs == [] and events == []
