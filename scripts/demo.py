@@ -16,6 +16,10 @@
 4. The fleet (scripts/demo_fleet.py): the control plane on embedded defaults, three daemons
    enrolled through the real flow, their telemetry, health and drift read back through the
    REST API; a viewer refused and audited, a device quarantined, one decommissioned.
+5. Signed updates (scripts/demo_ota.py): offline root keys, the registry and its signed
+   repository, a head-only fine-tune rolled out stage by stage over MQTT notifications, delta
+   patches, A/B slots and health trials; one site's trial fails, it rolls back, the rollout
+   pauses.
 """
 
 from __future__ import annotations
@@ -37,6 +41,7 @@ from typing import Any
 import numpy as np
 import paho.mqtt.client as mqtt
 from demo_fleet import fleet_act, rotated_digits
+from demo_ota import ota_act
 from paho.mqtt.enums import CallbackAPIVersion
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
@@ -542,6 +547,7 @@ def main() -> int:
         serve(bundles[name], out / f"{name}-test.npz")
     daemon_act(bundles["digits"], out / "digits-test.npz", out)
     fleet_act(bundles["digits"], out / "digits-test.npz", out)
+    ota_act(bundles["digits"], out / "digits-test.npz", out)
     print(f"\nartifacts in {out}/")
     return 0
 
