@@ -495,7 +495,7 @@ class Daemon:
             "uptime_s": round(time.monotonic() - self.started, 1),
             "model": {"name": manifest.name, "version": manifest.version},
             "slots": self.installer.status(),
-            "update": None if self.updater is None else {"last_check": self.updater.last_outcome},
+            "update": None if self.updater is None else self.updater.status(),
             "rate_per_s": round(self._rate(), 2),
             "queue_depth": self.pipeline.depth,
             "counts": {

@@ -22,7 +22,7 @@ from pathlib import Path
 from edged.atomic import atomic_write, fsync_directory
 from edged.errors import EdgedError
 from edged.ota.delta import PatchError, apply_patch
-from edged.ota.fetcher import Fetcher, FetchError, NotFound, ensure_space
+from edged.ota.fetcher import Fetcher, FetchError, NotFound, TooLarge, ensure_space
 from edged.ota.slots import fault_point
 from edged_formats.errors import TrustError
 from edged_formats.tuf import (
@@ -201,7 +201,11 @@ class UpdateClient:
         self.progress(
             "download", {"target": target.name, "bytes": target.length, "resume": resumed_from}
         )
-        self.fetcher.download(artifact_path(target), part, target.length)
+        try:
+            self.fetcher.download(artifact_path(target), part, target.length)
+        except TooLarge:
+            part.unlink(missing_ok=True)  # a server sending too much is not resumed from
+            raise
         try:
             TrustedSet.check_artifact(target, part.read_bytes())
         except TrustError:

@@ -129,7 +129,9 @@ class Updater:
         self.state_file = state_file
         self._wake = asyncio.Event()
         self._state: dict[str, Any] = self._load()
-        self.last_outcome: str | None = self._state.get("last")
+        self.last_outcome: str | None = None
+        self.last_reason: str | None = None  # why the last refusal or rollback happened
+        self.checks = 0
 
     def _load(self) -> dict[str, Any]:
         with contextlib.suppress(OSError, ValueError):
@@ -187,10 +189,12 @@ class Updater:
     async def check(self) -> str:
         """One round: 'none', 'unreachable', 'busy', 'current', 'skipped', 'refused',
         'committed' or 'rolled_back'."""
+        self.last_reason = None
         try:
             assignment = await self._blocking(self.control.assignment)
         except FetchError as exc:
             log.warning("update: %s", exc)
+            self.last_reason = str(exc)
             return self._outcome("unreachable")
         if assignment is None:
             await self._blocking(self.client.prune, set())  # left by an interrupted install
@@ -230,6 +234,7 @@ class Updater:
         result, reason = await self.installer.install(
             fetched.path, target.sha256, assignment.version, context
         )
+        self.last_reason = reason
         if result == "refused":  # the installer reported it; try again at the next poll
             return self._outcome("refused")
         await self._blocking(self.client.prune, set())
@@ -241,7 +246,7 @@ class Updater:
         return self._outcome("committed")
 
     async def _refused(self, assignment: Assignment, error: Exception) -> str:
-        reason = str(error)
+        reason = self.last_reason = str(error)
         log.warning("update %s refused: %s", assignment.target, reason)
         key = f"{assignment.rollout}:{assignment.target}:{reason}"
         if key not in self._state.get("refusals", {}):
@@ -251,7 +256,11 @@ class Updater:
 
     def _outcome(self, outcome: str) -> str:
         self.last_outcome = outcome
+        self.checks += 1  # completed checks: the outcome and reason are final
         return outcome
+
+    def status(self) -> dict[str, Any]:
+        return {"checks": self.checks, "last_check": self.last_outcome, "reason": self.last_reason}
 
 
 class _DaemonInstaller:
