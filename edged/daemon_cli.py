@@ -49,6 +49,25 @@ def _show(status: dict[str, Any]) -> None:
     drift, outbox, uplink = status["drift"], status["outbox"], status["uplink"]
     print(f"device   {status['device_id']}  ({status['state']}, up {status['uptime_s']} s)")
     print(f"model    {model['name']} {model['version']}")
+    slots = status.get("slots")
+    if slots:
+        trial = slots.get("trial")
+        print(
+            f"slots    active {slots['active']['slot']} ({slots['active']['version']}), known good"
+            f" {slots['known_good']['slot']}"
+            + (f", on trial: {trial['version']}" if trial else "")
+            + (
+                f", last rollback: {slots['last_rollback']['reason']}"
+                if slots.get("last_rollback")
+                else ""
+            )
+        )
+    update = status.get("update")
+    if update:
+        print(
+            f"update   {update['checks']} checks, last {update['last_check']}"
+            + (f": {update['reason']}" if update.get("reason") else "")
+        )
     print(f"rate     {status['rate_per_s']} samples/s, queue {status['queue_depth']}")
     print("counts   " + ", ".join(f"{k} {v}" for k, v in counts.items()))
     print("gating   " + ", ".join(f"{k} {v}" for k, v in gating.items()))
