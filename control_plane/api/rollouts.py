@@ -12,7 +12,7 @@ from __future__ import annotations
 import secrets
 import time
 from collections import defaultdict
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any
 
 from fastapi import APIRouter, Query, Request, Response
 from sqlalchemy import String, cast, distinct, func, insert, select
@@ -38,24 +38,18 @@ from control_plane.api.schemas import (
 from control_plane.db.models import Device, ModelVersion
 from control_plane.db.rollouts import Rollout, RolloutDevice
 from control_plane.registry import find
-from control_plane.rollout_plan import ACTIVE, Stage, membership, stage_sizes
+from control_plane.rollout_plan import (
+    ACTIVE,
+    DeviceState,
+    Stage,
+    Status,
+    membership,
+    stage_sizes,
+)
 from control_plane.rollouts import release
 
 router = APIRouter(tags=["rollouts"])
 Limit = Annotated[int, Query(ge=1, le=1000)]
-StatusFilter = Literal[
-    "running", "awaiting_approval", "paused", "rolling_back", "completed", "aborted", "rolled_back"
-]
-DeviceStateFilter = Literal[
-    "pending",
-    "assigned",
-    "installing",
-    "committed",
-    "failed",
-    "reverting",
-    "reverted",
-    "revert_failed",
-]
 MAX_DEVICES = 100_000
 CHUNK = 5_000
 FORWARD = ("assigned", "installing", "committed")
@@ -320,7 +314,7 @@ async def create_rollout(
 async def list_rollouts(
     actor: Viewer,
     session: Session,
-    status: StatusFilter | None = None,
+    status: Status | None = None,
     cursor: RolloutCursor = None,
     limit: Limit = 100,
 ) -> Page[RolloutPublic]:
@@ -353,7 +347,7 @@ async def rollout_devices(
     rollout_id: RolloutIdPath,
     actor: Viewer,
     session: Session,
-    state: DeviceStateFilter | None = None,
+    state: DeviceState | None = None,
     stage: Annotated[int, Query(ge=1, le=20)] | None = None,
     cursor: DeviceCursor = None,
     limit: Limit = 100,

@@ -9,6 +9,9 @@ from typing import Annotated, Generic, Literal, TypeVar
 from fastapi import Path, Query
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
+from control_plane.rollout_plan import DeviceState
+from control_plane.rollout_plan import Status as RolloutStatus
+
 __all__ = [
     "BrokerCredentials",
     "DevicePublic",
@@ -458,15 +461,7 @@ class RolloutPublic(BaseModel):
     selector: dict[str, object]
     criteria: RolloutCriteria
     on_failure: str
-    status: Literal[
-        "running",
-        "awaiting_approval",
-        "paused",
-        "rolling_back",
-        "completed",
-        "aborted",
-        "rolled_back",
-    ]
+    status: RolloutStatus
     stage: int = Field(description="the current stage's number; 0 before the first starts")
     stage_started_at: float | None
     stages: list[RolloutStagePublic]
@@ -483,16 +478,7 @@ class RolloutPublic(BaseModel):
 class RolloutDevicePublic(BaseModel):
     device_id: str
     stage: int = Field(description="the number of the stage that holds the device")
-    state: Literal[
-        "pending",
-        "assigned",
-        "installing",
-        "committed",
-        "failed",
-        "reverting",
-        "reverted",
-        "revert_failed",
-    ]
+    state: DeviceState
     assigned_at: float | None
     updated_at: float | None
     last_event: str | None
