@@ -57,7 +57,6 @@ from edged_formats.tuf import (
     artifact_path,
     canonical_json,
     check_target_name,
-    metadata_path,
     parse_json,
 )
 
@@ -138,7 +137,7 @@ class Transaction:
 
     # -- signing ----------------------------------------------------------------------------
 
-    def _signer(self, state: _State, root_row: RepositoryMetadata) -> tuple[Repository, bool]:
+    def signer(self, state: _State, root_row: RepositoryMetadata) -> tuple[Repository, bool]:
         """A Repository resumed at the stored versions, and whether targets are signed here."""
         root = _parse(root_row.data, "root")
         keys = self.store.keys(root)
@@ -152,16 +151,13 @@ class Transaction:
                 )
         online_targets = len(signers["targets"]) >= root.roles["targets"].threshold
         repo = Repository([root_row.data], signers, self.store.expiry)
-        # Resume at the stored versions (the pure Repository starts empty).
-        for role in SIGNED_ROLES:
+        for role in SIGNED_ROLES:  # resume at the stored versions
             row = state.rows[role]
             if row is not None:
-                setattr(repo, role, _parse(row.data, role))
-                path = metadata_path(role, None if role == "timestamp" else row.version)
-                repo._files[path] = row.data
+                repo.resume(role, row.data)
         return repo, online_targets
 
-    def _store(self, files: Mapping[str, bytes], now: float) -> None:
+    def store_files(self, files: Mapping[str, bytes], now: float) -> None:
         for path, data in files.items():
             role = path.rsplit("/", 1)[-1].removesuffix(".json").rsplit(".", 1)[-1]
             signed = _parse(data, role)
@@ -185,10 +181,10 @@ class Transaction:
         root_row = state.rows["root"]
         _ = state.root  # no root: RepositoryError
         assert root_row is not None
-        repo, online = self._signer(state, root_row)
+        repo, online = self.signer(state, root_row)
         if online:
             new = repo.publish(targets, int(now))
-            self._store(new, now)
+            self.store_files(new, now)
             assert repo.targets is not None
             return repo.targets.version
         return await self._pend(state, targets, now)
@@ -240,9 +236,9 @@ class Transaction:
         assert isinstance(envelope.signed, Targets)
         root_row = state.rows["root"]
         assert root_row is not None
-        repo, _online = self._signer(state, root_row)
+        repo, _online = self.signer(state, root_row)
         now = time.time()
-        self._store(repo.sign_targets(envelope.signed, data, int(now)), now)
+        self.store_files(repo.sign_targets(envelope.signed, data, int(now)), now)
         await self.session.delete(pending)
         state.pending = None
         return 0
@@ -279,12 +275,12 @@ class Transaction:
         )
         self.session.add(row)
         state.rows["root"] = row
-        repo, online = self._signer(state, row)  # refuses a root whose online keys are missing
+        repo, online = self.signer(state, row)  # refuses a root whose online keys are missing
         targets_row = state.rows["targets"]
         if online:
-            self._store(repo.publish(previous_targets, int(now)), now)
+            self.store_files(repo.publish(previous_targets, int(now)), now)
         elif targets_row is not None and _still_signed(new, targets_row.data):
-            self._store(repo.sign_targets(repo.targets, targets_row.data, int(now)), now)  # type: ignore[arg-type]
+            self.store_files(repo.sign_targets(repo.targets, targets_row.data, int(now)), now)  # type: ignore[arg-type]
         else:
             await self._pend(state, previous_targets, now)
         return new
@@ -367,11 +363,11 @@ class RepositoryStore:
             root_row = state.rows["root"]
             if root_row is None or state.rows["timestamp"] is None:
                 return []
-            repo, online = tx._signer(state, root_row)
+            repo, online = tx.signer(state, root_row)
             rows = state.rows
             assert rows["targets"] is not None and rows["snapshot"] is not None
             if online and _due(rows["targets"], now):
-                tx._store(repo.publish(await tx.current_targets(), int(now)), now)
+                tx.store_files(repo.publish(await tx.current_targets(), int(now)), now)
                 return ["targets", "snapshot", "timestamp"]
             pended = []
             if not online and _due(rows["targets"], now) and state.pending is None:
@@ -382,10 +378,10 @@ class RepositoryStore:
                 pended = [f"pending targets v{version}"]
             if _due(rows["snapshot"], now):
                 targets = _parse(rows["targets"].data, "targets")
-                tx._store(repo.sign_targets(targets, rows["targets"].data, int(now)), now)
+                tx.store_files(repo.sign_targets(targets, rows["targets"].data, int(now)), now)
                 return [*pended, "snapshot", "timestamp"]
             if _due(rows["timestamp"], now):  # type: ignore[arg-type]
-                tx._store(repo.refresh_timestamp(int(now)), now)
+                tx.store_files(repo.refresh_timestamp(int(now)), now)
                 return [*pended, "timestamp"]
             return pended
 

@@ -157,6 +157,15 @@ class Repository:
         )
         return {metadata_path("timestamp"): sign(self.timestamp, self._signers("timestamp"))}
 
+    def resume(self, role: str, data: bytes) -> None:
+        """Take stored metadata as the current `role` (a repository restarting from disk)."""
+        if role not in ("targets", "snapshot", "timestamp"):
+            raise TrustError(f"only targets, snapshot and timestamp resume, not {role}")
+        signed = Envelope.parse(data, role)  # type: ignore[arg-type]
+        setattr(self, role, signed.signed)
+        version = None if role == "timestamp" else signed.signed.version
+        self._files[metadata_path(role, version)] = data
+
     def files(self) -> dict[str, bytes]:
         return dict(self._files)
 

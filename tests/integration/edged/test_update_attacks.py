@@ -6,6 +6,7 @@ metadata are byte for byte what they were; at the end the honest update installs
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
 import tempfile
 import threading
@@ -121,14 +122,16 @@ def test_every_attack_is_refused_while_the_device_keeps_serving(  # noqa: PLR091
     tmp_path: Path, short_dir: Path, broker: Any, tf_bundles: dict[str, Path], tf_reference
 ) -> None:
     """Tampered or oversized artifact, forged, replayed, expired or oversized metadata,
-    mix-and-match snapshot, root rotation with the wrong keys, `..` names, other hardware and
-    a stalled server: each refused by name, nothing on disk changed; then 1.1.0 installs."""
+    mix-and-match snapshot, root rotation with the wrong keys, `..` names, a threshold reached
+    by repeating one key, targets signed by the online keys alone, other hardware and a
+    stalled server: each refused by name, nothing on disk changed; then 1.1.0 installs."""
     import numpy as np
 
     factory = tf_bundles["digits_int8_io_float"]
     parent = read_bundle(factory.read_bytes())
     child = write_bundle(dataclasses.replace(parent.manifest, version="1.1.0"), parent.members)
-    sim = RepositorySimulator(now=int(time.time()))
+    # targets need two signatures: one online key, one kept by the release manager
+    sim = RepositorySimulator(now=int(time.time()), thresholds={"targets": 2})
     sim.add_target("models/digits/1.0.0.edb", factory.read_bytes(), version="1.0.0")
     repo = Repository(sim)
     state = tmp_path / "state"
@@ -208,11 +211,33 @@ def test_every_attack_is_refused_while_the_device_keeps_serving(  # noqa: PLR091
             body = sim.repo.targets.to_dict()
             body["version"] += 1
             body["targets"]["models/../../etc/x"] = TargetFile("x", 3, "0" * 64).to_dict()
-            key = sim.keys["targets"][0]
-            signature = {"keyid": key.keyid, "sig": key.sign(canonical_json(body)).hex()}
-            data = canonical_json({"signed": body, "signatures": [signature]})
+            signatures = [
+                {"keyid": k.keyid, "sig": k.sign(canonical_json(body)).hex()}
+                for k in sim.keys["targets"]
+            ]
+            data = canonical_json({"signed": body, "signatures": signatures})
             version = dataclasses.replace(sim.repo.targets, version=body["version"])
             sim.repo.sign_targets(version, data, sim.now)
+
+        def evil_targets(signatures: Callable[[bytes], list[dict[str, str]]]) -> None:
+            """A targets version listing a model nobody released, signed as `signatures` says."""
+            assert sim.repo.targets is not None
+            evil = TargetFile(NEW, len(child), hashlib.sha256(b"evil" + child).hexdigest())
+            body = sim.repo.targets.to_dict()
+            body["version"] += 1
+            body["targets"][NEW] = evil.to_dict()
+            data = canonical_json({"signed": body, "signatures": signatures(canonical_json(body))})
+            version = dataclasses.replace(sim.repo.targets, version=body["version"])
+            sim.repo.sign_targets(version, data, sim.now)  # snapshot, timestamp: online keys
+
+        online = sim.keys["targets"][0]
+
+        def one_key_twice(message: bytes) -> list[dict[str, str]]:
+            signature = {"keyid": online.keyid, "sig": online.sign(message).hex()}
+            return [signature, signature]
+
+        def online_key_only(message: bytes) -> list[dict[str, str]]:
+            return [{"keyid": online.keyid, "sig": online.sign(message).hex()}]
 
         def root_by_new_keys_only() -> None:
             new_keys = [SigningKey.generate()]
@@ -255,6 +280,18 @@ def test_every_attack_is_refused_while_the_device_keeps_serving(  # noqa: PLR091
             ),
             ("root by new keys only", root_by_new_keys_only, NEW, "root v2 has 0 valid signature"),
             ("escaping name", escaping_targets, NEW, "not a safe relative path"),
+            (
+                "one key repeated",
+                lambda: evil_targets(one_key_twice),
+                NEW,
+                "1 valid signature(s) from targets keys of root v1, needs 2",
+            ),
+            (
+                "online keys alone",
+                lambda: evil_targets(online_key_only),
+                NEW,
+                "1 valid signature(s) from targets keys of root v1, needs 2",
+            ),
             ("stalled server", lambda: sim.stalled.add(metadata_path("timestamp")), NEW, "stalled"),
             ("other hardware", lambda: None, other.name, "for hardware ['jetson']"),
         ]

@@ -154,3 +154,18 @@ def test_expiry_format_round_trips() -> None:
     assert format_expiry(NOW) == "2027-01-15T08:00:00Z"
     root = Root(version=1, expires=NOW, keys={}, roles={})
     assert root.is_expired(NOW) and not root.is_expired(NOW - 1)
+
+
+def test_a_resumed_repository_continues_the_versions(keys: dict[str, list[SigningKey]]) -> None:
+    """A repository rebuilt from stored files signs the next versions, not version 1 again."""
+    first = Repository([root_bytes(keys)], keys)
+    files = first.publish({}, NOW)
+    again = Repository([root_bytes(keys)], keys)
+    for role in ("targets", "snapshot", "timestamp"):
+        version = None if role == "timestamp" else 1
+        again.resume(role, files[metadata_path(role, version)])
+    new = again.publish({}, NOW)
+    assert metadata_path("targets", 2) in new and again.timestamp is not None
+    assert again.timestamp.version == 2
+    with pytest.raises(TrustError, match="only targets, snapshot and timestamp"):
+        again.resume("root", first.roots[0])
