@@ -38,7 +38,7 @@ from edged_formats.bundle import digest_members, dump_npy, dump_npz
 from edged_formats.manifest import SCORE_QUANTILE_NAMES, TENSOR_DTYPES
 from edged_formats.scores import max_probability, score
 
-__all__ = ["PackRequest", "pack"]
+__all__ = ["PackRequest", "pack", "reference_statistics"]
 
 HISTOGRAM_BINS = 20
 QUANTILES = (0.01, 0.05, 0.1, 0.25, 0.5)
@@ -116,7 +116,7 @@ def _pack(request: PackRequest) -> bytes:
         else EmbeddingSpec(embedding_detail["name"], int(np.prod(embedding_detail["shape"][1:]))),
         head=HeadSpec("head.npz") if request.head is not None else None,
     )
-    reference = _reference(request.calibration, None)
+    reference = reference_statistics(request.calibration, None)
     placeholder = Canaries("canaries.npy", (0,))
     kind = "probabilities" if request.output_kind == "auto" else request.output_kind
     draft = _bundle(base, members, _output(output_detail, kind), reference, placeholder)
@@ -132,7 +132,7 @@ def _pack(request: PackRequest) -> bytes:
     canary_idx = _pick_canaries(probabilities.probabilities)
     members["canaries.npy"] = dump_npy(request.calibration[canary_idx])
     canaries = Canaries("canaries.npy", tuple(int(i) for i in probabilities.top1[canary_idx]))
-    reference = _reference(request.calibration, probabilities.probabilities)
+    reference = reference_statistics(request.calibration, probabilities.probabilities)
     metrics = dict(request.metrics)
     if request.calibration_labels is not None:
         truth = np.asarray(request.calibration_labels)
@@ -356,7 +356,7 @@ def _rows_are_distributions(scores: npt.NDArray[np.float32]) -> bool:
     return bool(np.all(scores >= 0) and np.allclose(scores.sum(axis=1), 1.0, atol=0.05))
 
 
-def _reference(
+def reference_statistics(
     raw: npt.NDArray[Any], probabilities: npt.NDArray[np.float32] | None
 ) -> ReferenceStats:
     """Input statistics, and the quantiles of every confidence score the gate can use (the

@@ -16,7 +16,7 @@ import numpy.typing as npt
 
 from control_plane.toolchain.head_patch import patch_head
 from edged.engine import Engine, EngineOptions
-from edged.packer import _reference  # the packer's own reference statistics
+from edged.packer import reference_statistics
 from edged_formats import Bundle, read_bundle, write_bundle
 from edged_formats.bundle import digest_members, dump_npz
 
@@ -94,7 +94,7 @@ def head_updated_bundle(
         canaries=dataclasses.replace(
             manifest.canaries, expected_top1=tuple(int(i) for i in canaries)
         ),
-        reference=_reference(calibration, probabilities),
+        reference=reference_statistics(calibration, probabilities),
     )
     return write_bundle(manifest, members)
 
