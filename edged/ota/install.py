@@ -2,7 +2,8 @@
 hot swap and the health trial (edged.ota.trial) put together. `Daemon.install` is its front.
 
     load_serving()   at start, before anything serves: adopt, count_start, verify and load the
-                     active slot, or roll back and load the known good one
+                     active slot, or roll back and load the known good one, or fall back to
+                     the other slot or the configured bundle
     Installer.install(bytes, sha256, version)
         checks ─► stage ─► begin_trial ─► engine.swap ─► canaries ─► watch ─► commit
           └──────────┴── refused: ota.refused         failed anywhere ─► rollback + swap back
@@ -57,8 +58,9 @@ def load_serving(
     """Blocking, before anything serves. The slots' state (adopting `factory` on a first
     start), one more start of a recorded trial (or its rollback past the cap), then the
     active slot's model, verified and loaded; if it does not verify or load, roll back and
-    load the known good one; if that fails too, ModelError says so. Also returns the events
-    to send once the outbox is open."""
+    load the known good one; if that fails too, the other slot (if it verifies) or the
+    configured bundle adopted again; only when even that fails, ModelError says why. Also
+    returns the events to send once the outbox is open."""
     notes: list[Note] = []
     slots.adopt(factory)
     trial = slots.state.trial
@@ -69,20 +71,31 @@ def load_serving(
         detail = {"version": trial.version, "attempts": trial.attempts + 1}
         notes.append(("ota.trial_resumed", {**trial.context, **detail}))
     try:
-        slots.verify(slots.state.active)
-        return load(slots.active_path()), [*slots.notes, *notes]
+        return _load_active(slots, load), [*slots.notes, *notes]
     except (SlotError, ModelError) as exc:
-        trial = slots.state.trial
-        if trial is None:
-            raise ModelError(f"the known good model cannot be served: {exc}") from exc
-        reason = f"does not load: {exc}"
+        failed: Exception = exc
+    trial = slots.state.trial
+    if trial is not None:
+        reason = f"does not load: {failed}"
         slots.rollback(reason)
         notes.append(_rolled_back(slots, trial.context, trial.version, reason))
+        try:
+            return _load_active(slots, load), [*slots.notes, *notes]
+        except (SlotError, ModelError) as exc:
+            failed = exc
+    slots.fall_back(factory, f"the known good model cannot be served: {failed}")
     try:
-        slots.verify(slots.state.active)
-        return load(slots.active_path()), [*slots.notes, *notes]
+        return _load_active(slots, load), [*slots.notes, *notes]
     except (SlotError, ModelError) as exc:
-        raise ModelError(f"the known good model cannot be served either: {exc}") from exc
+        raise ModelError(
+            f"no model can be served: the known good one failed ({failed}), and so did the"
+            f" fallback ({exc})"
+        ) from exc
+
+
+def _load_active(slots: Slots, load: Callable[[Path], Engine]) -> Engine:
+    slots.verify(slots.state.active)
+    return load(slots.active_path())
 
 
 def _rolled_back(slots: Slots, context: dict[str, str], version: str, reason: str) -> Note:

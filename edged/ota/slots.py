@@ -299,7 +299,7 @@ class Slots:
         self._state = state
         return False
 
-    def _adopt(self, factory: Path) -> None:
+    def _adopt(self, factory: Path, slot: SlotName = "a") -> None:
         try:
             data = factory.read_bytes()
         except OSError as exc:
@@ -308,14 +308,22 @@ class Slots:
             ) from exc
         sha256 = hashlib.sha256(data).hexdigest()
         version = _version_of(data, factory)
-        held = self._write_slot("a", data, sha256, version, "adopt.written")
-        self._commit_state(SlotsState("a", "a", {"a": held}, factory_sha256=sha256))
+        held = self._write_slot(slot, data, sha256, version, "adopt.written")
+        self._commit_state(SlotsState(slot, slot, {slot: held}, factory_sha256=sha256))
         log_event(log, "info", "slots_adopted", model=str(factory), version=version)
 
-    def _recover(self, factory: Path, why: str) -> None:
+    def fall_back(self, factory: Path, why: str) -> None:
+        """The known good model cannot be served (its file rotted, or the runtime refuses it):
+        serve the other slot if its file verifies, else adopt the configured bundle again —
+        never a start that fails the same way every time."""
+        self._recover(factory, why, exclude=self.state.active)
+
+    def _recover(self, factory: Path, why: str, exclude: SlotName | None = None) -> None:
         log_event(log, "error", "slots_corrupt", reason=why)
         found = []
         for slot in SLOTS:
+            if slot == exclude:
+                continue
             got = self._verified_sidecar(slot)
             if got is not None:
                 found.append((got[0], slot, got[1]))
@@ -329,7 +337,7 @@ class Slots:
             self._commit_state(SlotsState(slot, slot, {slot: held}, None, None, factory_sha256))
             chosen = f"slot {slot} ({held.version})"
         else:
-            self._adopt(factory)
+            self._adopt(factory, "b" if exclude == "a" else "a")
             chosen = f"the configured model {factory}"
         self.notes.append(("ota.slots_recovered", {"reason": why, "serving": chosen}))
         log_event(log, "warning", "slots_recovered", serving=chosen)

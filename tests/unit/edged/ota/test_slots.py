@@ -302,14 +302,17 @@ def test_a_trial_model_that_does_not_load_is_rolled_back_at_start(slots, factory
     assert engine == "known good" and "does not match its sha256" in notes[-1][1]["reason"]
 
 
-def test_a_known_good_model_that_does_not_load_fails_clearly(slots, factory) -> None:
-    """Nothing to roll back to: one ModelError saying the known good model cannot be served."""
+def test_a_known_good_model_that_cannot_be_served_falls_back(slots, factory) -> None:
+    """A rotted known good file falls back to the configured bundle (adopted into the other
+    slot); only when nothing loads is it one ModelError naming both failures."""
+    slots.active_path().write_bytes(b"rotted")
+    engine, notes = load_serving(Slots(slots.root), factory, 3, lambda path: path)
+    assert engine == slots.root / "b" / "bundle.edb"
+    assert notes[0][0] == "ota.slots_recovered" and "does not match" in notes[0][1]["reason"]
+    assert reopened(slots, factory).state.active == "b"
 
     def load(path: Path) -> str:
         raise ModelError("broken")
 
-    with pytest.raises(ModelError, match="the known good model cannot be served: broken"):
-        load_serving(slots, factory, 3, load)
-    staged_trial(slots)
-    with pytest.raises(ModelError, match="cannot be served either: broken"):
+    with pytest.raises(ModelError, match=r"known good one failed \(broken\), and so did"):
         load_serving(Slots(slots.root), factory, 3, load)
