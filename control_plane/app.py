@@ -29,7 +29,7 @@ from control_plane.broker_admin import BrokerAdmin
 from control_plane.db.engine import Database
 from control_plane.ingest import Ingest, IngestConfig
 from control_plane.repository import RepositoryStore
-from control_plane.rollouts import RolloutEngine
+from control_plane.rollouts import BrokerLogin, RolloutEngine
 from control_plane.settings import Settings
 from control_plane.state import BrokerEndpoint, ControlPlaneState
 from edged_formats import __version__
@@ -43,8 +43,10 @@ def create_app(
     broker_admin: BrokerAdmin,
     device_broker: BrokerEndpoint,
     ingest: IngestConfig | None = None,
+    notify: BrokerLogin | None = None,
 ) -> FastAPI:
-    """The app; `ingest` None runs the API without consuming the broker."""
+    """The app; `ingest` None runs the API without consuming the broker; `notify` is the
+    login rollout notices go out on (default: ingest's; neither: devices rely on their poll)."""
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
@@ -59,9 +61,8 @@ def create_app(
             )
             if ingest is not None:
                 state.ingest = await stack.enter_async_context(Ingest(ingest, db, state.metrics))
-            # staged rollouts; notifications go out on the ingest's broker login, if any
             app.state.rollouts = await stack.enter_async_context(
-                RolloutEngine(db, settings, broker=ingest)
+                RolloutEngine(db, settings, broker=notify or ingest)
             )
             yield
 

@@ -95,6 +95,17 @@ class BrokerSetup:
     device: BrokerEndpoint
     ingest: IngestConfig | None
     local: MosquittoBroker | None
+    login: BrokerAccount  # the control plane's own account: update notices from any replica
+
+
+@dataclass(frozen=True, slots=True)
+class BrokerAccount:
+    host: str
+    port: int
+    username: str | None = None
+    password: str | None = None
+    tls: bool = False
+    ca_file: str | None = None
 
 
 async def open_broker(settings: Settings, stack: AsyncExitStack) -> BrokerSetup:
@@ -127,6 +138,13 @@ async def open_broker(settings: Settings, stack: AsyncExitStack) -> BrokerSetup:
         admin = NullBrokerAdmin()
     await stack.enter_async_context(admin)
     device = _endpoint(settings.device_broker_url) if settings.device_broker_url else endpoint
+    login = BrokerAccount(
+        endpoint.host,
+        endpoint.port,
+        settings.broker_admin_username if dynsec or password else None,
+        password or None,
+        endpoint.tls,
+    )
     ingest = None
     if settings.ingest:
         ingest = IngestConfig(
@@ -142,4 +160,4 @@ async def open_broker(settings: Settings, stack: AsyncExitStack) -> BrokerSetup:
             device_cache_s=settings.device_cache_s,
             max_message_bytes=settings.max_message_bytes,
         )
-    return BrokerSetup(admin, device, ingest, local)
+    return BrokerSetup(admin, device, ingest, local, login)

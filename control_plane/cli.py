@@ -267,7 +267,11 @@ async def _serve(settings: Settings) -> None:
         if broker.local is not None:
             log.info("supervising a local mosquitto on %s:%d", broker.local.host, broker.local.port)
         app = create_app(
-            settings, broker_admin=broker.admin, device_broker=broker.device, ingest=broker.ingest
+            settings,
+            broker_admin=broker.admin,
+            device_broker=broker.device,
+            ingest=broker.ingest,
+            notify=broker.login,
         )
         config = uvicorn.Config(
             app,

@@ -456,3 +456,36 @@ def test_bad_rollouts_are_refused_with_one_sentence(
         missing.status_code == 404
         and missing.json()["detail"] == f"no rollout with id '{'0' * 32}'"
     )
+
+
+def test_an_api_only_replica_sends_update_notices_too(
+    cp: ControlPlaneProcess,
+    group: str,
+    tmp_path: Path,
+    database_url: str,
+    dynsec_mosquitto: MosquittoBroker,
+) -> None:
+    """With the only running replica an API replica (`ingest = false`), a new rollout's
+    devices are still told over MQTT, on the control plane's own broker login."""
+    (device,) = _fleet(cp, tmp_path, group, 1)
+    device.listen()
+    cp.stop()
+    try:
+        with ControlPlaneProcess(
+            database_url,
+            dynsec_mosquitto,
+            BROKER_ADMIN,
+            BROKER_ADMIN_PASSWORD,
+            tmp_path / "api-only",
+            rollout_tick_s="0.2",
+            ingest="false",
+            data_dir=cp.env["EDGED_CP_DATA_DIR"],  # replicas share the repository's disk
+        ) as replica:
+            replica.admin_token = cp.admin_token
+            rid = _create(replica, selector={"devices": [device.id]}, stages=[{"count": 1}])["id"]
+            wait_for(lambda: {"rollout": rid} in device.received())
+            device.cp = replica  # the module's process is down: ask the replica
+            assert device.poll() == (200, {"rollout": rid, **NEW})
+    finally:
+        _close([device])
+        cp.start()
