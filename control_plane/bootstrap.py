@@ -148,11 +148,11 @@ async def open_broker(settings: Settings, stack: AsyncExitStack) -> BrokerSetup:
     ingest = None
     if settings.ingest:
         ingest = IngestConfig(
-            host=endpoint.host,
-            port=endpoint.port,
-            tls=endpoint.tls,
-            username=settings.broker_admin_username if dynsec or password else None,
-            password=password or None,
+            host=login.host,
+            port=login.port,
+            tls=login.tls,
+            username=login.username,
+            password=login.password,
             group=settings.ingest_group,
             client_id=settings.ingest_client_id,
             batch=settings.ingest_batch,

@@ -30,7 +30,17 @@ GROUP = "demo-lab"
 TELEMETRY_S = 2
 
 
-def _config(path: Path, bundle: Path, stream: Path, state: Path) -> None:
+def device_config(
+    path: Path,
+    bundle: Path,
+    stream: Path,
+    state: Path,
+    *,
+    rate_hz: float = 60,
+    sections: str = "[drift]\nwindow = 100\nhop = 25\n",
+) -> None:
+    """A demo device's edged.toml: one looping replay camera, the status socket in its state
+    directory; `sections` adds whole tables (the fleet's drift window, the update policy)."""
     path.write_text(
         f"""\
 [device]
@@ -41,13 +51,10 @@ model = {json.dumps(str(bundle))}
 kind = "replay"
 name = "camera"
 path = {json.dumps(str(stream))}
-rate_hz = 60
+rate_hz = {rate_hz}
 loop = true
 
-[drift]
-window = 100
-hop = 25
-
+{sections}
 [outbox]
 min_free_mb = 0
 
@@ -186,7 +193,7 @@ def _enrol_and_run(
         )
         print(f"  device {index}: $ edged enroll --url {url} --token edenr_…\n    {shown}")
         config = work / f"device-{index}.toml"
-        _config(config, bundle, stream, state)
+        device_config(config, bundle, stream, state)
         log = open(work / f"device-{index}.log", "wb")  # noqa: SIM115 - lives with the daemon
         daemons.append(
             subprocess.Popen(

@@ -23,7 +23,7 @@ from typing import Any
 
 import httpx
 import numpy as np
-from demo_fleet import _ready, _run, _wait
+from demo_fleet import _ready, _run, _wait, device_config
 from ota_story import MAX_CONFIDENCE_DROP, SITES, site_stream, tilted_update
 
 from control_plane.local_broker import free_port
@@ -33,36 +33,13 @@ BIN = Path(sys.executable).parent
 GROUP = "demo-sites"
 
 
-def _config(path: Path, bundle: Path, stream: Path, state: Path) -> None:
-    path.write_text(
-        f"""\
-[device]
-state_dir = {json.dumps(str(state))}
-model = {json.dumps(str(bundle))}
-
-[[source]]
-kind = "replay"
-name = "camera"
-path = {json.dumps(str(stream))}
-rate_hz = 40
-loop = true
-
+UPDATE_POLICY = f"""\
 [update]
 poll_s = 60
 watch_s = 4
 min_watch_samples = 40
 max_confidence_drop = {MAX_CONFIDENCE_DROP}
-
-[outbox]
-min_free_mb = 0
-
-[telemetry]
-interval_s = 2
-
-[status]
-socket = {json.dumps(str(state / "status.sock"))}
 """
-    )
 
 
 def ota_act(bundle: Path, test_npz: Path, out: Path) -> None:
@@ -172,7 +149,7 @@ def _enrol_sites(
         stream = work / f"site-{index}.npz"
         np.savez(stream, x=site_stream(site, x, y))
         config = work / f"site-{index}.toml"
-        _config(config, bundle, stream, state)
+        device_config(config, bundle, stream, state, rate_hz=40, sections=UPDATE_POLICY)
         log = open(work / f"site-{index}.log", "wb")  # noqa: SIM115 - lives with the daemon
         daemons.append(
             subprocess.Popen(

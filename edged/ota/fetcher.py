@@ -36,8 +36,6 @@ __all__ = [
     "ensure_space",
 ]
 
-CHUNK = 64 * 1024
-
 
 class FetchError(EdgedError):
     """The repository could not be reached, timed out or answered with an error."""

@@ -8,6 +8,7 @@ repository side. docs/ota.md describes every field.
 
 from __future__ import annotations
 
+import abc
 import calendar
 import re
 import time
@@ -224,7 +225,7 @@ class TargetFile:
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
-class Signed:
+class Signed(abc.ABC):
     """What every role has: `_type`, `spec_version`, `version`, `expires`."""
 
     role: ClassVar[RoleName]
@@ -242,8 +243,9 @@ class Signed:
             "expires": format_expiry(self.expires),
         }
 
+    @abc.abstractmethod
     def to_dict(self) -> dict[str, Any]:
-        raise NotImplementedError
+        """The `signed` object, as signatures cover it (after canonical_json)."""
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
