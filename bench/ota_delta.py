@@ -50,7 +50,8 @@ import numpy.typing as npt
 import zstandard
 
 from bench.common import REPO, Result, conditions, median
-from control_plane.toolchain.head_update import head_updated_bundle, train_head
+from control_plane.toolchain.head_update import train_head
+from edged.finetune.export import head_updated_bundle
 from edged.ota.delta import apply_patch, make_patch
 from edged_formats import Bundle, read_bundle
 
@@ -210,7 +211,7 @@ def _head_change(
     new_weight: npt.NDArray[np.float32],
 ) -> dict[str, float]:
     """How much the fine-tune moved the head, and that nothing else in the .tflite moved."""
-    from control_plane.toolchain.head_patch import read_head
+    from edged.finetune.head_patch import read_head
 
     name = base.manifest.output.name
     before, after = read_head(old_model, name), read_head(new_model, name)

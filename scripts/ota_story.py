@@ -41,8 +41,9 @@ def site_stream(site: str, x: npt.NDArray[Any], y: npt.NDArray[Any]) -> npt.NDAr
 def tilted_update(base: bytes, samples: int = 300) -> bytes:
     """1.1.0: the head fine-tuned on `samples` tilted 5-9 training digits, no replay."""
     from control_plane.toolchain.datasets import digits_dataset
-    from control_plane.toolchain.head_update import head_updated_bundle, train_head
+    from control_plane.toolchain.head_update import train_head
     from edged.engine import Engine, EngineOptions
+    from edged.finetune.export import head_updated_bundle
     from edged_formats import read_bundle
 
     bundle = read_bundle(base)

@@ -254,7 +254,7 @@ def test_a_head_only_fine_tune_reaches_the_device_as_a_small_patch(
     """The digits reference build and a child whose classifier head was re-quantised in place
     (control_plane.toolchain.head_patch): the device rebuilds the child from a patch of a few
     percent of the artifact."""
-    from control_plane.toolchain.head_patch import patch_head
+    from edged.finetune.head_patch import patch_head
     from edged_formats.bundle import dump_npz
 
     out, report = digits_build

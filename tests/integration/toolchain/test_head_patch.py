@@ -10,8 +10,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from control_plane.toolchain.head_patch import HeadPatchError, patch_head, read_head
 from edged.engine import Engine, EngineOptions, open_bundle
+from edged.finetune.head_patch import HeadPatchError, patch_head, read_head
 from edged_formats import Bundle, read_bundle, write_bundle
 from edged_formats.bundle import digest_members
 

@@ -11,7 +11,7 @@ the quantizer's way (asymmetric int8, range widened to include 0); without it th
 calibrated for the base, and logits the fine-tune moved outside that range saturate.
 
 Only numpy and the flatbuffer schema shipped with ai-edge-litert: no torch, no converter, so
-this can move to the device side unchanged (issue 7's on-device export).
+this runs on the device (on-device fine-tuning exports through it).
 
     ValueError
     └── HeadPatchError   a model whose head cannot be found or rewritten in place
