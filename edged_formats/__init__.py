@@ -1,7 +1,7 @@
 """Formats shared by the device and the cloud: model bundles, uplink wire messages (and later
 signed metadata). Pure: bytes and values in, values out; imports none of the applications."""
 
-from edged_formats.bundle import Bundle, BundleLimits, read_bundle, write_bundle
+from edged_formats.bundle import Bundle, BundleLimits, check_replay, read_bundle, write_bundle
 from edged_formats.errors import (
     BundleError,
     FormatError,
@@ -21,7 +21,9 @@ from edged_formats.manifest import (
     Manifest,
     MemberDigest,
     OutputSpec,
+    Personalisation,
     ReferenceStats,
+    ReplaySpec,
 )
 from edged_formats.wire import (
     CHANNELS,
@@ -59,13 +61,16 @@ __all__ = [
     "MemberDigest",
     "MessageError",
     "OutputSpec",
+    "Personalisation",
     "Record",
     "ReferenceStats",
+    "ReplaySpec",
     "SignatureError",
     "UnknownDevice",
     "WireError",
     "WireLimits",
     "__version__",
+    "check_replay",
     "decode_batch",
     "encode_batch",
     "encode_batch_raw",

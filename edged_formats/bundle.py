@@ -1,10 +1,10 @@
 """Model bundles: one uncompressed tar per model version, read and written as bytes.
 
 A bundle holds `manifest.json` (first), `model.tflite`, the labels file, the canary inputs and,
-for fine-tunable models, the float classifier head. `read_bundle` checks everything that can be
-checked without an interpreter and returns the members in memory; nothing touches the disk, so
-a refused bundle leaves nothing behind. Checks that need the model's tensors (shapes, dtypes)
-belong to the engine that loads it.
+for fine-tunable models, the float classifier head and the replay set. `read_bundle` checks
+everything that can be checked without an interpreter and returns the members in memory;
+nothing touches the disk, so a refused bundle leaves nothing behind. Checks that need the
+model's tensors (shapes, dtypes) belong to the engine that loads it.
 """
 
 from __future__ import annotations
@@ -28,6 +28,7 @@ __all__ = [
     "MANIFEST_MEMBER",
     "Bundle",
     "BundleLimits",
+    "check_replay",
     "digest_members",
     "dump_npy",
     "dump_npz",
@@ -40,6 +41,9 @@ __all__ = [
 MANIFEST_MEMBER = "manifest.json"
 TFLITE_IDENTIFIER = b"TFL3"
 MIB = 1 << 20
+# A replay set is class-balanced when every class appears and the largest class has at most
+# this many times the samples of the smallest (docs/bundle-format.md).
+REPLAY_MAX_IMBALANCE = 2
 
 
 @dataclass(frozen=True, slots=True)
@@ -79,6 +83,16 @@ class Bundle:
             self.members[self.manifest.head.member], "bundle head member", ("weight", "bias")
         )
         return arrays["weight"].astype(np.float32), arrays["bias"].astype(np.float32)
+
+    def replay(self) -> tuple[npt.NDArray[np.generic], npt.NDArray[np.int64]] | None:
+        """The replay set as (x raw inputs [n, *input shape without batch], y class indices
+        [n] int64), checked by `read_bundle`; None when the bundle has none."""
+        if self.manifest.replay is None:
+            return None
+        arrays = load_npz(
+            self.members[self.manifest.replay.member], "bundle replay member", ("x", "y")
+        )
+        return arrays["x"], arrays["y"].astype(np.int64)
 
     @property
     def sha256(self) -> str:
@@ -220,6 +234,66 @@ def _check_contents(bundle: Bundle) -> None:
                 f"bundle head has weight {list(weight.shape)} and bias {list(bias.shape)}, "
                 f"expected [{classes}, {size}] and [{classes}]"
             )
+    if manifest.replay is not None:
+        arrays = load_npz(
+            bundle.members[manifest.replay.member], "bundle replay member", ("x", "y")
+        )
+        check_replay(
+            arrays["x"],
+            arrays["y"],
+            classes=manifest.output.num_classes,
+            sample_shape=manifest.input.shape[1:],
+            dtype=canaries.dtype,
+        )
+
+
+def check_replay(
+    x: npt.NDArray[Any],
+    y: npt.NDArray[Any],
+    *,
+    classes: int,
+    sample_shape: tuple[int, ...],
+    dtype: np.dtype[Any],
+    what: str = "bundle replay set",
+) -> None:
+    """Refuse, with one `BundleError` sentence, a replay set that is not `x` [n, *sample_shape]
+    of `dtype` (finite) and `y` [n] int64 class indices below `classes`, class-balanced: every
+    class present, the largest class at most `REPLAY_MAX_IMBALANCE` times the smallest."""
+    if x.dtype != dtype:
+        raise BundleError(f"{what} inputs are {x.dtype}, expected {dtype} like the canary inputs")
+    if x.ndim < 1 or x.shape[1:] != tuple(sample_shape):
+        raise BundleError(
+            f"{what} inputs have shape {list(x.shape)}, expected [n, "
+            f"{', '.join(str(d) for d in sample_shape)}]"
+        )
+    if x.dtype.kind == "f" and not np.all(np.isfinite(x)):
+        raise BundleError(f"{what} inputs hold non-finite values (NaN or infinity)")
+    if y.dtype != np.int64 or y.ndim != 1:
+        raise BundleError(
+            f"{what} labels must be a 1-D int64 array of class indices, not {y.dtype} "
+            f"of shape {list(y.shape)}"
+        )
+    if len(y) != len(x):
+        raise BundleError(f"{what} has {len(y)} labels for {len(x)} inputs")
+    if len(y) and (y.min() < 0 or y.max() >= classes):
+        raise BundleError(
+            f"{what} labels must be class indices from 0 to {classes - 1}, found "
+            f"{int(y.min())} to {int(y.max())}"
+        )
+    counts = np.bincount(y, minlength=classes) if len(y) else np.zeros(classes, np.int64)
+    if not np.all(counts > 0):
+        missing = int(np.flatnonzero(counts == 0)[0])
+        raise BundleError(
+            f"{what} is not class-balanced: class {missing} has no sample (every class of "
+            f"the output must appear)"
+        )
+    smallest, largest = int(counts.min()), int(counts.max())
+    if largest > REPLAY_MAX_IMBALANCE * smallest:
+        raise BundleError(
+            f"{what} is not class-balanced: class {int(counts.argmax())} has {largest} samples, "
+            f"more than {REPLAY_MAX_IMBALANCE} times the {smallest} of class "
+            f"{int(counts.argmin())}"
+        )
 
 
 def _parse_labels(data: bytes) -> tuple[str, ...]:

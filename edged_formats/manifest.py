@@ -28,7 +28,9 @@ __all__ = [
     "Manifest",
     "MemberDigest",
     "OutputSpec",
+    "Personalisation",
     "ReferenceStats",
+    "ReplaySpec",
 ]
 
 FORMAT_VERSION = 1
@@ -178,6 +180,40 @@ class HeadSpec:
 
 
 @dataclass(frozen=True, slots=True)
+class ReplaySpec:
+    """A class-balanced set of raw inputs (`x`) and class indices (`y`) in an .npz member,
+    against which on-device fine-tuning measures forgetting."""
+
+    member: str
+
+
+_VERSION_RULE = (
+    "must be 1-64 letters, digits, '.', '_', '+' or '-', not starting with a punctuation mark"
+)
+
+
+@dataclass(frozen=True, slots=True)
+class Personalisation:
+    """Where a device-personalised model comes from: the base bundle (version and sha256 of
+    its manifest), how many labels trained it, and the device that trained it (or null)."""
+
+    base_version: str
+    base_sha256: str
+    labels: int
+    device: str | None = None
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.base_version, str) or not _VERSION.fullmatch(self.base_version):
+            raise _fail("personalisation.base_version", _VERSION_RULE)
+        if not isinstance(self.base_sha256, str) or not _SHA256.fullmatch(self.base_sha256):
+            raise _fail("personalisation.base_sha256", "must be 64 lowercase hex digits")
+        if isinstance(self.labels, bool) or not isinstance(self.labels, int) or self.labels < 0:
+            raise _fail("personalisation.labels", "must be a non-negative integer")
+        if self.device is not None and (not isinstance(self.device, str) or not self.device):
+            raise _fail("personalisation.device", "must be a non-empty string or null")
+
+
+@dataclass(frozen=True, slots=True)
 class ConfidenceHistogram:
     """Histogram of top-1 probability on validation data, over equal bins of [0, 1]."""
 
@@ -255,6 +291,8 @@ class Manifest:
     parent_version: str | None = None
     embedding: EmbeddingSpec | None = None
     head: HeadSpec | None = None
+    replay: ReplaySpec | None = None
+    personalisation: Personalisation | None = None
     metrics: Mapping[str, float] = field(default_factory=dict)
     extensions: Mapping[str, Any] = field(default_factory=dict)
     format_version: int = FORMAT_VERSION
@@ -268,17 +306,12 @@ class Manifest:
             ("parent_version", self.parent_version),
         ):
             if value is not None and not _VERSION.fullmatch(value):
-                raise _fail(
-                    field_name,
-                    "must be 1-64 letters, digits, '.', '_', '+' or '-', not starting "
-                    "with a punctuation mark",
-                )
+                raise _fail(field_name, _VERSION_RULE)
         for member in self.members:
             if not _MEMBER.fullmatch(member):
                 raise _fail("members", f"has an unsafe member name '{member}'")
         needed = {"model.tflite", self.output.labels_member, self.canaries.member}
-        if self.head is not None:
-            needed.add(self.head.member)
+        needed |= {spec.member for spec in (self.head, self.replay) if spec is not None}
         missing = sorted(needed - set(self.members))
         if missing:
             raise _fail("members", f"does not list '{missing[0]}'")
@@ -330,6 +363,8 @@ class Manifest:
             "output",
             "embedding",
             "head",
+            "replay",
+            "personalisation",
             "reference",
             "canaries",
             "metrics",
@@ -348,6 +383,8 @@ class Manifest:
             output=_output_from(_get(obj, "output", dict, "")),
             embedding=_embedding_from(obj.get("embedding")),
             head=_head_from(obj.get("head")),
+            replay=_replay_from(obj.get("replay")),
+            personalisation=_personalisation_from(obj.get("personalisation")),
             reference=_reference_from(_get(obj, "reference", dict, "")),
             canaries=_canaries_from(_get(obj, "canaries", dict, "")),
             metrics={str(k): _number(metrics, k, "metrics") for k in metrics},
@@ -399,6 +436,18 @@ class Manifest:
             },
             "metrics": dict(self.metrics),
         }
+        # Written only when present, so the canonical JSON (and the sha256) of a manifest
+        # without them is what it was before these optional fields existed.
+        if self.replay is not None:
+            out["replay"] = {"member": self.replay.member}
+        if self.personalisation is not None:
+            p = self.personalisation
+            out["personalisation"] = {
+                "base_version": p.base_version,
+                "base_sha256": p.base_sha256,
+                "labels": p.labels,
+                "device": p.device,
+            }
         if ref.score_quantiles:  # only when present: older readers refuse unknown fields here
             out["reference"]["score_quantiles"] = {
                 score: dict(table) for score, table in ref.score_quantiles.items()
@@ -474,6 +523,35 @@ def _head_from(d: Any) -> HeadSpec | None:
         raise _fail("head", "must be an object or null")
     _reject_unknown(d, {"member"}, "head")
     return HeadSpec(_get(d, "member", str, "head"))
+
+
+def _replay_from(d: Any) -> ReplaySpec | None:
+    if d is None:
+        return None
+    if not isinstance(d, dict):
+        raise _fail("replay", "must be an object or null")
+    _reject_unknown(d, {"member"}, "replay")
+    return ReplaySpec(_get(d, "member", str, "replay"))
+
+
+def _personalisation_from(d: Any) -> Personalisation | None:
+    if d is None:
+        return None
+    where = "personalisation"
+    if not isinstance(d, dict):
+        raise _fail(where, "must be an object or null")
+    _reject_unknown(d, {"base_version", "base_sha256", "labels", "device"}, where)
+    if "device" not in d:
+        raise _fail(where, "is missing the required field 'device'")
+    device = d["device"]
+    if device is not None and not isinstance(device, str):
+        raise _fail(f"{where}.device", f"must be a string or null, not {type(device).__name__}")
+    return Personalisation(
+        base_version=_get(d, "base_version", str, where),
+        base_sha256=_get(d, "base_sha256", str, where),
+        labels=_get(d, "labels", int, where),
+        device=device,
+    )
 
 
 def _reference_from(d: Mapping[str, Any]) -> ReferenceStats:

@@ -24,7 +24,13 @@ def npz(**arrays: np.ndarray) -> bytes:
     return buffer.getvalue()
 
 
-def members(with_head: bool = False) -> dict[str, bytes]:
+def replay_arrays(per_class: int = 2) -> dict[str, np.ndarray]:
+    """A valid replay set for the sample manifest: `per_class` uint8 inputs of each class."""
+    y = np.repeat(np.arange(10, dtype=np.int64), per_class)
+    return {"x": np.full((len(y), 8, 8, 1), 3, dtype=np.uint8), "y": y}
+
+
+def members(with_head: bool = False, *, with_replay: bool = False) -> dict[str, bytes]:
     out = {
         "model.tflite": FAKE_TFLITE,
         "labels.txt": "".join(f"digit-{i}\n" for i in range(10)).encode(),
@@ -32,14 +38,19 @@ def members(with_head: bool = False) -> dict[str, bytes]:
     }
     if with_head:
         out["head.npz"] = npz(weight=np.ones((10, 4), np.float32), bias=np.zeros(10, np.float32))
+    if with_replay:
+        out["replay.npz"] = npz(**replay_arrays())
     return out
 
 
 def manifest_dict(
-    with_head: bool = False, content: dict[str, bytes] | None = None
+    with_head: bool = False,
+    content: dict[str, bytes] | None = None,
+    *,
+    with_replay: bool = False,
 ) -> dict[str, Any]:
-    content = content if content is not None else members(with_head)
-    return {
+    content = content if content is not None else members(with_head, with_replay=with_replay)
+    obj: dict[str, Any] = {
         "format": "edged-bundle",
         "format_version": 1,
         "name": "digits-cnn",
@@ -78,3 +89,14 @@ def manifest_dict(
         "canaries": {"member": "canaries.npy", "expected_top1": [3, 7]},
         "metrics": {"accuracy": 0.97},
     }
+    if with_replay:
+        obj["replay"] = {"member": "replay.npz"}
+    return obj
+
+
+PERSONALISATION = {
+    "base_version": "1.2.0",
+    "base_sha256": "ab" * 32,
+    "labels": 300,
+    "device": "cam-01",
+}

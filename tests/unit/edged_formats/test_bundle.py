@@ -12,7 +12,7 @@ import pytest
 
 from edged_formats import BundleError, BundleLimits, Manifest, read_bundle, write_bundle
 
-from .samples import manifest_dict, members, npy, npz
+from .samples import manifest_dict, members, npy, npz, replay_arrays
 
 
 def _npy_claiming(shape: tuple[int, ...], descr: str = "<f8") -> bytes:
@@ -222,3 +222,103 @@ def test_refuses_sparse_members_and_inflated_declarations() -> None:
     data[148:156] = b"%06o\0 " % checksum
     with pytest.raises(BundleError, match=r"over the|declare|not a readable tar"):
         read_bundle(bytes(data))
+
+
+def _with_replay(**arrays: np.ndarray) -> bytes:
+    """A bundle whose replay member holds `arrays` (honest hashes), written bypassing checks."""
+    content = members(with_replay=True)
+    content["replay.npz"] = npz(**arrays)
+    return bundle_with(content, manifest_dict(content=content, with_replay=True))
+
+
+def test_replay_round_trip() -> None:
+    """A bundle with a replay set gives it back as (x, y); one without gives None."""
+    content = members(with_head=True, with_replay=True)
+    manifest = manifest_dict(with_head=True, content=content, with_replay=True)
+    bundle = read_bundle(write_bundle(Manifest.from_dict(manifest), content))
+    x, y = bundle.replay()
+    expected = replay_arrays()
+    assert x.dtype == np.uint8 and x.shape == (20, 8, 8, 1)
+    assert y.dtype == np.int64 and np.array_equal(y, expected["y"])
+    assert read_bundle(valid_bundle()).replay() is None
+
+
+def _replay(x: np.ndarray | None = None, y: np.ndarray | None = None) -> dict[str, np.ndarray]:
+    arrays = replay_arrays()
+    return {"x": arrays["x"] if x is None else x, "y": arrays["y"] if y is None else y}
+
+
+X = replay_arrays()["x"]
+Y = replay_arrays()["y"]
+
+
+@pytest.mark.parametrize(
+    ("arrays", "message"),
+    [
+        (_replay(x=X.astype(np.float32)), "replay set inputs are float32, expected uint8"),
+        (_replay(x=X[:, :4]), r"inputs have shape \[20, 4, 8, 1\], expected \[n, 8, 8, 1\]"),
+        (_replay(x=X[:, :, :, 0]), r"inputs have shape \[20, 8, 8\]"),
+        (_replay(y=Y.astype(np.int32)), "labels must be a 1-D int64 array .* not int32"),
+        (_replay(y=Y[:, None]), r"labels must be a 1-D int64 array .* shape \[20, 1\]"),
+        (_replay(y=Y[:-1]), "replay set has 19 labels for 20 inputs"),
+        (_replay(y=np.where(Y == 9, 10, Y)), "class indices from 0 to 9, found 0 to 10"),
+        (_replay(y=np.where(Y == 9, -1, Y)), "class indices from 0 to 9, found -1 to 8"),
+        (_replay(y=np.where(Y == 9, 0, Y)), "not class-balanced: class 9 has no sample"),
+        (_replay(x=X[:0], y=Y[:0]), "not class-balanced: class 0 has no sample"),
+        (
+            {"x": X[:1].repeat(25, axis=0), "y": np.r_[np.zeros(7, np.int64), Y[2:]]},
+            "class 0 has 7 samples, more than 2 times the 2 of class 1",
+        ),
+        ({"x": X}, "replay member must hold exactly x.npy, y.npy"),
+    ],
+)
+def test_refuses_bad_replay_set(arrays: dict[str, np.ndarray], message: str) -> None:
+    """A replay set of the wrong dtype or shape, labels that are not one in-range int64 class
+    per input, or a set that is not class-balanced, is refused with one sentence."""
+    with pytest.raises(BundleError, match=message) as info:
+        read_bundle(_with_replay(**arrays))
+    assert "\n" not in str(info.value)
+
+
+def test_replay_balance_allows_twice_the_smallest_class() -> None:
+    """The largest class may hold exactly twice the samples of the smallest, no more."""
+    y = np.r_[np.zeros(4), np.arange(1, 10).repeat(2)].astype(np.int64)
+    x, _ = read_bundle(_with_replay(x=np.zeros((len(y), 8, 8, 1), np.uint8), y=y)).replay()
+    assert len(x) == 22
+    y = np.r_[np.zeros(5), np.arange(1, 10).repeat(2)].astype(np.int64)
+    with pytest.raises(BundleError, match="class 0 has 5 samples, more than 2 times the 2"):
+        read_bundle(_with_replay(x=np.zeros((len(y), 8, 8, 1), np.uint8), y=y))
+
+
+def test_replay_member_missing_or_over_the_bounds() -> None:
+    """A replay member the manifest names but the archive lacks, one over the member size
+    bound, and one that inflates are refused before anything is loaded."""
+    content = members(with_replay=True)
+    manifest = manifest_dict(content=content, with_replay=True)
+    del content["replay.npz"]
+    with pytest.raises(BundleError, match=r"lacks member 'replay\.npz'"):
+        read_bundle(bundle_with(content, manifest))
+    big = {"x": np.zeros((2000, 8, 8, 1), np.uint8), "y": np.arange(2000, dtype=np.int64) % 10}
+    with pytest.raises(BundleError, match=r"member 'replay.npz' is \d+ bytes, over the 100000"):
+        read_bundle(_with_replay(**big), BundleLimits(max_member_bytes=100_000))
+    bomb = io.BytesIO()
+    with zipfile.ZipFile(bomb, "w", zipfile.ZIP_DEFLATED) as archive:
+        archive.writestr("x.npy", npy(np.zeros((100_000, 8, 8, 1), np.uint8)))
+        archive.writestr("y.npy", npy(np.zeros(100_000, np.int64)))
+    content = members(with_replay=True)
+    content["replay.npz"] = bomb.getvalue()
+    with pytest.raises(BundleError, match=r"replay member expands to \d+ bytes: refused"):
+        read_bundle(bundle_with(content, manifest_dict(content=content, with_replay=True)))
+
+
+def test_replay_of_float_inputs_must_be_finite() -> None:
+    """Float replay inputs (raw float samples, like the canaries) must hold no NaN."""
+    content = members(with_replay=True)
+    content["canaries.npy"] = npy(np.zeros((2, 8, 8, 1), np.float32))
+    x = np.zeros((20, 8, 8, 1), np.float32)
+    content["replay.npz"] = npz(x=x, y=Y)
+    assert read_bundle(bundle_with(content, manifest_dict(content=content, with_replay=True)))
+    x[3, 1, 1, 0] = np.nan
+    content["replay.npz"] = npz(x=x, y=Y)
+    with pytest.raises(BundleError, match="replay set inputs hold non-finite values"):
+        read_bundle(bundle_with(content, manifest_dict(content=content, with_replay=True)))

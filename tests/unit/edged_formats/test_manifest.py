@@ -7,9 +7,9 @@ from typing import Any
 
 import pytest
 
-from edged_formats import Manifest, ManifestError
+from edged_formats import Manifest, ManifestError, Personalisation, ReplaySpec
 
-from .samples import manifest_dict
+from .samples import PERSONALISATION, manifest_dict
 
 
 def test_round_trip_is_lossless() -> None:
@@ -143,3 +143,73 @@ def test_refuses_bad_score_quantiles(value: Any, message: str) -> None:
     with pytest.raises(ManifestError, match=message) as info:
         Manifest.from_dict(obj)
     assert "\n" not in str(info.value)
+
+
+def test_replay_and_personalisation_round_trip() -> None:
+    """Replay and personalisation are read into their values and written back unchanged."""
+    obj = manifest_dict(with_replay=True)
+    obj["personalisation"] = dict(PERSONALISATION)
+    manifest = Manifest.from_dict(obj)
+    assert manifest.replay == ReplaySpec("replay.npz")
+    assert manifest.personalisation == Personalisation("1.2.0", "ab" * 32, 300, "cam-01")
+    assert manifest.extensions == {}
+    assert json.loads(manifest.to_json()) == obj
+    assert Manifest.from_json(manifest.to_json()) == manifest
+    obj["personalisation"]["device"] = None
+    assert Manifest.from_dict(obj).personalisation == Personalisation("1.2.0", "ab" * 32, 300)
+
+
+def test_replay_and_personalisation_are_optional() -> None:
+    """A manifest without them (absent or null) loads with None and writes neither, so its
+    canonical JSON and sha256 are what they were before the fields existed."""
+    obj = manifest_dict()
+    manifest = Manifest.from_dict(obj)
+    assert manifest.replay is None and manifest.personalisation is None
+    written = json.loads(manifest.to_json())
+    assert "replay" not in written and "personalisation" not in written
+    assert Manifest.from_dict({**obj, "replay": None, "personalisation": None}) == manifest
+
+
+@pytest.mark.parametrize(
+    ("field", "value", "message"),
+    [
+        ("replay", {"member": "replay.npz"}, "members does not list 'replay.npz'"),
+        ("replay", "replay.npz", "manifest replay must be an object or null"),
+        ("replay", {"member": "replay.npz", "n": 5}, "replay has unknown field 'n'"),
+        ("replay", {}, "replay is missing the required field 'member'"),
+        ("personalisation", [], "personalisation must be an object or null"),
+        ("personalisation/base_version", "../x", "personalisation.base_version must be 1-64"),
+        ("personalisation/base_version", 1, "personalisation.base_version must be str, not int"),
+        ("personalisation/base_sha256", "AB" * 32, "base_sha256 must be 64 lowercase hex"),
+        ("personalisation/base_sha256", "ab" * 31, "base_sha256 must be 64 lowercase hex"),
+        ("personalisation/labels", -1, "personalisation.labels must be a non-negative integer"),
+        ("personalisation/labels", True, "personalisation.labels must be int, not bool"),
+        ("personalisation/labels", 2.0, "personalisation.labels must be int, not float"),
+        ("personalisation/device", 7, "personalisation.device must be a string or null, not int"),
+        ("personalisation/device", "", "personalisation.device must be a non-empty string"),
+        ("personalisation/device", KeyError, "personalisation is missing the required field 'de"),
+        ("personalisation/labels", KeyError, "personalisation is missing the required field 'la"),
+        ("personalisation/seed", 0, "personalisation has unknown field 'seed'"),
+    ],
+)
+def test_refuses_bad_replay_or_personalisation(field: str, value: Any, message: str) -> None:
+    """Off-schema replay or personalisation fields are refused with one sentence naming them."""
+    obj = manifest_dict()
+    obj["personalisation"] = dict(PERSONALISATION)
+    *parents, last = field.split("/")
+    target = obj[parents[0]] if parents else obj
+    if value is KeyError:
+        del target[last]
+    else:
+        target[last] = value
+    with pytest.raises(ManifestError, match=message) as info:
+        Manifest.from_dict(obj)
+    assert "\n" not in str(info.value)
+
+
+def test_personalisation_value_validates_on_construction() -> None:
+    """The frozen value refuses a bad field when built directly, not only from JSON."""
+    with pytest.raises(ManifestError, match="base_sha256 must be 64 lowercase hex"):
+        Personalisation("1.0.0", "0" * 63, 1)
+    with pytest.raises(ManifestError, match="labels must be a non-negative integer"):
+        Personalisation("1.0.0", "0" * 64, -3)
