@@ -3,8 +3,8 @@ once and passed down. Unknown keys are refused; every bound is checked when the 
 the first problem is explained in one sentence naming the key (`edged check-config FILE`).
 
 Sections: [device] [engine] [pipeline] [[source]] [local_mqtt] [gating] [drift] [uplink]
-[outbox] [update] [telemetry] [status] [log]. docs/daemon.md lists every key with its bounds,
-packaging/edged.toml with its default.
+[outbox] [update] [finetune] [telemetry] [status] [log]. docs/daemon.md lists every key with
+its bounds, packaging/edged.toml with its default.
 """
 
 from __future__ import annotations
@@ -25,6 +25,7 @@ __all__ = [
     "DEFAULT_PATH",
     "Config",
     "ConfigError",
+    "FinetuneConfig",
     "LocalMqttConfig",
     "MqttSourceConfig",
     "ReplaySourceConfig",
@@ -173,6 +174,38 @@ class UpdateConfig(_Section, frozen=True):
     max_latency_ratio: Annotated[float, Meta(ge=1, le=1000)] = 2.0
 
 
+class FinetuneConfig(_Section, frozen=True):
+    """On-device fine-tuning (docs/finetune.md). Off unless `enabled` (and the operator's switch
+    allows it). A job starts once `min_labels` labels are stored and `min_new_labels` arrived
+    since the last job (or a drift event fired with at least `min_labels`), at most every
+    `min_interval_s`. The worker runs at low priority with `threads` threads, an address-space
+    cap of `memory_mb` and a `timeout_s` wall clock. A candidate installs only if it beats the
+    serving model on the hold-out by `min_gain` and loses at most `max_replay_loss` on the
+    bundle's replay set against the base. `pseudo_label_confidence` > 0 turns results at least
+    that confident into labels of their own top-1: risky, off by default."""
+
+    enabled: bool = False
+    truth_topic: str = "edged/local/truth"  # local ground truth on [local_mqtt]
+    pseudo_label_confidence: Share = 0.0
+    min_labels: Annotated[int, Meta(ge=10, le=1_000_000)] = 100
+    min_new_labels: Annotated[int, Meta(ge=1, le=1_000_000)] = 50
+    on_drift: bool = True
+    min_interval_s: Annotated[float, Meta(ge=0, le=604_800)] = 600.0
+    max_labels: Annotated[int, Meta(ge=10, le=1_000_000)] = 5000
+    max_label_mb: Annotated[int, Meta(ge=1, le=1 << 16)] = 64
+    recent_results: Annotated[int, Meta(ge=0, le=1_000_000)] = 1024  # labelable by ref
+    recent_mb: Annotated[int, Meta(ge=0, le=1 << 14)] = 16
+    holdout_share: Annotated[float, Meta(ge=0.05, le=0.9)] = 0.25
+    min_holdout: Annotated[int, Meta(ge=1, le=100_000)] = 20
+    min_gain: Annotated[float, Meta(ge=0, le=1)] = 0.02
+    max_replay_loss: Share = 0.02
+    anchor: Annotated[float, Meta(ge=0, le=100)] = 0.001
+    max_iter: Annotated[int, Meta(ge=1, le=100_000)] = 500
+    threads: Annotated[int, Meta(ge=1, le=64)] = 1
+    memory_mb: Annotated[int, Meta(ge=256, le=1 << 20)] = 2048
+    timeout_s: Annotated[float, Meta(gt=0, le=86_400)] = 1800.0
+
+
 class TelemetryConfig(_Section, frozen=True):
     interval_s: Annotated[float, Meta(ge=1, le=86_400)] = 60.0
 
@@ -197,6 +230,7 @@ class Config(_Section, frozen=True):
     uplink: UplinkSection = msgspec.field(default_factory=UplinkSection)
     outbox: OutboxSection = msgspec.field(default_factory=OutboxSection)
     update: UpdateConfig = msgspec.field(default_factory=UpdateConfig)
+    finetune: FinetuneConfig = msgspec.field(default_factory=FinetuneConfig)
     telemetry: TelemetryConfig = msgspec.field(default_factory=TelemetryConfig)
     status: StatusConfig = msgspec.field(default_factory=StatusConfig)
     log: LogConfig = msgspec.field(default_factory=LogConfig)

@@ -18,7 +18,7 @@ import concurrent.futures
 import functools
 import logging
 import threading
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -89,14 +89,25 @@ class MqttSource:
         self._ack(message.mid, message.qos)
 
 
+Handler = Callable[[bytes], Awaitable[None]]
+
+
 class LocalBus:
-    """`await bus.start()`; `publish_result(payload)`; `await bus.close()`."""
+    """`await bus.start()`; `publish_result(payload)`; `await bus.close()`. `handlers` are
+    other topics the daemon reads (QoS 1, acknowledged once the handler returned), such as the
+    fine-tuning truth topic."""
 
     def __init__(
-        self, config: LocalMqttConfig, client_id: str, sources: list[MqttSource], window: int
+        self,
+        config: LocalMqttConfig,
+        client_id: str,
+        sources: list[MqttSource],
+        window: int,
+        handlers: Mapping[str, Handler] | None = None,
     ) -> None:
         self.config = config
         self._sources = sources
+        self._handlers = dict(handlers or {})
         self._loop = asyncio.get_running_loop()
         self.connected = asyncio.Event()
         self._closing = threading.Event()
@@ -162,6 +173,8 @@ class LocalBus:
             return
         for source in self._sources:
             client.subscribe(source.config.topic, qos=source.config.qos)
+        for topic in self._handlers:
+            client.subscribe(topic, qos=1)
         self._loop.call_soon_threadsafe(self.connected.set)
 
     def _on_disconnect(self, *_args: Any) -> None:
@@ -188,6 +201,13 @@ class LocalBus:
             if paho.topic_matches_sub(source.config.topic, message.topic):
                 await source.offer(message)
                 return
+        for topic, handler in self._handlers.items():
+            if paho.topic_matches_sub(topic, message.topic):
+                try:
+                    await handler(message.payload)
+                except Exception:  # a handler's bug must not stop the bus
+                    log.exception("handler for %s failed", topic)
+                break
         self._acknowledge(message.mid, message.qos)
 
     def _acknowledge(self, mid: int, qos: int) -> None:
