@@ -8,7 +8,9 @@ from typing import Any
 import numpy as np
 import numpy.typing as npt
 
-__all__ = ["Dataset", "digits_dataset"]
+__all__ = ["Dataset", "digits_dataset", "rotated"]
+
+DIGITS_MAX = 16  # the digits' pixel range is 0..16
 
 
 @dataclass(frozen=True)
@@ -56,3 +58,19 @@ def digits_dataset(seed: int = 0) -> Dataset:
         scale=1 / 16,
         offset=0.0,
     )
+
+
+def rotated(
+    x: npt.NDArray[np.uint8], degrees: float, *, high: int = DIGITS_MAX
+) -> npt.NDArray[np.uint8]:
+    """Drift for digits-shaped uint8 images [n, h, w, c]: each image rotated by `degrees`
+    about its centre (bilinear, same size, corners filled with 0), clipped to the dataset's
+    range 0..`high` and rounded back to uint8."""
+    from scipy.ndimage import rotate
+
+    if x.ndim != 4:
+        raise ValueError(f"rotated expects images [n, h, w, c], not shape {list(x.shape)}")
+    turned = rotate(
+        x.astype(np.float32), degrees, axes=(2, 1), reshape=False, order=1, mode="constant"
+    )
+    return np.rint(np.clip(turned, 0, high)).astype(np.uint8)
