@@ -19,7 +19,7 @@ venv: $(STAMP)
 $(STAMP): pyproject.toml
 	@bash scripts/ensure-venv.sh "$(PYTHON)" "$(VENV)"
 	$(PY) -m pip install --quiet --upgrade pip $(QUIET_PIP)
-	$(PY) -m pip install --quiet -e '.[device,cloud,train,dev]' $(QUIET_PIP)
+	$(PY) -m pip install --quiet -e '.[device,finetune,cloud,train,dev]' $(QUIET_PIP)
 	$(PY) -c "import ai_edge_litert, torch, litert_torch, ai_edge_quantizer, pytest"
 	@rm -f $(VENV)/.installed-*
 	@touch $@

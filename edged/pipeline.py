@@ -28,6 +28,7 @@ from edged.drift import DriftAlarm, DriftConfig, DriftMonitor
 from edged.engine import Engine, Prediction
 from edged.gating import AUDIT, CONFIDENT, UNCERTAIN, Gate, GatingConfig
 from edged.health import LatencyWindow
+from edged.labels import Recent, RecentResults
 from edged.logs import RateLimitedLog, log_event
 from edged.outbox import Outbox, OutboxError
 from edged.sample_budget import GatingCounters, UploadBudget, signature_of
@@ -126,6 +127,9 @@ class Pipeline:
         self._executor = ThreadPoolExecutor(1, thread_name_prefix="inference")
         self._dtype = np.dtype(engine.manifest.input.dtype)
         self._next_id = 0
+        self.recent: RecentResults | None = None  # what a label can name (edged.labels)
+        self.drift_listeners: list[Callable[[dict[str, Any]], None]] = []
+        self._backbone = _backbone_of(engine)
         self._busy_since: float | None = None  # when the current invoke started
         self.last_progress = clock()
 
@@ -233,6 +237,20 @@ class Pipeline:
         ids = {i: self._sample_id() for i in keep}
         for i, sample in enumerate(batch):
             self.counts.per_class[labels[top1[i]]] += 1
+            if self.recent is not None:
+                embedding = None if prediction.embeddings is None else prediction.embeddings[i]
+                self.recent.add(
+                    Recent(
+                        ids.get(i),
+                        sample.source,
+                        sample.ref,
+                        sample.data,
+                        embedding,
+                        self._backbone,
+                        top1[i],
+                        confidence[i],
+                    )
+                )
             result = Result(
                 sample.source,
                 sample.ref,
@@ -336,6 +354,8 @@ class Pipeline:
         }
         self.alarms.append(detail)
         del self.alarms[:-16]
+        for listener in self.drift_listeners:
+            listener(detail)
         log_event(log, logging.WARNING, "drift", **detail)
         task = asyncio.create_task(self._put_event("drift", detail))
         self._pending.add(task)
@@ -367,6 +387,7 @@ class Pipeline:
         )
         self.drift.reset(manifest.reference, self.engine.sample_shape)
         self._dtype = np.dtype(manifest.input.dtype)
+        self._backbone = _backbone_of(self.engine)
 
     async def drain(self) -> None:
         """Wait until every queued sample is processed and every kept copy written."""
@@ -378,3 +399,10 @@ class Pipeline:
 
     def close(self) -> None:
         self._executor.shutdown(wait=False, cancel_futures=True)
+
+
+def _backbone_of(engine: Engine) -> str:
+    """The base version whose backbone computes this model's embeddings: a personalised model
+    changes only the head, so its embeddings are its base's."""
+    lineage = engine.manifest.personalisation
+    return lineage.base_version if lineage is not None else engine.manifest.version

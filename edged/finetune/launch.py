@@ -1,0 +1,43 @@
+"""Start the fine-tune worker at low priority: `python -m edged.finetune.launch --nice 19
+--memory-mb 2048 --threads 1 JOB_DIR` lowers its own CPU priority (nice) and I/O priority (idle
+class), caps its address space and compute threads, then becomes the worker (exec), which keeps
+all of them. Done here rather than in a preexec_fn, which is not safe in the daemon's threads."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import resource
+import sys
+from collections.abc import Sequence
+
+import psutil
+
+THREAD_ENV = ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS")
+
+
+def lower_priority(nice: int, memory_mb: int, threads: int) -> None:
+    """This process from now on (and whatever it execs): nice `nice`, idle I/O, at most
+    `memory_mb` MiB of address space, `threads` compute threads."""
+    os.nice(max(0, nice - os.nice(0)))
+    if hasattr(psutil, "IOPRIO_CLASS_IDLE"):  # Linux
+        psutil.Process().ionice(psutil.IOPRIO_CLASS_IDLE)
+    cap = memory_mb << 20
+    resource.setrlimit(resource.RLIMIT_AS, (cap, cap))
+    for name in THREAD_ENV:
+        os.environ[name] = str(threads)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="edged-finetune-launch")
+    parser.add_argument("--nice", type=int, default=19, choices=range(0, 20), metavar="0..19")
+    parser.add_argument("--memory-mb", type=int, default=2048)
+    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("job_dir")
+    args = parser.parse_args(argv)
+    lower_priority(args.nice, args.memory_mb, args.threads)
+    os.execv(sys.executable, [sys.executable, "-m", "edged.finetune.worker", args.job_dir])
+
+
+if __name__ == "__main__":
+    sys.exit(main())
