@@ -31,6 +31,8 @@ from edged_formats import (
     Manifest,
     OutputSpec,
     ReferenceStats,
+    ReplaySpec,
+    check_replay,
     read_bundle,
     write_bundle,
 )
@@ -38,7 +40,7 @@ from edged_formats.bundle import digest_members, dump_npy, dump_npz
 from edged_formats.manifest import SCORE_QUANTILE_NAMES, TENSOR_DTYPES
 from edged_formats.scores import max_probability, score
 
-__all__ = ["PackRequest", "pack", "reference_statistics"]
+__all__ = ["PackRequest", "balanced_replay", "pack", "reference_statistics"]
 
 HISTOGRAM_BINS = 20
 QUANTILES = (0.01, 0.05, 0.1, 0.25, 0.5)
@@ -54,7 +56,9 @@ class PackRequest:
 
     `output_name` names the class output when several outputs have one value per label;
     `embedding_output` names the embedding output (needed with `head` when the model has
-    more than one other output)."""
+    more than one other output). `replay` is a class-balanced set of raw samples and their
+    class indices (see `balanced_replay`), stored as `replay.npz` for on-device fine-tuning
+    to measure forgetting against."""
 
     model: bytes
     labels: Sequence[str]
@@ -69,6 +73,7 @@ class PackRequest:
     embedding_output: str | None = None
     output_name: str | None = None
     head: tuple[npt.NDArray[np.float32], npt.NDArray[np.float32]] | None = None
+    replay: tuple[npt.NDArray[Any], npt.NDArray[np.integer[Any]]] | None = None
     metrics: Mapping[str, float] = field(default_factory=dict)
 
 
@@ -97,6 +102,9 @@ def _pack(request: PackRequest) -> bytes:
         members["head.npz"] = dump_npz(
             weight=weight.astype(np.float32), bias=bias.astype(np.float32)
         )
+    if request.replay is not None:
+        replay_x, replay_y = request.replay
+        members["replay.npz"] = dump_npz(x=replay_x, y=np.asarray(replay_y).astype(np.int64))
     rank = len(input_detail["shape"])
     base = dict(
         name=request.name,
@@ -115,6 +123,7 @@ def _pack(request: PackRequest) -> bytes:
         if embedding_detail is None
         else EmbeddingSpec(embedding_detail["name"], int(np.prod(embedding_detail["shape"][1:]))),
         head=HeadSpec("head.npz") if request.head is not None else None,
+        replay=ReplaySpec("replay.npz") if request.replay is not None else None,
     )
     reference = reference_statistics(request.calibration, None)
     placeholder = Canaries("canaries.npy", (0,))
@@ -180,7 +189,9 @@ def _check_request(request: PackRequest) -> None:
         bad = int(np.count_nonzero(~np.isfinite(x)))
         raise ModelError(f"calibration data holds {bad} non-finite values (NaN or infinity)")
     if request.calibration_labels is not None:
-        _check_calibration_labels(np.asarray(request.calibration_labels), len(x), request.labels)
+        _check_class_indices(np.asarray(request.calibration_labels), len(x), request.labels)
+    if request.replay is not None:
+        _check_replay(request.replay, x.dtype, request.labels)
     if not (math.isfinite(request.input_scale) and request.input_scale != 0):
         raise ModelError(f"input scale must be a finite non-zero number, not {request.input_scale}")
     if not math.isfinite(request.input_offset):
@@ -208,19 +219,79 @@ def _check_labels(labels: Sequence[str]) -> None:
         seen.add(label)
 
 
-def _check_calibration_labels(truth: npt.NDArray[Any], samples: int, labels: Sequence[str]) -> None:
+def _check_class_indices(
+    truth: npt.NDArray[Any], samples: int, labels: Sequence[str], what: str = "calibration"
+) -> None:
     if truth.dtype.kind not in "iu":
-        raise ModelError(f"calibration labels must be integer class indices, not {truth.dtype}")
+        raise ModelError(f"{what} labels must be integer class indices, not {truth.dtype}")
     if truth.shape != (samples,):
         raise ModelError(
-            f"calibration labels have shape {list(truth.shape)}, expected one per sample "
-            f"([{samples}])"
+            f"{what} labels have shape {list(truth.shape)}, expected one per sample ([{samples}])"
         )
     if truth.min() < 0 or truth.max() >= len(labels):
         raise ModelError(
-            f"calibration labels must be class indices from 0 to {len(labels) - 1}, "
+            f"{what} labels must be class indices from 0 to {len(labels) - 1}, "
             f"found {int(truth.min())} to {int(truth.max())}"
         )
+
+
+def _check_replay(
+    replay: tuple[npt.NDArray[Any], npt.NDArray[Any]], raw: np.dtype[Any], labels: Sequence[str]
+) -> None:
+    """Replay samples are raw samples like the calibration data (same dtype: the bundle's
+    canaries are calibration samples), with one class index each."""
+    x, y = replay
+    if not isinstance(x, np.ndarray) or x.dtype.kind not in "iuf":
+        kind = x.dtype if isinstance(x, np.ndarray) else type(x).__name__
+        raise ModelError(f"replay samples must be an integer or float array, not {kind}")
+    if x.dtype != raw:
+        raise ModelError(
+            f"replay samples are {x.dtype} but the calibration data is {raw}: both must be "
+            f"raw samples as the source delivers them"
+        )
+    if x.ndim < 2 or len(x) < 1:
+        raise ModelError(
+            f"replay samples need at least 1 sample, batch first (they have shape {list(x.shape)})"
+        )
+    if x.dtype.kind == "f" and not np.all(np.isfinite(x)):
+        bad = int(np.count_nonzero(~np.isfinite(x)))
+        raise ModelError(f"replay samples hold {bad} non-finite values (NaN or infinity)")
+    _check_class_indices(np.asarray(y), len(x), labels, "replay")
+    try:  # every class present, none more than twice as common as another
+        check_replay(
+            x,
+            np.asarray(y).astype(np.int64),
+            classes=len(labels),
+            sample_shape=x.shape[1:],
+            dtype=raw,
+            what="replay set",
+        )
+    except FormatError as exc:
+        raise ModelError(str(exc)) from exc
+
+
+def balanced_replay(
+    x: npt.NDArray[Any], y: npt.NDArray[np.integer[Any]], per_class: int, *, seed: int = 0
+) -> tuple[npt.NDArray[Any], npt.NDArray[np.int64]]:
+    """`per_class` samples of every class in `y`, drawn without replacement and in dataset
+    order, the same for the same seed: a class-balanced replay set for `PackRequest.replay`."""
+    labels = np.asarray(y)
+    if per_class < 1:
+        raise ModelError(f"a replay set needs at least 1 sample per class, not {per_class}")
+    if labels.shape != (len(x),) or labels.dtype.kind not in "iu":
+        raise ModelError("replay labels must be one integer class index per sample")
+    rng = np.random.default_rng(seed)
+    chosen = []
+    for cls in np.unique(labels):
+        where = np.flatnonzero(labels == cls)
+        if len(where) < per_class:
+            raise ModelError(
+                f"class {int(cls)} has {len(where)} samples, fewer than the {per_class} per "
+                f"class the replay set needs"
+            )
+        chosen.append(rng.choice(where, size=per_class, replace=False))
+    idx = np.sort(np.concatenate(chosen))
+    return x[idx], labels[idx].astype(np.int64)
 
 
 def _check_fit(
@@ -237,6 +308,11 @@ def _check_fit(
         raise ModelMismatch(
             f"calibration samples have shape {list(request.calibration.shape[1:])} but the "
             f"model input '{name}' takes samples of shape {shape[1:]}"
+        )
+    if request.replay is not None and list(request.replay[0].shape[1:]) != shape[1:]:
+        raise ModelMismatch(
+            f"replay samples have shape {list(request.replay[0].shape[1:])} but the model "
+            f"input '{name}' takes samples of shape {shape[1:]}"
         )
     if request.head is not None and embedding is not None:
         weight, bias = (np.shape(a) for a in request.head)

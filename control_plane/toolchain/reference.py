@@ -2,7 +2,8 @@
 
 `build_reference("digits", out_dir)` trains the small CNN on scikit-learn's 8x8 digits, converts
 and int8-quantises it with the official toolchain, packs it, and measures the acceptance
-figures (int8 vs torch agreement, accuracy loss, size ratio) on held-out data.
+figures (int8 vs torch agreement, accuracy loss, size ratio) on held-out data. Fine-tunable
+models also carry a class-balanced replay set from the training split.
 """
 
 from __future__ import annotations
@@ -24,7 +25,7 @@ from control_plane.toolchain.nets import DigitsCNN, SensorCNN1D
 from control_plane.toolchain.sensor_data import sensor_dataset
 from edged.atomic import atomic_write
 from edged.engine import Engine, EngineOptions
-from edged.packer import PackRequest, pack
+from edged.packer import PackRequest, balanced_replay, pack
 from edged_formats import read_bundle
 from edged_formats.bundle import dump_npz
 
@@ -32,6 +33,9 @@ __all__ = ["DATASETS", "BuildReport", "build_bundle", "build_reference", "train"
 
 
 CALIBRATION_SAMPLES = 2000  # the whole training split of both reference data sets
+# Training samples per class in a fine-tunable bundle's replay set (digits: 500 raw 8x8 uint8
+# images, about 32 KB; sensor: 350 float32 windows of 100x6, about 840 KB).
+REPLAY_PER_CLASS = 50
 
 
 @dataclass(frozen=True)
@@ -129,7 +133,8 @@ def build_bundle(
     """A trained module -> float .tflite -> int8 .tflite -> bundle in `out_dir`, scored on
     the held-out split. The module takes the device's layout and returns logits, or
     (logits, embedding) with its classifier in `module.head` (an nn.Linear) to make the
-    bundle fine-tunable."""
+    bundle fine-tunable; a fine-tunable bundle also gets `REPLAY_PER_CLASS` training samples
+    of each class as its replay set."""
     module = module.eval()
     sample = torch.from_numpy(data.preprocess(data.x_train[:1]))
     with torch.no_grad():
@@ -157,6 +162,9 @@ def build_bundle(
         input_offset=data.offset,
         output_kind="logits",
         head=head_weights,
+        replay=balanced_replay(data.x_train, data.y_train, REPLAY_PER_CLASS)
+        if fine_tunable
+        else None,
     )
     draft = read_bundle(pack(request))
     int8_top1 = Engine(draft, EngineOptions()).predict(data.x_test).top1

@@ -12,7 +12,7 @@ import pytest
 
 from edged.engine import Engine
 from edged.errors import ModelError
-from edged.packer import PackRequest, pack
+from edged.packer import PackRequest, balanced_replay, pack
 from edged_formats import read_bundle
 from tests.conftest import FIXTURES
 
@@ -197,6 +197,67 @@ def test_a_head_needs_an_embedding_output(digits: PackRequest) -> None:
     assert "cannot tell which output is the embedding among none" in refused(digits, head=head)
     nan_head = (np.full((10, 4), np.nan, np.float32), np.zeros(10, np.float32))
     assert "finite numbers" in refused(digits, head=nan_head)
+
+
+def test_replay_set_is_stored_and_read_back(digits: PackRequest, tf_reference) -> None:
+    """A replay set packs into replay.npz (int64 labels) and reads back exactly."""
+    x, y = balanced_replay(tf_reference["x"], tf_reference["y"], 3, seed=1)
+    bundle = read_bundle(pack(dataclasses.replace(digits, replay=(x, y.astype(np.int32)))))
+    assert bundle.manifest.replay is not None and "replay.npz" in bundle.members
+    replay_x, replay_y = bundle.replay()
+    assert np.array_equal(replay_x, x) and replay_x.dtype == np.float32
+    assert np.array_equal(replay_y, y) and replay_y.dtype == np.int64
+    assert read_bundle(pack(digits)).replay() is None
+
+
+def test_balanced_replay_is_deterministic_and_balanced(tf_reference) -> None:
+    """per_class samples of every class, in dataset order, the same for the same seed."""
+    x, y = balanced_replay(tf_reference["x"], tf_reference["y"], 3, seed=0)
+    assert x.shape == (30, 8, 8, 1) and y.dtype == np.int64
+    assert np.bincount(y).tolist() == [3] * 10
+    again_x, again_y = balanced_replay(tf_reference["x"], tf_reference["y"], 3, seed=0)
+    assert np.array_equal(x, again_x) and np.array_equal(y, again_y)
+    other_x, _ = balanced_replay(tf_reference["x"], tf_reference["y"], 3, seed=1)
+    assert not np.array_equal(x, other_x)
+    with pytest.raises(ModelError, match="class 3 has 3 samples, fewer than the 4 per class"):
+        balanced_replay(tf_reference["x"], tf_reference["y"], 4)
+    with pytest.raises(ModelError, match="at least 1 sample per class, not 0"):
+        balanced_replay(tf_reference["x"], tf_reference["y"], 0)
+
+
+BALANCED_Y = np.arange(20, dtype=np.int64) % 10
+
+
+@pytest.mark.parametrize(
+    ("x", "y", "problem"),
+    [
+        (np.zeros((20, 8, 8, 1), np.uint8), BALANCED_Y, "replay samples are uint8 but the calib"),
+        (np.zeros((20, 8, 8, 1), bool), BALANCED_Y, "integer or float array, not bool"),
+        (np.zeros((0, 8, 8, 1), np.float32), BALANCED_Y[:0], "at least 1 sample"),
+        (np.full((20, 8, 8, 1), np.nan, np.float32), BALANCED_Y, "1280 non-finite values"),
+        (np.zeros((20, 8, 8), np.float32), BALANCED_Y, "replay samples have shape [8, 8] but"),
+        (np.zeros((20, 16), np.float32), BALANCED_Y, "takes samples of shape [8, 8, 1]"),
+        (np.zeros((20, 8, 8, 1), np.float32), BALANCED_Y[:19], "shape [19], expected one per"),
+        (np.zeros((20, 8, 8, 1), np.float32), BALANCED_Y * 0.5, "integer class indices, not f"),
+        (np.zeros((20, 8, 8, 1), np.float32), BALANCED_Y + 1, "from 0 to 9, found 1 to 10"),
+        (
+            np.zeros((20, 8, 8, 1), np.float32),
+            np.where(BALANCED_Y == 9, 0, BALANCED_Y),
+            "replay set is not class-balanced: class 9 has no sample",
+        ),
+        (
+            np.zeros((25, 8, 8, 1), np.float32),
+            np.r_[np.zeros(5, np.int64), BALANCED_Y],
+            "class 0 has 7 samples, more than 2 times the 2 of class 1",
+        ),
+    ],
+)
+def test_replay_must_be_balanced_raw_samples_like_the_calibration(
+    digits: PackRequest, x: np.ndarray, y: np.ndarray, problem: str
+) -> None:
+    """Replay samples of another dtype or shape than the calibration data, non-finite values,
+    labels that are not one class index each, or an unbalanced set: one ModelError."""
+    assert problem in refused(digits, replay=(x, y))
 
 
 @pytest.mark.train

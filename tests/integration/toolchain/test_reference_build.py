@@ -23,8 +23,9 @@ def test_int8_agrees_with_torch_and_is_small(digits_build) -> None:
 
 
 def test_bundle_is_fine_tunable_and_self_describing(digits_build) -> None:
-    """The bundle exposes the embedding, ships the float head, and its head applied to the
-    engine's int8 embeddings reproduces the engine's own top-1."""
+    """The bundle exposes the embedding, ships the float head and a balanced replay set of
+    50 raw training digits per class, and its head applied to the engine's int8 embeddings
+    reproduces the engine's own top-1."""
     out, report = digits_build
     engine = Engine.from_file(out / report.bundle)
     manifest = engine.manifest
@@ -41,6 +42,11 @@ def test_bundle_is_fine_tunable_and_self_describing(digits_build) -> None:
     assert np.mean(head_top1 == prediction.top1) >= 0.97
     assert engine.canary_agreement() == 1.0
     assert sum(manifest.reference.confidence_histogram.counts) == manifest.reference.samples
+    replay_x, replay_y = open_bundle(out / report.bundle).replay()
+    assert manifest.replay is not None and manifest.replay.member == "replay.npz"
+    assert replay_x.dtype == np.uint8 and replay_x.shape == (500, 8, 8, 1)
+    assert np.bincount(replay_y).tolist() == [50] * 10
+    assert np.mean(engine.predict(replay_x).top1 == replay_y) >= 0.95  # seen in training
 
 
 def test_sensor_model_on_unseen_subjects(sensor_build) -> None:
@@ -66,3 +72,6 @@ def test_sensor_model_on_unseen_subjects(sensor_build) -> None:
         accuracy = np.mean(prediction.top1 == data["y"])
     assert accuracy == pytest.approx(report.int8_accuracy, abs=1e-4)
     assert engine.canary_agreement() == 1.0
+    replay_x, replay_y = open_bundle(out / report.bundle).replay()
+    assert replay_x.dtype == np.float32 and replay_x.shape == (350, 100, 6)
+    assert np.bincount(replay_y).tolist() == [50] * 7
