@@ -14,6 +14,7 @@ from sqlalchemy import (
     BigInteger,
     Boolean,
     Float,
+    ForeignKey,
     Index,
     Integer,
     LargeBinary,
@@ -28,8 +29,10 @@ __all__ = [
     "AuditEntry",
     "Base",
     "Device",
+    "DeviceLabel",
     "EnrollmentToken",
     "Event",
+    "GroupSetting",
     "IngestRejection",
     "ModelVersion",
     "OperatorToken",
@@ -120,6 +123,10 @@ class Device(Base):
     last_health: Mapped[dict[str, Any] | None] = mapped_column(JSON, nullable=True)
     last_health_at: Mapped[float | None] = mapped_column(Float, nullable=True)
     last_drift: Mapped[dict[str, Any] | None] = mapped_column(JSON, nullable=True)
+    # on-device fine-tuning (0005): the operator's switch (None: the group's) and the
+    # device's label counter, the highest `seq` handed out in device_labels
+    personalisation: Mapped[bool | None] = mapped_column(Boolean, nullable=True)
+    label_seq: Mapped[int] = mapped_column(BigInteger, default=0, server_default="0")
 
 
 class _RecordKey:
@@ -238,3 +245,28 @@ class ModelVersion(Base):
     revoked_by: Mapped[str | None] = mapped_column(String(160), nullable=True)
 
     __table_args__ = (UniqueConstraint("name", "version", name="uq_model_versions_name_version"),)
+
+
+class DeviceLabel(Base):
+    """A label an operator posted for a sample a device saw (docs/finetune.md): `seq` counts
+    1, 2, 3, ... per device, handed out from `Device.label_seq` in the inserting transaction."""
+
+    __tablename__ = "device_labels"
+
+    device_id: Mapped[str] = mapped_column(String(64), ForeignKey("devices.id"), primary_key=True)
+    seq: Mapped[int] = mapped_column(BigInteger, primary_key=True)
+    sample_id: Mapped[str] = mapped_column(String(128))
+    label: Mapped[str] = mapped_column(String(64))
+    created_at: Mapped[float] = mapped_column(Float)
+    created_by: Mapped[str] = mapped_column(String(160))
+
+
+class GroupSetting(Base):
+    """Per-group settings; `personalisation` None: the default (on)."""
+
+    __tablename__ = "group_settings"
+
+    group: Mapped[str] = mapped_column(String(64), primary_key=True)
+    personalisation: Mapped[bool | None] = mapped_column(Boolean, nullable=True)
+    updated_at: Mapped[float] = mapped_column(Float)
+    updated_by: Mapped[str] = mapped_column(String(160))
