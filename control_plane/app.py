@@ -19,6 +19,7 @@ from control_plane.api import (
     enrollment,
     models,
     ops,
+    personalisation,
     repository,
     telemetry,
     tokens,
@@ -29,7 +30,7 @@ from control_plane.broker_admin import BrokerAdmin
 from control_plane.db.engine import Database
 from control_plane.ingest import Ingest, IngestConfig
 from control_plane.repository import RepositoryStore
-from control_plane.rollouts import BrokerLogin, RolloutEngine
+from control_plane.rollouts import BrokerLogin, MqttNotifier, RolloutEngine
 from control_plane.settings import Settings
 from control_plane.state import BrokerEndpoint, ControlPlaneState
 from edged_formats import __version__
@@ -46,7 +47,8 @@ def create_app(
     notify: BrokerLogin | None = None,
 ) -> FastAPI:
     """The app; `ingest` None runs the API without consuming the broker; `notify` is the
-    login rollout notices go out on (default: ingest's; neither: devices rely on their poll)."""
+    login commands to devices (rollout notices, personalisation) go out on (default: ingest's;
+    neither: devices rely on their poll)."""
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
@@ -61,8 +63,13 @@ def create_app(
             )
             if ingest is not None:
                 state.ingest = await stack.enter_async_context(Ingest(ingest, db, state.metrics))
+            login = notify or ingest
+            notifier = MqttNotifier(login) if login is not None else None
+            if notifier is not None:
+                await stack.enter_async_context(notifier)
+            app.state.notifier = notifier
             app.state.rollouts = await stack.enter_async_context(
-                RolloutEngine(db, settings, broker=notify or ingest)
+                RolloutEngine(db, settings, notifier=notifier)
             )
             yield
 
@@ -76,6 +83,7 @@ def create_app(
     for module in (tokens, enrollment, devices, telemetry, audit, ops):
         app.include_router(module.router)
     app.include_router(rollout_routes.router)
+    app.include_router(personalisation.router)
     app.include_router(models.router)
     app.include_router(repository.router)
 

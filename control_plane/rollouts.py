@@ -2,8 +2,9 @@
 reports from the `events` table, updates each active rollout's per-device state, applies the
 plan (control_plane.rollout_plan) and tells newly assigned devices over MQTT.
 
-    async with RolloutEngine(db, settings, broker=ingest_config) as engine:
-        engine.wake()          # act now (after an operator's change) instead of at the tick
+    async with MqttNotifier(login) as notifier:
+        async with RolloutEngine(db, settings, notifier=notifier) as engine:
+            engine.wake()      # act now (after an operator's change) instead of at the tick
 
 Each tick reads the ota.* events received since its last read, less `rollout_event_lag_s`
 (ingest's transactions may commit out of receipt order); a report is applied once, by its
@@ -16,7 +17,8 @@ with actor "system" in the same transaction.
 After the commit every newly assigned device gets `{"rollout": "<id>"}` with QoS 1 on
 `edged/v1/<device id>/cmd/update` (the broker role of the control plane may publish on
 `edged/v1/+/cmd/#`). A notification only means "ask now": devices also poll
-`GET /v1/device/self/update` on a slow timer, so one that is lost strands nobody.
+`GET /v1/device/self/update` on a slow timer, so one that is lost strands nobody. The same
+notifier carries the other commands (`MqttNotifier.publish`: cmd/personalisation).
 """
 
 from __future__ import annotations
@@ -70,7 +72,7 @@ __all__ = [
 log = logging.getLogger("control_plane.rollouts")
 SYSTEM = "system"
 PAGE = 2000
-UPDATE_TOPIC = "edged/v1/{}/cmd/update"
+COMMAND_TOPIC = "edged/v1/{}/cmd/{}"
 
 
 class BrokerLogin(Protocol):
@@ -91,15 +93,16 @@ class BrokerLogin(Protocol):
 
 
 class MqttNotifier:
-    """One MQTT 5 client for update notifications. paho's own thread keeps the connection
-    (reconnecting with backoff) and resends unacknowledged QoS 1 messages after a reconnect;
-    a notification published while the broker is away waits in paho's queue."""
+    """One MQTT 5 client per replica for commands to devices (`cmd/update`,
+    `cmd/personalisation`). paho's own thread keeps the connection (reconnecting with backoff)
+    and resends unacknowledged QoS 1 messages after a reconnect; a command published while the
+    broker is away waits in paho's queue, and never fails the caller."""
 
     def __init__(self, login: BrokerLogin) -> None:
         self.login = login
         self._client = mqtt.Client(
             CallbackAPIVersion.VERSION2,
-            client_id=f"edged-rollouts-{uuid.uuid4().hex[:12]}",
+            client_id=f"edged-commands-{uuid.uuid4().hex[:12]}",
             protocol=mqtt.MQTTv5,
         )
         if login.username is not None:
@@ -117,16 +120,23 @@ class MqttNotifier:
         self._client.disconnect()
         await asyncio.to_thread(self._client.loop_stop)
 
+    def publish(self, device_id: str, command: str, payload: bytes) -> None:
+        """`payload` on `edged/v1/<device_id>/cmd/<command>`, QoS 1; never raises for a broker
+        that is away (the device's poll covers a command that does not arrive)."""
+        info = self._client.publish(COMMAND_TOPIC.format(device_id, command), payload, qos=1)
+        if info.rc != mqtt.MQTT_ERR_SUCCESS:
+            log.info(
+                "%s command to %s queued (%s); its poll covers it",
+                command,
+                device_id,
+                mqtt.error_string(info.rc),
+            )
+
     def notify(self, rollout_id: str, device_ids: Sequence[str]) -> None:
+        """Tell each device to ask for its update now."""
         payload = json.dumps({"rollout": rollout_id}).encode()
         for device_id in device_ids:
-            info = self._client.publish(UPDATE_TOPIC.format(device_id), payload, qos=1)
-            if info.rc != mqtt.MQTT_ERR_SUCCESS:
-                log.info(
-                    "update notice to %s queued (%s); its poll covers it",
-                    device_id,
-                    mqtt.error_string(info.rc),
-                )
+            self.publish(device_id, "update", payload)
 
 
 # -- rows <-> plan values ----------------------------------------------------------------------
@@ -231,26 +241,25 @@ def _history(row: Rollout, event: str, now: float, **detail: Any) -> None:
 
 
 class RolloutEngine:
-    """`async with` runs the periodic task (and the notifier, when a broker is given)."""
+    """`async with` runs the periodic task; `notifier` (entered by its owner, None: devices
+    rely on their poll) tells newly assigned devices."""
 
     def __init__(
         self,
         db: Database,
         settings: Settings,
         *,
-        broker: BrokerLogin | None = None,
+        notifier: MqttNotifier | None = None,
         clock: Callable[[], float] = time.time,
     ) -> None:
         self.db, self.clock = db, clock
         self.tick_s, self.lag_s = settings.rollout_tick_s, settings.rollout_event_lag_s
-        self.notifier = MqttNotifier(broker) if broker is not None else None
+        self.notifier = notifier
         self._wake = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
         self._read_to: float | None = None  # events received before this were read
 
     async def __aenter__(self) -> Self:
-        if self.notifier is not None:
-            await self.notifier.__aenter__()
         self._task = asyncio.create_task(self._run(), name="rollout-engine")
         return self
 
@@ -259,8 +268,6 @@ class RolloutEngine:
             self._task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await self._task
-        if self.notifier is not None:
-            await self.notifier.__aexit__()
 
     def wake(self) -> None:
         """Tick now rather than at the next period (an operator changed a rollout)."""

@@ -492,3 +492,85 @@ class UpdateAssignment(BaseModel):
     rollout: str
     target: str
     version: str
+
+
+# -- on-device fine-tuning (docs/finetune.md) ---------------------------------------------------
+
+__all__ += [
+    "GroupPersonalisationPublic",
+    "LabelCursor",
+    "LabelIn",
+    "LabelPublic",
+    "LabelsAccepted",
+    "LabelsCreate",
+    "PersonalisationDocument",
+    "PersonalisationLabel",
+    "PersonalisationPublic",
+    "PersonalisationUpdate",
+]
+
+MAX_SEQ = 2**63 - 1
+LabelCursor = Annotated[str | None, Query(pattern=r"^[0-9]{1,18}$")]
+
+
+class LabelIn(_In):
+    sample_id: Annotated[
+        str, Field(pattern=r"^[^\x00]{1,128}$", description="the device's sample id or ref")
+    ]
+    label: Annotated[
+        str, Field(pattern=r"^[^\x00]{1,64}$", description="a class name of the device's model")
+    ]
+
+
+class LabelsCreate(_In):
+    labels: list[LabelIn] = Field(min_length=1, max_length=1000)
+
+
+class LabelsAccepted(BaseModel):
+    first_seq: int
+    last_seq: int
+    count: int
+
+
+class LabelPublic(BaseModel):
+    seq: int = Field(description="1, 2, 3, ... per device")
+    sample_id: str
+    label: str
+    created_at: float
+    created_by: str
+
+
+class PersonalisationLabel(BaseModel):
+    """A label as devices receive it."""
+
+    seq: int
+    sample_id: str
+    label: str
+
+
+class PersonalisationDocument(BaseModel):
+    """What a device is told on cmd/personalisation and by its poll (docs/finetune.md)."""
+
+    enabled: bool = Field(description="the operator's switch: device ?? group ?? true")
+    labels: list[PersonalisationLabel] = Field(description="ascending by seq")
+    last_seq: int = Field(description="the device's highest seq overall; 0: none yet")
+
+
+class PersonalisationUpdate(_In):
+    enabled: bool | None = Field(description="null: inherit (a device: its group's; a group: on)")
+
+
+class PersonalisationPublic(BaseModel):
+    device: bool | None = Field(description="the device's own setting; null: inherit")
+    group: bool | None = Field(description="its group's setting; null: the default")
+    effective: bool = Field(description="device ?? group ?? true")
+    last_seq: int = Field(description="the device's highest label seq; 0: none yet")
+    last_report: dict[str, object] | None = Field(
+        description="the body of the device's newest stored `finetune` event"
+    )
+
+
+class GroupPersonalisationPublic(BaseModel):
+    group: str
+    enabled: bool | None = Field(description="null: the default (on)")
+    devices: int = Field(description="devices inheriting it, told on cmd/personalisation")
