@@ -2,7 +2,8 @@
 into its .tflite in place (head_patch) and a manifest that is true for the new model (version
 and parent, member digests, canary top-1 and the confidence reference re-measured on
 calibration samples). The cloud's head-only OTA updates and the device's fine-tuning both
-export through it; numpy and LiteRT only.
+export through it; the device's candidates also carry their `personalisation` lineage (the
+base's version and sha256, the label count, the device). numpy and LiteRT only.
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ import numpy.typing as npt
 from edged.engine import Engine, EngineOptions
 from edged.finetune.head_patch import patch_head
 from edged.packer import reference_statistics
-from edged_formats import Bundle, read_bundle, write_bundle
+from edged_formats import Bundle, Personalisation, read_bundle, write_bundle
 from edged_formats.bundle import digest_members, dump_npz
 
 __all__ = ["head_updated_bundle"]
@@ -29,9 +30,13 @@ def head_updated_bundle(
     bias: npt.NDArray[np.float32],
     calibration: npt.NDArray[Any],
     version: str | None = None,
+    *,
+    personalisation: Personalisation | None = None,
 ) -> bytes:
     """The base bundle with the new head patched in place (logits re-calibrated on the
-    calibration samples' embeddings) and the manifest brought up to date."""
+    calibration samples' embeddings) and the manifest brought up to date: `version` (else the
+    next minor), `parent_version` the base's, and `personalisation` as given (None keeps the
+    base's, which for a cloud base is none)."""
 
     embeddings = Engine(base, EngineOptions()).predict(calibration).embeddings
     assert embeddings is not None
@@ -51,6 +56,7 @@ def head_updated_bundle(
         parent_version=base.manifest.version,
         created_at=dt.datetime.now(dt.UTC).strftime("%Y-%m-%dT%H:%M:%SZ"),
         members=digest_members(members),
+        personalisation=personalisation or base.manifest.personalisation,
     )
     draft = read_bundle(write_bundle(manifest, members))
     engine = Engine(draft, EngineOptions())

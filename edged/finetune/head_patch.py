@@ -11,7 +11,8 @@ the quantizer's way (asymmetric int8, range widened to include 0); without it th
 calibrated for the base, and logits the fine-tune moved outside that range saturate.
 
 Only numpy and the flatbuffer schema shipped with ai-edge-litert: no torch, no converter, so
-this runs on the device (on-device fine-tuning exports through it).
+this runs on the device (on-device fine-tuning exports through it). `check_head_only` is the
+converse: the provenance check that a candidate is the base with nothing but a new head.
 
     ValueError
     └── HeadPatchError   a model whose head cannot be found or rewritten in place
@@ -25,7 +26,14 @@ from typing import Any
 import numpy as np
 import numpy.typing as npt
 
-__all__ = ["Head", "HeadPatchError", "patch_head", "read_head"]
+__all__ = [
+    "Head",
+    "HeadPatchError",
+    "check_head_only",
+    "differs_only_in_head",
+    "patch_head",
+    "read_head",
+]
 
 _INT8, _INT32 = 9, 2  # tflite TensorType
 _INT32_RANGE = (-(2**31), 2**31 - 1)
@@ -134,6 +142,55 @@ def patch_head(
     ):
         raise HeadPatchError("head tensors did not read back as written")  # pragma: no cover
     return patched
+
+
+def check_head_only(base_model: bytes, candidate_model: bytes, output_name: str) -> None:
+    """Raise HeadPatchError unless `candidate_model` equals `base_model` byte for byte except
+    the data of the head's weight and bias and the weight, bias and output quantisation
+    parameters: the candidate's raw head values are written into a copy of the base, which
+    must then be the candidate exactly."""
+    if len(candidate_model) != len(base_model):
+        raise HeadPatchError(
+            f"the candidate model is {len(candidate_model)} bytes, the base {len(base_model)}"
+        )
+    try:
+        head = read_head(candidate_model, output_name)
+    except HeadPatchError as exc:
+        raise HeadPatchError(f"the candidate's head cannot be read ({exc})") from exc
+    buffer = bytearray(base_model)
+    views = _locate(buffer, output_name)
+    for what, ours, theirs in (
+        ("weight", views.weight, head.weight),
+        ("weight scale", views.weight_scale, head.weight_scale),
+        ("bias scale", views.bias_scale, head.bias_scale),
+    ):
+        if ours.shape != theirs.shape:
+            raise HeadPatchError(
+                f"the candidate's head {what} has shape {list(theirs.shape)}, the base's "
+                f"{list(ours.shape)}"
+            )
+    views.weight[...] = head.weight
+    views.bias[...] = head.bias
+    views.weight_scale[...] = head.weight_scale
+    views.bias_scale[...] = head.bias_scale
+    views.output_scale[...] = head.output_scale
+    views.output_zero_point[...] = head.output_zero_point
+    if bytes(buffer) != candidate_model:
+        diff = np.frombuffer(bytes(buffer), np.uint8) != np.frombuffer(candidate_model, np.uint8)
+        first = int(np.flatnonzero(diff)[0])
+        raise HeadPatchError(
+            f"the candidate differs from the base at byte {first}, outside the head"
+        )
+
+
+def differs_only_in_head(base_model: bytes, candidate_model: bytes, output_name: str) -> bool:
+    """Whether `candidate_model` is `base_model` with nothing changed but the head (see
+    `check_head_only`, which says why not)."""
+    try:
+        check_head_only(base_model, candidate_model, output_name)
+    except HeadPatchError:
+        return False
+    return True
 
 
 def _asymmetric(low: float, high: float) -> tuple[np.float32, np.int64]:

@@ -4,13 +4,13 @@ from __future__ import annotations
 
 import pytest
 
-from edged.finetune.gate import GateFigures, GatePolicy, check_holdout_size, decide
+from edged.finetune.gate import GateFigures, GatePolicy, chance, check_holdout_size, decide
 
 POLICY = GatePolicy(min_holdout=20, min_gain=0.02, max_replay_loss=0.02)
 
 
 def _figures(current: float, candidate: float, base: float = 0.98, replay: float = 0.975):
-    return GateFigures(current, candidate, base, replay)
+    return GateFigures(current, candidate, base, replay, fixed=30, broken=2)
 
 
 def test_better_candidate_that_does_not_forget_is_accepted() -> None:
@@ -56,3 +56,20 @@ def test_policy_bounds_are_checked() -> None:
         GatePolicy(min_holdout=0)
     with pytest.raises(ValueError, match="min_gain"):
         GatePolicy(min_gain=1.5)
+
+
+def test_a_gain_within_chance_is_rejected() -> None:
+    """Enough gain on paper but few more fixed than broken samples: rejected by the sign
+    test, naming both counts; a lopsided gain passes."""
+    verdict = decide(POLICY, GateFigures(0.117, 0.143, 1.0, 0.984, fixed=9, broken=7))
+    assert not verdict.accepted
+    assert verdict.reason.startswith("hold-out gain could be chance: the candidate fixes 9")
+    assert decide(POLICY, GateFigures(0.70, 0.90, 1.0, 1.0, fixed=17, broken=2)).accepted
+
+
+def test_chance_is_the_exact_one_sided_sign_test() -> None:
+    """chance(k, n - k) is P(Binomial(n, 1/2) >= k)."""
+    assert chance(0, 0) == 1.0
+    assert chance(3, 0) == pytest.approx(1 / 8)
+    assert chance(6, 1) == pytest.approx(8 / 128)
+    assert chance(1, 3) == pytest.approx(15 / 16)
