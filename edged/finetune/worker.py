@@ -12,6 +12,7 @@ sentence as its reason); 3 when not even that result could be written.
 
 from __future__ import annotations
 
+import hashlib
 import os
 import resource
 import sys
@@ -25,7 +26,7 @@ import numpy.typing as npt
 
 from edged.atomic import atomic_write
 from edged.engine import Engine, EngineOptions, open_bundle
-from edged.errors import EdgedError
+from edged.errors import EdgedError, ModelError
 from edged.finetune.gate import GateFigures, check_holdout_size, decide
 from edged.finetune.head_patch import check_head_only, read_head
 from edged.finetune.job import (
@@ -41,7 +42,7 @@ from edged.finetune.job import (
     write_result,
 )
 from edged.finetune.split import holdout_mask
-from edged_formats import Bundle, Personalisation, read_bundle
+from edged_formats import Bundle, FormatError, Personalisation, read_bundle
 from edged_formats.bundle import dump_npz
 
 __all__ = ["main", "run"]
@@ -100,10 +101,10 @@ def run(job_dir: Path, job: Job) -> Result:
 
 def _run(job_dir: Path, job: Job, counts: dict[str, Any]) -> Result:
     # 1. Bundles, labels, embeddings on the base.
-    base = open_bundle(job.base)
-    if base.sha256 != job.base_sha256:
+    base, base_sha256 = _load(job.base)
+    if base_sha256 != job.base_sha256:
         raise JobError(
-            f"the base bundle's sha256 is {base.sha256}, the job names {job.base_sha256}"
+            f"the base bundle's sha256 is {base_sha256}, the job names {job.base_sha256}"
         )
     current = base if Path(job.current) == Path(job.base) else open_bundle(job.current)
     labels = read_labels(job_dir)
@@ -153,7 +154,7 @@ def _run(job_dir: Path, job: Job, counts: dict[str, Any]) -> Result:
     # 4. Export.
     from edged.finetune.export import head_updated_bundle
 
-    lineage = Personalisation(manifest.version, base.sha256, len(labels), job.device)
+    lineage = Personalisation(manifest.version, base_sha256, len(labels), job.device)
     calibration = np.concatenate([replay_set.x, train.x]).astype(replay_set.x.dtype)
     candidate_bytes = head_updated_bundle(
         base, fit.weight, fit.bias, calibration, job.version, personalisation=lineage
@@ -186,6 +187,19 @@ def _run(job_dir: Path, job: Job, counts: dict[str, Any]) -> Result:
     )
     atomic_write(job_dir / HEAD_DELTA_FILE, delta)
     return Result("accepted", verdict.reason, **counts)
+
+
+def _load(path: str) -> tuple[Bundle, str]:
+    """The bundle at `path` and the sha256 of its file (the digest slots and signed targets
+    name a bundle by), from one read."""
+    try:
+        data = Path(path).read_bytes()
+    except OSError as exc:
+        raise ModelError(f"{path}: cannot read the bundle ({exc.strerror})") from exc
+    try:
+        return read_bundle(data), hashlib.sha256(data).hexdigest()
+    except FormatError as exc:
+        raise ModelError(f"{path}: {exc}") from exc
 
 
 def _check_labels(labels: JobLabels, base: Bundle) -> None:
