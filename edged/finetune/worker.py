@@ -27,7 +27,7 @@ import numpy.typing as npt
 from edged.atomic import atomic_write
 from edged.engine import Engine, EngineOptions, open_bundle
 from edged.errors import EdgedError, ModelError
-from edged.finetune.gate import GateFigures, check_holdout_size, decide
+from edged.finetune.gate import GateFigures, Verdict, check_holdout_size, decide
 from edged.finetune.head_patch import check_head_only, read_head
 from edged.finetune.job import (
     CANDIDATE_FILE,
@@ -42,6 +42,7 @@ from edged.finetune.job import (
     write_result,
 )
 from edged.finetune.split import holdout_mask
+from edged.ota.slots import fault_point
 from edged_formats import Bundle, FormatError, Personalisation, read_bundle
 from edged_formats.bundle import dump_npz
 
@@ -123,6 +124,7 @@ def _run(job_dir: Path, job: Job, counts: dict[str, Any]) -> Result:
     embeddings = _embed(base_engine, labels)
     replay_set = _Samples(replay[0], replay[1], _embeddings(base_engine, replay[0]))
     counts["replay"] = len(replay_set.y)
+    fault_point("finetune_embedded")
 
     # 2. Split.
     held = holdout_mask(labels.keys.tolist(), job.holdout_share)
@@ -151,6 +153,8 @@ def _run(job_dir: Path, job: Job, counts: dict[str, Any]) -> Result:
         seed=job.seed,
     )
 
+    fault_point("finetune_trained")
+
     # 4. Export.
     from edged.finetune.export import head_updated_bundle
 
@@ -163,8 +167,32 @@ def _run(job_dir: Path, job: Job, counts: dict[str, Any]) -> Result:
     check_head_only(base.model, candidate.model, manifest.output.name)
 
     # 5. Gate on the exported int8 model.
-    candidate_engine = Engine(candidate, options)
     current_engine = base_engine if current is base else Engine(current, options)
+    verdict = _gate(
+        job, Engine(candidate, options), current_engine, base_engine, holdout, replay_set, counts
+    )
+    if not verdict.accepted:
+        raise _Rejected(verdict.reason)
+    atomic_write(job_dir / CANDIDATE_FILE, candidate_bytes)
+    delta = dump_npz(
+        weight=(fit.weight - weight0).astype(np.float32),
+        bias=(fit.bias - bias0).astype(np.float32),
+    )
+    atomic_write(job_dir / HEAD_DELTA_FILE, delta)
+    fault_point("finetune_gated")  # the candidate is written, the result not yet
+    return Result("accepted", verdict.reason, **counts)
+
+
+def _gate(
+    job: Job,
+    candidate_engine: Engine,
+    current_engine: Engine,
+    base_engine: Engine,
+    holdout: _Samples,
+    replay_set: _Samples,
+    counts: dict[str, Any],
+) -> Verdict:
+    """The gate's figures on the int8 models through LiteRT, recorded in `counts`."""
     current_right = _correct(current_engine, holdout)
     candidate_right = _correct(candidate_engine, holdout)
     figures = GateFigures(
@@ -177,16 +205,7 @@ def _run(job_dir: Path, job: Job, counts: dict[str, Any]) -> Result:
     )
     for name in ("holdout_current", "holdout_candidate", "replay_base", "replay_candidate"):
         counts[name] = round(getattr(figures, name), 4)
-    verdict = decide(job.policy, figures)
-    if not verdict.accepted:
-        raise _Rejected(verdict.reason)
-    atomic_write(job_dir / CANDIDATE_FILE, candidate_bytes)
-    delta = dump_npz(
-        weight=(fit.weight - weight0).astype(np.float32),
-        bias=(fit.bias - bias0).astype(np.float32),
-    )
-    atomic_write(job_dir / HEAD_DELTA_FILE, delta)
-    return Result("accepted", verdict.reason, **counts)
+    return decide(job.policy, figures)
 
 
 def _load(path: str) -> tuple[Bundle, str]:

@@ -90,7 +90,7 @@ def test_serve_refuses_a_database_behind_the_migrations(
         finally:
             await db.close()
 
-    assert asyncio.run(revision()) == head_revision() == "0004_rollouts"
+    assert asyncio.run(revision()) == head_revision() == "0005_personalisation"
 
 
 def test_bad_settings_exit_with_one_sentence(cp: ControlPlaneProcess) -> None:
