@@ -39,10 +39,12 @@ from edged.config import (
     load_config,
 )
 from edged.engine import Engine, EngineOptions
-from edged.enrollment import load_enrollment
+from edged.enrollment import API_TOKEN_FILE, load_enrollment
 from edged.errors import EdgedError
+from edged.finetune.manager import HttpPersonalisation, Personaliser
 from edged.health import HealthProbe
 from edged.identity import DeviceIdentity
+from edged.labels import LabelStore
 from edged.local_bus import LocalBus, MqttSource
 from edged.logs import RateLimitedLog, configure_logging, log_event
 from edged.mqtt_link import LinkConfig
@@ -61,6 +63,8 @@ __all__ = ["Daemon", "run_daemon"]
 
 log = logging.getLogger("edged.daemon")
 RESTART_ONLY = ("device", "engine", "pipeline", "source", "local_mqtt", "uplink", "outbox")
+# [finetune] changes apply at once, except these (they shape storage and subscriptions)
+FINETUNE_RESTART_ONLY = ("enabled", "truth_topic", "max_labels", "max_label_mb")
 
 
 def _secret(path: Path | None) -> str | None:
@@ -93,6 +97,7 @@ class Daemon:
         self._reloads: set[asyncio.Task[Any]] = set()
         self._failed = False
         self.updater: Updater | None = None
+        self.personaliser: Personaliser | None = None
 
     # -- start ------------------------------------------------------------------------------
 
@@ -130,6 +135,11 @@ class Daemon:
         async with (
             Outbox(outbox_config) as self.outbox,
             SampleStore(cfg.device.state_dir / "samples.db") as store,
+            LabelStore(
+                cfg.device.state_dir / "labels.db",
+                cfg.finetune.max_labels,
+                cfg.finetune.max_label_mb * MIB,
+            ) as labels,
         ):
             for name, detail in notes:
                 await self._event(name, **detail)
@@ -155,10 +165,38 @@ class Daemon:
                 restore_failed=self._restore_failed,
             )
             self.pipeline.sinks.insert(0, self.installer.observe)
+            if cfg.finetune.enabled:
+                self.personaliser = self._personaliser(labels, store)
             try:
                 return await self._serve()
             finally:
                 self.pipeline.close()
+
+    def _personaliser(self, labels: LabelStore, store: SampleStore) -> Personaliser:
+        state_dir = self.config.device.state_dir
+        control = None
+        if self.enrollment is not None:
+            token = (state_dir / API_TOKEN_FILE).read_text(encoding="utf-8").strip()
+            control = HttpPersonalisation(
+                self.enrollment.url, token, timeout_s=self.config.update.timeout_s
+            )
+        personaliser = Personaliser(
+            lambda: self.config.finetune,
+            state_dir,
+            labels,
+            store,
+            self.installer,
+            self.install,
+            self._event,
+            device_id=self.device_id,
+            control=control,
+            poll_s=self.config.update.poll_s,
+            bad_input=self.bad_input,
+        )
+        self.pipeline.recent = personaliser.recent
+        self.pipeline.drift_listeners.append(personaliser.drifted)
+        self.pipeline.sinks.append(personaliser.observe)
+        return personaliser
 
     def _uplink(self, identity_key: Any) -> Uplink:
         up = self.config.uplink
@@ -186,15 +224,26 @@ class Daemon:
             on_command=self._command,
         )
 
-    def _command(self, name: str, _payload: bytes) -> None:
-        """edged/v1/<id>/cmd/<name> from the control plane: `update` means "ask now"."""
+    def _command(self, name: str, payload: bytes) -> None:
+        """edged/v1/<id>/cmd/<name> from the control plane: `update` means "ask now";
+        `personalisation` carries labels and the operator's switch (docs/finetune.md)."""
         if name == "update" and self.updater is not None:
             self.updater.notify()
+        elif name == "personalisation" and self.personaliser is not None:
+            self.personaliser.command(payload)
 
     def _updater(self) -> Updater | None:
         if not self.config.update.enabled or self.enrollment is None:
             return None  # updates need the control plane's URL and this device's API token
-        return updater_for(self.config, self.enrollment, self.installer, self.install, self._event)
+        personaliser = self.personaliser
+        return updater_for(
+            self.config,
+            self.enrollment,
+            self.installer,
+            self.install,
+            self._event,
+            base_of=None if personaliser is None else personaliser.serving_base,
+        )
 
     def _sources(self) -> tuple[list[Source], list[MqttSource]]:
         shape = self.engine.sample_shape
@@ -219,11 +268,15 @@ class Daemon:
         sources, mqtt_sources = self._sources()
         self.bus: LocalBus | None = None
         if cfg.local_mqtt is not None:
+            handlers = {}
+            if self.personaliser is not None:
+                handlers[cfg.finetune.truth_topic] = self.personaliser.truth
             self.bus = LocalBus(
                 cfg.local_mqtt,
                 f"{self.device_id}-local",
                 mqtt_sources,
                 cfg.pipeline.queue_size,
+                handlers,
             )
             bus = self.bus
             self.pipeline.sinks.insert(0, lambda result: bus.publish_result(result.to_json()))
@@ -240,6 +293,8 @@ class Daemon:
             background.append(asyncio.create_task(self.uplink.run(), name="uplink"))
         if self.updater is not None:
             background.append(asyncio.create_task(self.updater.run(), name="updater"))
+        if self.personaliser is not None:
+            background.append(asyncio.create_task(self.personaliser.run(), name="finetune"))
         source_tasks = [
             asyncio.create_task(s.run(self.pipeline.submit), name=f"source {s.name}")
             for s in sources
@@ -363,6 +418,11 @@ class Daemon:
         configure_logging(new.log.level, new.log.format)
         self._spawn(self.installer.install_configured(new.device.model), "configured model")
         later = [name for name in RESTART_ONLY if getattr(new, name) != getattr(old, name)]
+        later += [
+            f"finetune.{key}"
+            for key in FINETUNE_RESTART_ONLY
+            if getattr(new.finetune, key) != getattr(old.finetune, key)
+        ]
         later = [
             name
             for name in later
@@ -428,8 +488,8 @@ class Daemon:
         self.stopping.set()
 
     async def _event(self, name: str, **detail: Any) -> None:
-        """A durable event in the outbox (and a log line)."""
-        log_event(log, "info", name, **detail)
+        """A durable event in the outbox (and a log line, byte strings by their size)."""
+        log_event(log, "info", name, **_loggable(detail))
         try:
             await self.outbox.put("event", {"name": name, **detail})
         except EdgedError as exc:
@@ -493,9 +553,17 @@ class Daemon:
             "software_version": edged_formats.__version__,
             "state": self.state,
             "uptime_s": round(time.monotonic() - self.started, 1),
-            "model": {"name": manifest.name, "version": manifest.version},
+            "model": {
+                "name": manifest.name,
+                "version": manifest.version,
+                # a personalised model's lineage: the cloud model it derives from
+                "base": None
+                if manifest.personalisation is None
+                else manifest.personalisation.base_version,
+            },
             "slots": self.installer.status(),
             "update": None if self.updater is None else self.updater.status(),
+            "finetune": None if self.personaliser is None else self.personaliser.status(),
             "rate_per_s": round(self._rate(), 2),
             "queue_depth": self.pipeline.depth,
             "counts": {
@@ -545,6 +613,17 @@ class Daemon:
         server = await asyncio.start_unix_server(answer, path=str(path))
         os.chmod(path, 0o660)
         return server
+
+
+def _loggable(value: Any) -> Any:
+    """`value` with byte strings replaced by "<N bytes>", for a log line."""
+    if isinstance(value, bytes | bytearray | memoryview):
+        return f"<{len(value)} bytes>"
+    if isinstance(value, dict):
+        return {k: _loggable(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [_loggable(v) for v in value]
+    return value
 
 
 async def run_daemon(config: Config, config_path: Path | None) -> int:

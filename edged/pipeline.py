@@ -320,6 +320,7 @@ class Pipeline:
                 body: dict[str, Any] = {
                     "id": kept.id,
                     "source": sample.source,
+                    "ref": sample.ref,
                     "verdict": kept.verdict,
                     "model": kept.model,
                     "input": np.ascontiguousarray(kept.input).tobytes(),

@@ -13,6 +13,8 @@ from collections.abc import Sequence
 
 import psutil
 
+from edged.ota.slots import fault_point
+
 THREAD_ENV = ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS")
 
 
@@ -36,6 +38,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("job_dir")
     args = parser.parse_args(argv)
     lower_priority(args.nice, args.memory_mb, args.threads)
+    fault_point("finetune_launched")
     os.execv(sys.executable, [sys.executable, "-m", "edged.finetune.worker", args.job_dir])
 
 

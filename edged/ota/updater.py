@@ -263,17 +263,27 @@ class Updater:
         return {"checks": self.checks, "last_check": self.last_outcome, "reason": self.last_reason}
 
 
-class _DaemonInstaller:
-    """The daemon's slots and Daemon.install as the updater's Installer."""
+BaseOf = Callable[[], tuple[str, Path] | None]
 
-    def __init__(self, slots: SlotInstaller, install: InstallFn) -> None:
-        self.slots, self._install = slots, install
+
+class _DaemonInstaller:
+    """The daemon's slots and Daemon.install as the updater's Installer. A personalised model
+    (docs/finetune.md) stands for its base: `base_of` gives the base's digest and file, so an
+    assignment of that base is current and a delta patches against it."""
+
+    def __init__(self, slots: SlotInstaller, install: InstallFn, base_of: BaseOf | None) -> None:
+        self.slots, self._install, self._base_of = slots, install, base_of
+
+    def _base(self) -> tuple[str, Path] | None:
+        return None if self._base_of is None else self._base_of()
 
     def active_sha256(self) -> str | None:
-        return self.slots.active_sha256()
+        base = self._base()
+        return self.slots.active_sha256() if base is None else base[0]
 
     def active_path(self) -> Path | None:
-        return self.slots.active_path()
+        base = self._base()
+        return self.slots.active_path() if base is None or not base[1].exists() else base[1]
 
     def trial_running(self) -> bool:
         return self.slots.trial_running()
@@ -291,6 +301,8 @@ def updater_for(
     slots: SlotInstaller,
     install: InstallFn,
     event: Callable[..., Awaitable[None]],
+    *,
+    base_of: BaseOf | None = None,
 ) -> Updater:
     """The daemon's updater: the enrolled control plane's repository and assignment routes."""
     state_dir, update = config.device.state_dir, config.update
@@ -308,7 +320,7 @@ def updater_for(
     return Updater(
         UpdateClient(fetcher, ota, policy),
         HttpControl(base, token, timeout_s=update.timeout_s),
-        _DaemonInstaller(slots, install),
+        _DaemonInstaller(slots, install, base_of),
         lambda name, body: event(name, **body),
         ota / "updater.json",
         poll_s=update.poll_s,

@@ -91,7 +91,7 @@ def test_ready_status_watchdog_and_clean_stop(tmp_path, short_dir, digits) -> No
         ).stdout
         assert "model    digits-cnn 1.0.0" in shown and "outbox   depth" in shown
         status = daemon.status()
-        assert status["model"] == {"name": "digits-cnn", "version": "1.0.0"}
+        assert status["model"] == {"name": "digits-cnn", "version": "1.0.0", "base": None}
         assert status["state"] == "running"
         assert status["counts"]["inferred"] > 0
         assert status["latency_ms"]["p99_ms"] is not None

@@ -262,8 +262,10 @@ async def test_commands_reach_the_device_and_survive_a_reconnect(
                 )
                 await asyncio.wait_for(until(lambda n=attempt: len(received) > n), 10)
                 if attempt == 0:
+                    connects = uplink.stats.connects
                     fault_proxy.cut()
-                    await until(lambda: not uplink.connected.is_set())
+                    # the reconnect can be quicker than a poll of `connected`: count connects
+                    await asyncio.wait_for(until(lambda: uplink.stats.connects > connects), 20)
             sender.publish("edged/v1/dev-other/cmd/update", b"{}", qos=1)
             await asyncio.sleep(0.3)
         finally:

@@ -150,3 +150,38 @@ async def test_nothing_happens_while_a_trial_runs(parts) -> None:
     installer.trial = True
     assert await updater.check() == "busy"
     assert installer.installs == [] and events == []
+
+
+async def test_a_personalised_model_stands_for_its_base(parts, tmp_path: Path) -> None:
+    """docs/finetune.md: serving a personalised model whose base is the assigned target is
+    current; any other target installs over it."""
+    from edged.ota.updater import _DaemonInstaller
+
+    sim, control, installer, _updater, events = parts
+    installer.path.write_bytes(b"personalised" * 300)
+    base_file = tmp_path / "base.edb"
+    base_file.write_bytes(NEW)
+    base = (hashlib.sha256(NEW).hexdigest(), base_file)
+    installed: list[str] = []
+
+    async def install(path: Path, sha256: str, version: str, *, context: Any) -> Any:
+        installed.append(version)
+        return type("Outcome", (), {"result": "committed", "reason": "healthy"})()
+
+    client = UpdateClient(
+        sim, tmp_path / "ota2", UpdatePolicy(reserve_bytes=0), clock=lambda: sim.now
+    )
+    client.metadata.write("root", sim.first_root)
+
+    async def emit(name: str, body: dict[str, Any]) -> None:
+        events.append((name, body))
+
+    daemon_side = _DaemonInstaller(installer, install, lambda: base)
+    updater = Updater(client, control, daemon_side, emit, tmp_path / "ota2" / "updater.json")
+    assert await updater.check() == "current" and installed == []
+    assert daemon_side.active_path() == base_file  # a delta patches against the base
+
+    other = "models/digits/1.3.0.edb"
+    sim.add_target(other, b"newer" * 300, model="digits", version="1.3.0")
+    control.answer = Assignment("r2", other, "1.3.0")
+    assert await updater.check() == "committed" and installed == ["1.3.0"]

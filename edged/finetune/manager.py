@@ -1,0 +1,691 @@
+"""The daemon's side of fine-tuning (docs/finetune.md): label intake, the operator's switch,
+starting the worker process when enough new labels arrived (or drift fired, or a new base
+committed), and installing what it returns through the same slots and health trial as an OTA
+update, after a provenance check. Torch is never imported here; the worker is another process
+that never touches the slots, so killing it at any moment changes nothing that serves.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hashlib
+import importlib.util
+import json
+import logging
+import os
+import shutil
+import signal
+import sys
+import time
+from collections.abc import Awaitable, Callable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Protocol
+
+import httpx
+import numpy as np
+
+from edged.atomic import atomic_write
+from edged.config import FinetuneConfig
+from edged.engine import Engine
+from edged.errors import EdgedError
+from edged.finetune.head_patch import HeadPatchError, differs_only_in_head
+from edged.finetune.job import HEAD_DELTA_FILE, Job, JobError, JobLabels, read_result, write_job
+from edged.labels import Label, LabelSource, LabelStore, Recent, RecentResults
+from edged.logs import RateLimitedLog, log_event
+from edged.ota.slots import file_sha256
+from edged.ota.trial import InstallOutcome
+from edged.pipeline import Result
+from edged.sample_store import SampleStore
+from edged_formats import FormatError, read_bundle
+
+__all__ = ["HttpPersonalisation", "Personaliser"]
+
+log = logging.getLogger("edged.finetune")
+Emit = Callable[..., Awaitable[None]]
+Install = Callable[..., Awaitable[InstallOutcome]]
+BASE_FILE = "base.edb"
+KEEP_JOBS = 2
+TICK_S = 5.0
+MAX_LABELS_PER_DOCUMENT = 1000
+
+
+class Serving(Protocol):
+    """What the manager reads of the serving model (the daemon's Installer)."""
+
+    engine: Engine
+
+    def active_path(self) -> Path: ...
+
+    def active_sha256(self) -> str: ...
+
+    def trial_running(self) -> bool: ...
+
+
+class HttpPersonalisation:
+    """`GET /v1/device/self/personalisation?after=N` with the device's API token."""
+
+    def __init__(self, url: str, token: str, *, timeout_s: float = 30.0) -> None:
+        self.client = httpx.Client(
+            base_url=url.rstrip("/"),
+            headers={"Authorization": f"Bearer {token}"},
+            timeout=timeout_s,
+        )
+
+    def fetch(self, after: int) -> dict[str, Any]:
+        try:
+            response = self.client.get(
+                "/v1/device/self/personalisation", params={"after": after, "limit": 1000}
+            )
+        except httpx.HTTPError as exc:
+            raise EdgedError(f"cannot ask the control plane for labels: {exc}") from exc
+        if response.status_code != 200:
+            raise EdgedError(f"the control plane answered HTTP {response.status_code}")
+        try:
+            body = response.json()
+        except ValueError as exc:
+            raise EdgedError("the control plane's labels answer is not JSON") from exc
+        if not isinstance(body, dict):
+            raise EdgedError("the control plane's labels answer is not an object")
+        return body
+
+
+@dataclass
+class _State:
+    """Persisted in <state_dir>/finetune/state.json."""
+
+    jobs: int = 0
+    mark: int = 0  # LabelStore.added when the last job started
+    last_job_at: float = 0.0
+    last_base: str | None = None  # sha256 of the base the last job trained on
+    cloud_seq: int = 0  # highest contiguous label seq received from the control plane
+    pending_seqs: list[int] = field(default_factory=list)  # received beyond a gap
+    operator: bool | None = None  # the operator's switch, as last heard
+    reverted_from: str | None = None  # the personalised sha256 a switch-off replaced
+    rebuild: bool = False  # switched back on: personalise again without waiting for labels
+
+    @classmethod
+    def load(cls, path: Path) -> _State:
+        with contextlib.suppress(OSError, ValueError, TypeError):
+            data = json.loads(path.read_text(encoding="utf-8"))
+            if isinstance(data, dict):
+                known = {k: v for k, v in data.items() if k in cls.__dataclass_fields__}
+                return cls(**known)
+        return cls()
+
+    def save(self, path: Path) -> None:
+        atomic_write(path, json.dumps(self.__dict__).encode())
+
+
+class Personaliser:
+    """Owns the label store's intake and the fine-tune jobs of one daemon."""
+
+    def __init__(
+        self,
+        config: Callable[[], FinetuneConfig],
+        state_dir: Path,
+        labels: LabelStore,
+        samples: SampleStore,
+        serving: Serving,
+        install: Install,
+        emit: Emit,
+        *,
+        device_id: str,
+        control: HttpPersonalisation | None = None,
+        poll_s: float = 3600.0,
+        bad_input: RateLimitedLog | None = None,
+    ) -> None:
+        self._config = config
+        self.dir = state_dir / "finetune"
+        self.dir.mkdir(parents=True, exist_ok=True)
+        self.labels, self.samples, self.serving = labels, samples, serving
+        self._install, self._emit = install, emit
+        self.device_id, self.control, self.poll_s = device_id, control, poll_s
+        self.bad_input = bad_input
+        cfg = config()
+        self.recent = RecentResults(cfg.recent_results, cfg.recent_mb << 20)
+        self.state = _State.load(self.dir / "state.json")
+        self.refused: dict[str, int] = {}
+        self.last: dict[str, Any] | None = None
+        self.running = False
+        self._wake = asyncio.Event()
+        self._poll = asyncio.Event()
+        self._applying = asyncio.Lock()  # a job exports the labels of whole documents
+        self._drifted = False
+        self._pseudo_busy = False
+        self._torch = importlib.util.find_spec("torch") is not None
+
+    # -- switches ---------------------------------------------------------------------------
+
+    @property
+    def enabled(self) -> bool:
+        """The configuration allows it and the operator's switch does not forbid it."""
+        return self._config().enabled and self.state.operator is not False
+
+    def serving_base(self) -> tuple[str, Path] | None:
+        """The base (sha256, file) of the serving model when it is personalised: the
+        updater counts that base as what serves, and patches deltas against its file."""
+        lineage = self.serving.engine.manifest.personalisation
+        return None if lineage is None else (lineage.base_sha256, self.dir / BASE_FILE)
+
+    # -- label intake -----------------------------------------------------------------------
+
+    def _refuse(self, reason: str, detail: str) -> str:
+        self.refused[reason] = self.refused.get(reason, 0) + 1
+        if self.bad_input is not None:
+            self.bad_input.warn(f"label_{reason}", detail)
+        return reason
+
+    async def label(
+        self,
+        label: str,
+        origin: LabelSource,
+        *,
+        sample_id: str | None = None,
+        ref: str | None = None,
+        source: str | None = None,
+    ) -> str:
+        """Store one label; returns "stored" or the reason it was dropped."""
+        engine = self.serving.engine
+        if label not in engine.labels:
+            return self._refuse("unknown_label", f"label {label!r} is not a class of the model")
+        found = await self._find(sample_id, ref, source)
+        if found is None:
+            what = sample_id if sample_id is not None else f"{source or '*'}/{ref}"
+            return self._refuse("unknown_sample", f"sample {what} is no longer on the device")
+        data, embedding, embedded_on, key = found
+        if tuple(data.shape) != engine.sample_shape:
+            return self._refuse("unknown_sample", f"sample {key} does not fit the model")
+        await self.labels.add(
+            Label(key, engine.labels.index(label), origin, data, embedding, embedded_on)
+        )
+        self._wake.set()
+        return "stored"
+
+    async def _find(
+        self, sample_id: str | None, ref: str | None, source: str | None
+    ) -> tuple[Any, Any, str | None, str] | None:
+        recent: Recent | None = None
+        if sample_id is not None:
+            recent = self.recent.by_id(sample_id)
+            if recent is None:
+                kept = await self.samples.get(sample_id)
+                if kept is None:
+                    return None
+                return kept.input, kept.embedding, _backbone(kept.model), sample_id
+        elif ref is not None:
+            recent = self.recent.by_ref(ref, source)
+        if recent is None:
+            return None
+        key = recent.sample_id or f"{recent.source}/{recent.ref}"
+        return recent.input, recent.embedding, recent.embedded_on, key
+
+    async def truth(self, payload: bytes) -> None:
+        """A local ground-truth message: {"sample_id"| "ref" [+ "source"], "label"}."""
+        try:
+            message = json.loads(payload)
+        except (ValueError, UnicodeDecodeError):
+            self._refuse("malformed", "a truth message is not JSON")
+            return
+        if (
+            not isinstance(message, dict)
+            or not isinstance(message.get("label"), str)
+            or not any(isinstance(message.get(k), str) for k in ("sample_id", "ref"))
+            or not isinstance(message.get("source", ""), str)
+        ):
+            self._refuse("malformed", 'a truth message needs "label" and "sample_id" or "ref"')
+            return
+        await self.label(
+            message["label"],
+            "local",
+            sample_id=message.get("sample_id"),
+            ref=message.get("ref"),
+            source=message.get("source"),
+        )
+
+    def observe(self, result: Result) -> None:
+        """A pipeline sink: very confident results become pseudo-labels when configured."""
+        threshold = self._config().pseudo_label_confidence
+        if threshold <= 0 or result.confidence < threshold or not self.enabled:
+            return
+        if self._pseudo_busy:  # one write at a time: a fast stream cannot flood the store
+            return
+        self._pseudo_busy = True
+        task = asyncio.get_running_loop().create_task(
+            self.label(result.label, "pseudo", ref=result.ref, source=result.source)
+        )
+        task.add_done_callback(self._pseudo_done)
+
+    def _pseudo_done(self, task: asyncio.Task[str]) -> None:
+        self._pseudo_busy = False
+        if not task.cancelled() and task.exception() is not None:
+            log_event(log, "error", "pseudo_label_failed", reason=repr(task.exception()))
+
+    def drifted(self, _alarm: dict[str, Any]) -> None:
+        """A drift listener: a drift event may start a job (`on_drift`)."""
+        self._drifted = True
+        self._wake.set()
+
+    # -- the control plane ------------------------------------------------------------------
+
+    def command(self, payload: bytes) -> None:
+        """MQTT cmd/personalisation: apply the document it carries, then ask for what was
+        missed."""
+        try:
+            document = json.loads(payload)
+        except (ValueError, UnicodeDecodeError):
+            self._refuse("malformed", "a personalisation command is not JSON")
+            document = None
+        if isinstance(document, dict):
+            task = asyncio.get_running_loop().create_task(self.apply(document))
+            task.add_done_callback(_log_failure)
+        self._poll.set()
+
+    async def apply(self, document: dict[str, Any]) -> None:
+        """The control plane's {"enabled", "labels": [{"seq", "sample_id", "label"}], ...}."""
+        enabled = document.get("enabled")
+        if isinstance(enabled, bool) and enabled != self.state.operator:
+            self.state.rebuild = enabled and self.state.operator is False
+            self.state.operator = enabled
+            self.state.reverted_from = None  # switching off (again) tries a revert again
+            self._save()
+            log_event(log, "info", "personalisation_switched", enabled=enabled)
+            self._wake.set()
+        entries = document.get("labels")
+        if not isinstance(entries, list):
+            return
+        async with self._applying:
+            await self._apply_labels(entries)
+
+    async def _apply_labels(self, entries: list[Any]) -> None:
+        seen = set(self.state.pending_seqs)
+        for entry in entries[:MAX_LABELS_PER_DOCUMENT]:
+            if not (
+                isinstance(entry, dict)
+                and isinstance(entry.get("seq"), int)
+                and isinstance(entry.get("sample_id"), str)
+                and isinstance(entry.get("label"), str)
+            ):
+                self._refuse("malformed", "a cloud label needs seq, sample_id and label")
+                continue
+            seq = entry["seq"]
+            if seq <= self.state.cloud_seq or seq in seen:
+                continue  # already applied: labels are idempotent, but don't count twice
+            await self.label(entry["label"], "cloud", sample_id=entry["sample_id"])
+            seen.add(seq)
+        while self.state.cloud_seq + 1 in seen:
+            self.state.cloud_seq += 1
+            seen.discard(self.state.cloud_seq)
+        self.state.pending_seqs = sorted(seen)[-MAX_LABELS_PER_DOCUMENT:]
+        self._save()
+
+    async def poll(self) -> None:
+        """Ask the control plane for labels after our cursor (and the switch), at start, on
+        every cmd/personalisation and every `poll_s`."""
+        if self.control is None:
+            return
+        while True:
+            try:
+                await self.fetch_missed()
+            except EdgedError as exc:
+                log.warning("personalisation: %s", exc)
+            except Exception:
+                log.exception("personalisation poll failed")
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._poll.wait(), self.poll_s)
+            self._poll.clear()
+
+    async def fetch_missed(self) -> None:
+        """Page through `GET /v1/device/self/personalisation?after=<cursor>` until caught up."""
+        assert self.control is not None
+        while True:
+            before = self.state.cloud_seq
+            document = await asyncio.to_thread(self.control.fetch, before)
+            await self.apply(document)
+            entries = document.get("labels")
+            seqs = (
+                [
+                    e["seq"]
+                    for e in entries or []
+                    if isinstance(e, dict) and isinstance(e.get("seq"), int)
+                ]
+                if isinstance(entries, list)
+                else []
+            )
+            if not seqs or max(seqs) <= before:
+                return  # caught up (or an answer that does not move us on)
+            if self.state.cloud_seq < max(seqs):  # a gap the control plane cannot fill
+                self.state.cloud_seq = max(seqs)
+                self.state.pending_seqs = [q for q in self.state.pending_seqs if q > max(seqs)]
+                self._save()
+
+    # -- jobs -------------------------------------------------------------------------------
+
+    async def run(self) -> None:
+        """Until cancelled: start a job whenever one is due; revert when switched off."""
+        tasks = [asyncio.create_task(self.poll(), name="personalisation poll")]
+        try:
+            while True:
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self._wake.wait(), TICK_S)
+                self._wake.clear()
+                try:
+                    await self.step()
+                except (EdgedError, OSError, FormatError) as exc:
+                    log_event(log, "error", "finetune_step_failed", reason=str(exc))
+        finally:
+            for task in tasks:
+                task.cancel()
+
+    async def step(self) -> str:
+        """One decision: 'reverted', a job's verdict, or why nothing happened."""
+        if self.serving.trial_running():
+            return "busy"
+        manifest = self.serving.engine.manifest
+        lineage = manifest.personalisation
+        if not self.enabled:
+            if lineage is not None and self.state.reverted_from != self.serving.active_sha256():
+                return await self._revert()
+            return "disabled"
+        reason = self._due(lineage is None)
+        if reason is None:
+            return "waiting"
+        if not self._torch:
+            if self.last is None or self.last.get("reason") != NO_TORCH:
+                await self._report({"verdict": "failed", "reason": NO_TORCH, "trigger": reason})
+            return "failed"
+        return await self.job(reason)
+
+    def _due(self, serving_base: bool) -> str | None:
+        cfg = self._config()
+        if self.labels.count < cfg.min_labels:
+            return None
+        if serving_base and self.state.last_base not in (None, self.serving.active_sha256()):
+            return "new_base"  # re-apply personalisation on the new base at once
+        if serving_base and self.state.rebuild:
+            return "switched_on"
+        if time.time() - self.state.last_job_at < cfg.min_interval_s:
+            return None
+        if self.labels.added - self.state.mark >= cfg.min_new_labels:
+            return "labels"
+        if self._drifted and cfg.on_drift and self.labels.added > self.state.mark:
+            return "drift"
+        return None
+
+    async def job(self, trigger: str) -> str:
+        """Export the labels, run the worker, install what passes. Returns the verdict."""
+        cfg = self._config()
+        self.running = True
+        self._drifted = False
+        try:
+            self.state.mark = self.labels.added  # a job that fails waits for new labels too
+            self.state.last_job_at = time.time()
+            self.state.rebuild = False
+            try:
+                base_path, base_sha = await self._base()
+                base = read_bundle(await asyncio.to_thread(base_path.read_bytes))
+            except (OSError, FormatError, EdgedError) as exc:
+                self._save()
+                await self._report({"verdict": "failed", "reason": str(exc), "trigger": trigger})
+                return "failed"
+            self.state.jobs += 1
+            self.state.last_base = base_sha
+            self._save()
+            number = self.state.jobs
+            version = f"{base.manifest.version}+local.{number}"
+            job_dir = self.dir / "jobs" / str(number)
+            await asyncio.to_thread(self._prune_jobs)
+            async with self._applying:
+                labels = await self.labels.all()
+            spec = Job(
+                base=str(base_path),
+                base_sha256=base_sha,
+                current=str(self.serving.active_path()),
+                version=version,
+                device=self.device_id,
+                holdout_share=cfg.holdout_share,
+                min_holdout=cfg.min_holdout,
+                min_gain=cfg.min_gain,
+                max_replay_loss=cfg.max_replay_loss,
+                anchor=cfg.anchor,
+                max_iter=cfg.max_iter,
+                threads=cfg.threads,
+            )
+            await asyncio.to_thread(self._write_job, job_dir, spec, labels, base.manifest.version)
+            report: dict[str, Any] = {"trigger": trigger, "job": number}
+            report |= await self._run_worker(job_dir, cfg)
+            report["base"] = {"version": base.manifest.version, "sha256": base_sha}
+            if report["verdict"] == "accepted":
+                stale = self._stale(base_sha)
+                if stale is not None:
+                    report |= {"verdict": "discarded", "reason": stale}
+                else:
+                    report |= await self._install_candidate(job_dir, base_path, version)
+            await self._report(report)
+            return str(report["verdict"])
+        finally:
+            self.running = False
+
+    def _stale(self, base_sha: str) -> str | None:
+        """Why a finished candidate must not install now: switched off, or the cloud's model
+        changed under the worker (a local model never replaces a cloud rollout's target)."""
+        if not self.enabled:
+            return "personalisation was switched off while the worker ran"
+        lineage = self.serving.engine.manifest.personalisation
+        serving_base = self.serving.active_sha256() if lineage is None else lineage.base_sha256
+        if serving_base != base_sha:
+            return "the serving model's base changed while the worker ran"
+        return None
+
+    async def _base(self) -> tuple[Path, str]:
+        """The cloud model the serving one is (or derives from), kept in finetune/base.edb."""
+        copy = self.dir / BASE_FILE
+        lineage = self.serving.engine.manifest.personalisation
+        if lineage is None:
+            sha = self.serving.active_sha256()
+            if not copy.exists() or await asyncio.to_thread(file_sha256, copy) != sha:
+                data = await asyncio.to_thread(self.serving.active_path().read_bytes)
+                await asyncio.to_thread(atomic_write, copy, data)
+            return copy, sha
+        if not copy.exists() or await asyncio.to_thread(file_sha256, copy) != lineage.base_sha256:
+            raise EdgedError("the base of the serving personalised model is not on the device")
+        return copy, lineage.base_sha256
+
+    def _write_job(self, job_dir: Path, spec: Job, labels: list[Label], base: str) -> None:
+        shape = self.serving.engine.sample_shape
+        usable = [lb for lb in labels if tuple(lb.input.shape) == shape]
+        size = self.serving.engine.manifest.embedding
+        width = 0 if size is None else size.size
+        embedded = np.array(
+            [
+                lb.embedding is not None and lb.embedded_on == base and lb.embedding.size == width
+                for lb in usable
+            ],
+            dtype=bool,
+        )
+        embeddings = np.zeros((len(usable), width), np.float32)
+        for i, lb in enumerate(usable):
+            if embedded[i] and lb.embedding is not None:
+                embeddings[i] = lb.embedding
+        dtype = np.dtype(self.serving.engine.manifest.input.dtype)
+        labelled = JobLabels(
+            keys=np.array([lb.key for lb in usable], dtype=str),
+            x=np.stack([lb.input for lb in usable]) if usable else np.zeros((0, *shape), dtype),
+            y=np.array([lb.label for lb in usable], np.int64),
+            embeddings=embeddings,
+            embedded=embedded,
+        )
+        write_job(job_dir, spec, labelled)
+
+    def _prune_jobs(self) -> None:
+        jobs = self.dir / "jobs"
+        if not jobs.exists():
+            return
+        old = sorted((p for p in jobs.iterdir() if p.name.isdigit()), key=lambda p: int(p.name))
+        for path in old[: max(0, len(old) - KEEP_JOBS + 1)]:
+            shutil.rmtree(path, ignore_errors=True)
+
+    async def _run_worker(self, job_dir: Path, cfg: FinetuneConfig) -> dict[str, Any]:
+        """The worker's result, or `failed` when it died, timed out or wrote nothing."""
+        started = time.monotonic()
+        process = await asyncio.create_subprocess_exec(
+            sys.executable,
+            "-m",
+            "edged.finetune.launch",
+            "--nice",
+            "19",
+            "--memory-mb",
+            str(cfg.memory_mb),
+            "--threads",
+            str(cfg.threads),
+            str(job_dir),
+            stdin=asyncio.subprocess.DEVNULL,
+            stdout=asyncio.subprocess.DEVNULL,
+            stderr=asyncio.subprocess.PIPE,
+            start_new_session=True,
+        )
+        log_event(log, "info", "finetune_started", job=job_dir.name, pid=process.pid)
+        try:
+            _, stderr = await asyncio.wait_for(process.communicate(), cfg.timeout_s)
+        except TimeoutError:
+            _kill(process)
+            await process.wait()
+            return {"verdict": "failed", "reason": f"the worker ran over {cfg.timeout_s:g} s"}
+        except asyncio.CancelledError:
+            _kill(process)  # a stop: the worker does not outlive the daemon
+            raise
+        wall = round(time.monotonic() - started, 2)
+        try:
+            result = await asyncio.to_thread(read_result, job_dir)
+            if result is None:
+                raise JobError("no result.json")
+        except (OSError, JobError) as exc:
+            tail = stderr.decode(errors="replace").strip().splitlines()[-1:] if stderr else []
+            died = (
+                f"killed by signal {-process.returncode}"
+                if process.returncode is not None and process.returncode < 0
+                else f"exit status {process.returncode}"
+            )
+            reason = f"the worker left no result ({died}): {tail[0] if tail else exc}"
+            return {"verdict": "failed", "reason": reason, "wall_s": wall}
+        figures = {k: v for k, v in asdict(result).items() if k != "extra" and v is not None}
+        return {**figures, "worker_wall_s": wall}
+
+    async def _install_candidate(
+        self, job_dir: Path, base_path: Path, version: str
+    ) -> dict[str, Any]:
+        """Provenance check, then the A/B slots and health trial; the install's outcome."""
+        candidate_path = job_dir / "candidate.edb"
+        try:
+            data, base_data = await asyncio.to_thread(
+                lambda: (candidate_path.read_bytes(), base_path.read_bytes())
+            )
+            candidate, base = read_bundle(data), read_bundle(base_data)
+            lineage = candidate.manifest.personalisation
+            base_sha = hashlib.sha256(base_data).hexdigest()
+            if lineage is None or lineage.base_sha256 != base_sha:
+                raise EdgedError("the candidate does not name the device's base as its base")
+            if (
+                candidate.manifest.version != version
+                or candidate.manifest.name != base.manifest.name
+            ):
+                raise EdgedError("the candidate's name or version is not the job's")
+            if not differs_only_in_head(base.model, candidate.model, base.manifest.output.name):
+                raise EdgedError("the candidate's model differs from the base outside its head")
+            delta = _head_delta(job_dir)
+        except (OSError, FormatError, HeadPatchError, EdgedError) as exc:
+            return {"verdict": "refused", "reason": f"provenance check failed: {exc}"}
+        outcome = await self._install(
+            data,
+            hashlib.sha256(data).hexdigest(),
+            version,
+            context={"origin": "finetune", "base_version": base.manifest.version},
+        )
+        figures = {"install": outcome.result, "install_reason": outcome.reason}
+        if outcome.result == "committed":
+            self.state.reverted_from = None
+            self._save()
+            return {"verdict": "installed", **figures, "head_delta": delta}
+        return {"verdict": outcome.result, **figures}
+
+    async def _revert(self) -> str:
+        """Switched off while serving a personalised model: the base again, through the
+        slots and the trial."""
+        lineage = self.serving.engine.manifest.personalisation
+        assert lineage is not None
+        personalised = self.serving.active_sha256()
+        self.state.reverted_from = personalised  # tried once per personalised model
+        self._save()
+        copy = self.dir / BASE_FILE
+        try:
+            data = await asyncio.to_thread(copy.read_bytes)
+        except OSError as exc:
+            await self._report({"verdict": "failed", "reason": f"cannot revert: {exc}"})
+            return "failed"
+        sha = hashlib.sha256(data).hexdigest()
+        if sha != lineage.base_sha256:
+            await self._report({"verdict": "failed", "reason": "cannot revert: base changed"})
+            return "failed"
+        outcome = await self._install(
+            data, sha, lineage.base_version, context={"origin": "finetune_off"}
+        )
+
+        await self._report(
+            {
+                "verdict": "reverted" if outcome.result == "committed" else outcome.result,
+                "reason": outcome.reason,
+                "base": {"version": lineage.base_version, "sha256": sha},
+            }
+        )
+        return "reverted"
+
+    async def _report(self, report: dict[str, Any]) -> None:
+        report = {"labels": self.labels.count, **report}
+        self.last = {k: v for k, v in report.items() if k != "head_delta"}
+        await self._emit("finetune", **report)
+
+    def _save(self) -> None:
+        self.state.save(self.dir / "state.json")
+
+    def status(self) -> dict[str, Any]:
+        return {
+            "enabled": self.enabled,
+            "operator": self.state.operator,
+            "labels": self.labels.count,
+            "new_labels": self.labels.added - self.state.mark,
+            "jobs": self.state.jobs,
+            "running": self.running,
+            "refused": dict(self.refused),
+            "cloud_seq": self.state.cloud_seq,
+            "last": self.last,
+        }
+
+
+NO_TORCH = "fine-tuning needs the finetune extra (torch) installed on the device"
+
+
+def _backbone(version: str) -> str:
+    """The base version of a model version: '1.2.0+local.3' -> '1.2.0'."""
+    return version.split("+local.", 1)[0]
+
+
+def _head_delta(job_dir: Path) -> dict[str, Any]:
+    with np.load(job_dir / HEAD_DELTA_FILE) as npz:
+        weight, bias = npz["weight"].astype("<f2"), npz["bias"].astype("<f2")
+    return {
+        "dtype": "<f2",
+        "shape": list(weight.shape),
+        "weight": weight.tobytes(),
+        "bias": bias.tobytes(),
+    }
+
+
+def _kill(process: asyncio.subprocess.Process) -> None:
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(process.pid, signal.SIGKILL)
+
+
+def _log_failure(task: asyncio.Task[Any]) -> None:
+    if not task.cancelled() and task.exception() is not None:
+        log_event(log, "error", "personalisation_failed", reason=repr(task.exception()))
