@@ -20,6 +20,10 @@
    repository, a head-only fine-tune rolled out stage by stage over MQTT notifications, delta
    patches, A/B slots and health trials; one site's trial fails, it rolls back, the rollout
    pauses.
+6. On-device fine-tuning (scripts/demo_finetune.py): a tilted camera's uncertain samples are
+   labelled through the REST API, the labels reach the device over MQTT, its fine-tune worker
+   trains the head, the candidate passes the gate and the health trial, and the accuracy on
+   held-out tilted digits recovers; switched off by the operator, the cloud's model returns.
 """
 
 from __future__ import annotations
@@ -40,7 +44,8 @@ from typing import Any
 
 import numpy as np
 import paho.mqtt.client as mqtt
-from demo_fleet import fleet_act, rotated_digits
+from demo_finetune import finetune_act
+from demo_fleet import fleet_act, read_status, rotated_digits
 from demo_ota import ota_act
 from paho.mqtt.enums import CallbackAPIVersion
 from paho.mqtt.packettypes import PacketTypes
@@ -299,19 +304,6 @@ class NotifySocket:
         self.sock.close()
 
 
-def read_status(path: Path) -> dict[str, Any] | None:
-    """What `edged status --json` prints: the daemon's answer on its unix socket."""
-    try:
-        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
-            sock.settimeout(2)
-            sock.connect(str(path))
-            data = b"".join(iter(lambda: sock.recv(65536), b""))
-    except OSError:
-        return None
-    status: dict[str, Any] = json.loads(data)
-    return status
-
-
 def expect(condition: bool, failure: str, log: Path) -> None:
     if not condition:
         sys.stderr.write(log.read_text(errors="replace")[-4000:])
@@ -548,6 +540,7 @@ def main() -> int:
     daemon_act(bundles["digits"], out / "digits-test.npz", out)
     fleet_act(bundles["digits"], out / "digits-test.npz", out)
     ota_act(bundles["digits"], out / "digits-test.npz", out)
+    finetune_act(bundles["digits"], out)
     print(f"\nartifacts in {out}/")
     return 0
 

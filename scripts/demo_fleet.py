@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import socket
 import subprocess
 import sys
 import time
@@ -84,6 +85,19 @@ def _streams(test_npz: Path, work: Path) -> list[Path]:
         np.savez(path, x=data)
         paths.append(path)
     return paths
+
+
+def read_status(path: Path) -> dict[str, Any] | None:
+    """What `edged status --json` prints: the daemon's answer on its unix socket."""
+    try:
+        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
+            sock.settimeout(2)
+            sock.connect(str(path))
+            data = b"".join(iter(lambda: sock.recv(65536), b""))
+    except OSError:
+        return None
+    status: dict[str, Any] = json.loads(data)
+    return status
 
 
 def _wait(predicate: Any, timeout: float, what: str) -> Any:
