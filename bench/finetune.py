@@ -19,6 +19,10 @@ is the base model's accuracy on the upright test split and drifted on the rotate
 `forgetting_pts` is the change of accuracy on the upright test split at N = 300, in points
 (target >= -2). `recovered_all_*` trains on all N labels (no hold-out), for comparison.
 `verdict_*` is the real worker's gate verdict on the first draw of each N.
+`probe_300` / `probe_all`: the ceiling of any head on this embedding, as recovery shares: a
+scikit-learn logistic regression (C = 1) fitted to the frozen embeddings of 300 rotated digits
+(first draw) or of all of them, plus every upright training digit, scored on the rotated test
+split.
 
 `worker_s` is the real worker's wall time on the 300-label job (process start to exit, median
 of the rounds), `worker_peak_mb` its peak RSS (VmHWM, as it reports it).
@@ -94,6 +98,7 @@ def run() -> Result:
             metrics[f"recovered_{n}"] = round(float(np.mean(shares)), 4)
             metrics[f"recovered_all_{n}"] = round(float(np.mean(shares_all)), 4)
             metrics[f"upright_change_pts_{n}"] = round(100 * float(np.mean(upright)), 2)
+        metrics |= _probe(engine, pool_x, pool_y, data, test_rotated, clean, drifted)
         metrics["recovered"] = metrics["recovered_300"]
         metrics["forgetting_pts"] = metrics["upright_change_pts_300"]
         rng = np.random.default_rng(7)
@@ -125,6 +130,25 @@ def run() -> Result:
             worker="nice 19, idle I/O, 1 thread, 2048 MB address space",
         ),
     )
+
+
+def _probe(
+    engine: Any, pool_x: Any, pool_y: Any, data: Any, test_x: Any, clean: float, drifted: float
+) -> dict[str, float]:
+    """What the best linear head on the frozen embedding recovers (see the module doc)."""
+    from sklearn.linear_model import LogisticRegression
+
+    pool, test = engine.predict(pool_x).embeddings, engine.predict(test_x).embeddings
+    upright = engine.predict(data.x_train).embeddings
+    pick = np.random.default_rng(1000 * 300).choice(len(pool_x), 300, replace=False)
+    figures = {}
+    for name, rows in (("probe_300", pick), ("probe_all", np.arange(len(pool_x)))):
+        x = np.concatenate([pool[rows], upright])
+        y = np.concatenate([pool_y[rows], data.y_train])
+        fitted = LogisticRegression(C=1.0, max_iter=5000).fit(x, y)
+        accuracy = float(fitted.score(test, data.y_test))
+        figures[name] = round((accuracy - drifted) / (clean - drifted), 4)
+    return figures
 
 
 def _accuracy(engine: Any, x: npt.NDArray[Any], y: npt.NDArray[Any]) -> float:

@@ -193,9 +193,9 @@ class Daemon:
             poll_s=self.config.update.poll_s,
             bad_input=self.bad_input,
         )
-        self.pipeline.recent = personaliser.recent
+        self.pipeline.recent = personaliser.intake.recent
         self.pipeline.drift_listeners.append(personaliser.drifted)
-        self.pipeline.sinks.append(personaliser.observe)
+        self.pipeline.sinks.append(personaliser.intake.observe)
         return personaliser
 
     def _uplink(self, identity_key: Any) -> Uplink:
@@ -230,7 +230,7 @@ class Daemon:
         if name == "update" and self.updater is not None:
             self.updater.notify()
         elif name == "personalisation" and self.personaliser is not None:
-            self.personaliser.command(payload)
+            self.personaliser.intake.command(payload)
 
     def _updater(self) -> Updater | None:
         if not self.config.update.enabled or self.enrollment is None:
@@ -270,7 +270,7 @@ class Daemon:
         if cfg.local_mqtt is not None:
             handlers = {}
             if self.personaliser is not None:
-                handlers[cfg.finetune.truth_topic] = self.personaliser.truth
+                handlers[cfg.finetune.truth_topic] = self.personaliser.intake.truth
             self.bus = LocalBus(
                 cfg.local_mqtt,
                 f"{self.device_id}-local",

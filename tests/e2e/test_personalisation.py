@@ -50,6 +50,39 @@ def _uploaded(api: Any, device: str) -> list[dict[str, Any]]:
             return metas
 
 
+def _config(tmp_path: Path, short_dir: Path, state: Path, bundle: Path) -> Path:
+    """A tilted camera at 150 Hz, generous upload budgets, fine-tuning after 250 labels."""
+    config = tmp_path / "edged.toml"
+    config.write_text(
+        render_toml(
+            {
+                "device": {"state_dir": str(state), "model": str(bundle)},
+                "source": [
+                    {
+                        "kind": "replay",
+                        "name": "camera",
+                        "path": str(tmp_path / "camera.npz"),
+                        "rate_hz": 150,
+                        "loop": True,
+                    }
+                ],
+                "gating": {"budget": {"samples_per_hour": 100000, "class_per_hour": 10000}},
+                "update": {"watch_s": 3, "min_watch_samples": 30},
+                "finetune": {
+                    "enabled": True,
+                    "min_labels": 250,
+                    "min_new_labels": 250,
+                    "min_interval_s": 0,
+                },
+                "telemetry": {"interval_s": 1},
+                "outbox": {"min_free_mb": 0},
+                "status": {"socket": str(short_dir / "status.sock")},
+            }
+        )
+    )
+    return config
+
+
 def test_cloud_labels_reach_the_device_it_fine_tunes_and_the_switch_reverts_it(
     tmp_path: Path, short_dir: Path, mosquitto_binary: str, digits_build: Any
 ) -> None:
@@ -78,34 +111,7 @@ def test_cloud_labels_reach_the_device_it_fine_tunes_and_the_switch_reverts_it(
         state = tmp_path / "state"
         enrolled = edged_enroll(cp.url, cp.enrollment_token("tilted"), state)
         assert enrolled.returncode == 0, enrolled.stderr
-        config = tmp_path / "edged.toml"
-        config.write_text(
-            render_toml(
-                {
-                    "device": {"state_dir": str(state), "model": str(out / report.bundle)},
-                    "source": [
-                        {
-                            "kind": "replay",
-                            "name": "camera",
-                            "path": str(tmp_path / "camera.npz"),
-                            "rate_hz": 150,
-                            "loop": True,
-                        }
-                    ],
-                    "gating": {"budget": {"samples_per_hour": 100000, "class_per_hour": 10000}},
-                    "update": {"watch_s": 3, "min_watch_samples": 30},
-                    "finetune": {
-                        "enabled": True,
-                        "min_labels": 250,
-                        "min_new_labels": 250,
-                        "min_interval_s": 0,
-                    },
-                    "telemetry": {"interval_s": 1},
-                    "outbox": {"min_free_mb": 0},
-                    "status": {"socket": str(short_dir / "status.sock")},
-                }
-            )
-        )
+        config = _config(tmp_path, short_dir, state, out / report.bundle)
         with cp.api(cp.admin_token) as api:
             with DaemonProcess(config, tmp_path) as daemon:
                 daemon.wait_ready()

@@ -265,7 +265,7 @@ async def test_commands_reach_the_device_and_survive_a_reconnect(
                     connects = uplink.stats.connects
                     fault_proxy.cut()
                     # the reconnect can be quicker than a poll of `connected`: count connects
-                    await asyncio.wait_for(until(lambda: uplink.stats.connects > connects), 20)
+                    await asyncio.wait_for(until(lambda c=connects: uplink.stats.connects > c), 20)
             sender.publish("edged/v1/dev-other/cmd/update", b"{}", qos=1)
             await asyncio.sleep(0.3)
         finally:
