@@ -33,7 +33,6 @@ from __future__ import annotations
 import hashlib
 import json
 import subprocess
-import sys
 import tempfile
 import threading
 import time
@@ -44,6 +43,7 @@ import numpy as np
 import numpy.typing as npt
 
 from bench.common import Result, conditions, median, percentile
+from edged.finetune.launch import worker_command
 
 __all__ = ["run"]
 
@@ -208,18 +208,7 @@ def _job(
 def _run_worker(job_dir: Path) -> tuple[dict[str, Any], float, subprocess.Popen[bytes]]:
     started = time.monotonic()
     process = subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "edged.finetune.launch",
-            "--nice",
-            "19",
-            "--memory-mb",
-            "2048",
-            "--threads",
-            "1",
-            str(job_dir),
-        ],
+        worker_command(job_dir, nice=19, memory_mb=2048, threads=1),
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
     )

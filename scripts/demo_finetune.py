@@ -29,7 +29,7 @@ from typing import Any
 import httpx
 import numpy as np
 import paho.mqtt.client as mqtt
-from demo_fleet import _ready, _run, _wait, device_config, read_status
+from demo_fleet import _ready, _run, _wait, device_config, enrol_device, read_status
 from paho.mqtt.enums import CallbackAPIVersion
 
 from control_plane.local_broker import MosquittoBroker, free_port
@@ -136,7 +136,8 @@ def finetune_act(bundle: Path, out: Path) -> None:
                 base_url=url, headers={"Authorization": f"Bearer {admin}"}, timeout=30
             )
             _wait(lambda: _ready(url), 30, "the control plane was not ready")
-            device, state = _enrol(api, url, work, env)
+            state = work / "device"
+            device = enrol_device(api, url, GROUP, ["tilted"], state, env)
             config = work / "device.toml"
             policy = FINETUNE_POLICY.replace("{local_port}", str(local.port))
             device_config(config, bundle, work / "camera.npz", state, rate_hz=150, sections=policy)
@@ -161,23 +162,6 @@ def finetune_act(bundle: Path, out: Path) -> None:
             server.terminate()
             server.wait(20)
     print("  daemon and control plane stopped (SIGTERM)")
-
-
-def _enrol(api: httpx.Client, url: str, work: Path, env: dict[str, str]) -> tuple[str, Path]:
-    token = api.post("/v1/enrollment-tokens", json={"group": GROUP, "tags": ["tilted"]})
-    state = work / "device"
-    _run(
-        str(BIN / "edged"),
-        "enroll",
-        "--url",
-        url,
-        "--token",
-        token.json()["token"],
-        "--state-dir",
-        str(state),
-        env=env,
-    )
-    return json.loads((state / "enrollment.json").read_text())["device_id"], state
 
 
 def _status(state: Path) -> dict[str, Any]:

@@ -100,6 +100,25 @@ def read_status(path: Path) -> dict[str, Any] | None:
     return status
 
 
+def enrol_device(
+    api: httpx.Client, url: str, group: str, tags: list[str], state: Path, env: dict[str, str]
+) -> str:
+    """A one-time enrollment token from the API, then `edged enroll`; the new device id."""
+    token = api.post("/v1/enrollment-tokens", json={"group": group, "tags": tags})
+    _run(
+        str(BIN / "edged"),
+        "enroll",
+        "--url",
+        url,
+        "--token",
+        token.json()["token"],
+        "--state-dir",
+        str(state),
+        env=env,
+    )
+    return str(json.loads((state / "enrollment.json").read_text())["device_id"])
+
+
 def _wait(predicate: Any, timeout: float, what: str) -> Any:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:

@@ -12,7 +12,6 @@ to 1.0.0 and the rollout pauses with that reason.
 
 from __future__ import annotations
 
-import json
 import os
 import shutil
 import subprocess
@@ -23,7 +22,7 @@ from typing import Any
 
 import httpx
 import numpy as np
-from demo_fleet import _ready, _run, _wait, device_config
+from demo_fleet import _ready, _run, _wait, device_config, enrol_device
 from ota_story import MAX_CONFIDENCE_DROP, SITES, site_stream, tilted_update
 
 from control_plane.local_broker import free_port
@@ -132,20 +131,8 @@ def _enrol_sites(
     ids = []
     print(f"\n== four sites enrol ({', '.join(SITES)}) and serve 1.0.0")
     for index, site in enumerate(SITES):
-        token = api.post("/v1/enrollment-tokens", json={"group": GROUP, "tags": [site]})
         state = work / f"site-{index}"
-        _run(
-            str(BIN / "edged"),
-            "enroll",
-            "--url",
-            url,
-            "--token",
-            token.json()["token"],
-            "--state-dir",
-            str(state),
-            env=env,
-        )
-        ids.append(json.loads((state / "enrollment.json").read_text())["device_id"])
+        ids.append(enrol_device(api, url, GROUP, [site], state, env))
         stream = work / f"site-{index}.npz"
         np.savez(stream, x=site_stream(site, x, y))
         config = work / f"site-{index}.toml"

@@ -10,17 +10,34 @@ import os
 import resource
 import sys
 from collections.abc import Sequence
-
-import psutil
+from pathlib import Path
 
 from edged.ota.slots import fault_point
 
 THREAD_ENV = ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS")
 
 
+def worker_command(job_dir: Path, *, nice: int, memory_mb: int, threads: int) -> list[str]:
+    """The command line that starts the worker on `job_dir` through this launcher."""
+    return [
+        sys.executable,
+        "-m",
+        "edged.finetune.launch",
+        "--nice",
+        str(nice),
+        "--memory-mb",
+        str(memory_mb),
+        "--threads",
+        str(threads),
+        str(job_dir),
+    ]
+
+
 def lower_priority(nice: int, memory_mb: int, threads: int) -> None:
     """This process from now on (and whatever it execs): nice `nice`, idle I/O, at most
     `memory_mb` MiB of address space, `threads` compute threads."""
+    import psutil  # the finetune extra; the daemon imports this module without it
+
     os.nice(max(0, nice - os.nice(0)))
     if hasattr(psutil, "IOPRIO_CLASS_IDLE"):  # Linux
         psutil.Process().ionice(psutil.IOPRIO_CLASS_IDLE)

@@ -15,7 +15,6 @@ import importlib.util
 import os
 import shutil
 import signal
-import sys
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import asdict
@@ -36,6 +35,7 @@ from edged.finetune.intake import (
     log,
 )
 from edged.finetune.job import HEAD_DELTA_FILE, Job, JobError, JobLabels, read_result, write_job
+from edged.finetune.launch import worker_command
 from edged.labels import Label, LabelStore
 from edged.logs import RateLimitedLog, log_event
 from edged.ota.slots import file_sha256
@@ -284,16 +284,7 @@ class Personaliser:
         """The worker's result, or `failed` when it died, timed out or wrote nothing."""
         started = time.monotonic()
         process = await asyncio.create_subprocess_exec(
-            sys.executable,
-            "-m",
-            "edged.finetune.launch",
-            "--nice",
-            "19",
-            "--memory-mb",
-            str(cfg.memory_mb),
-            "--threads",
-            str(cfg.threads),
-            str(job_dir),
+            *worker_command(job_dir, nice=19, memory_mb=cfg.memory_mb, threads=cfg.threads),
             stdin=asyncio.subprocess.DEVNULL,
             stdout=asyncio.subprocess.DEVNULL,
             stderr=asyncio.subprocess.PIPE,
