@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import os
 import signal
+import sqlite3
 import tempfile
 import threading
 import time
@@ -51,6 +52,7 @@ def rotated() -> dict[str, np.ndarray]:
         "pool_y": np.concatenate([data.y_train, data.y_val]),
         "test_x": rotated(data.x_test, DEGREES),
         "test_y": data.y_test,
+        "clean_x": data.x_test,
     }
 
 
@@ -84,7 +86,13 @@ class TruthTeller:
 
 
 def _config(
-    tmp_path: Path, short_dir: Path, digits_build: Any, mosquitto: Any, data: dict[str, Any], **ft
+    tmp_path: Path,
+    short_dir: Path,
+    digits_build: Any,
+    mosquitto: Any,
+    data: dict[str, Any],
+    update: dict[str, Any] | None = None,
+    **ft: Any,
 ) -> tuple[Path, str, str]:
     out, report = digits_build
     np.savez(tmp_path / "pool.npz", x=data["pool_x"])
@@ -126,7 +134,7 @@ def _config(
                 },
                 "uplink": {"host": mosquitto.host, "port": mosquitto.port},
                 "outbox": {"min_free_mb": 0},
-                "update": {"watch_s": 3, "min_watch_samples": 30},
+                "update": {"watch_s": 3, "min_watch_samples": 30, **(update or {})},
                 "finetune": finetune,
                 "status": {"socket": str(short_dir / "status.sock")},
                 "telemetry": {"interval_s": 60},
@@ -240,6 +248,7 @@ def test_shuffled_ground_truth_is_refused_and_nothing_installs(
             assert daemon.terminate() == 0
     finally:
         teller.close()
+    assert _label_sources(tmp_path) == {"local"}  # pseudo-labels are off by default
 
 
 @pytest.mark.parametrize("step", WORKER_STEPS)
@@ -291,3 +300,77 @@ def _stopped_worker(daemon: DaemonProcess) -> psutil.Process | None:
         except psutil.NoSuchProcess:
             continue
     return None
+
+
+def test_a_new_base_is_personalised_again_from_the_label_store(
+    tmp_path, short_dir, digits_build, mosquitto, rotated
+) -> None:
+    """The cloud's model stays the base: a new base installed over a personalised model (here
+    a changed `device.model` and SIGHUP, the same install path as an OTA update) is
+    personalised again from the stored labels, and the lineage names the new base."""
+    from edged.finetune.export import head_updated_bundle
+    from edged_formats import read_bundle
+
+    out, report = digits_build
+    base = read_bundle((out / report.bundle).read_bytes())
+    weight, bias = base.head_weights()
+    newer = head_updated_bundle(base, weight * 1.01, bias, base.canary_inputs, "1.1.0")
+    (tmp_path / "newer.edb").write_bytes(newer)
+    # the cloud's new model may be less confident on this camera: its trial lets it through
+    config, results_topic, truth_topic = _config(
+        tmp_path,
+        short_dir,
+        digits_build,
+        mosquitto,
+        rotated,
+        update={"max_confidence_drop": 1.0},
+    )
+    teller = TruthTeller(
+        mosquitto.host, mosquitto.port, results_topic, truth_topic, rotated["pool_y"]
+    )
+    try:
+        with DaemonProcess(config, tmp_path) as daemon:
+            daemon.wait_ready()
+            daemon.wait_for(lambda: _settled_on(daemon, BASE), 120, "1.0.0 personalised")
+            teller.close()  # no new labels from here: what follows comes from the store
+            text = config.read_text()
+            config.write_text(text.replace(str(out / report.bundle), str(tmp_path / "newer.edb")))
+            daemon.signal(signal.SIGHUP)
+            daemon.wait_for(lambda: _settled_on(daemon, "1.1.0"), 120, "1.1.0 personalised")
+            status = daemon.status()
+            assert status["model"]["version"].startswith("1.1.0+local.")
+            assert status["finetune"]["last"]["trigger"] == "new_base", status["finetune"]
+            assert status["finetune"]["last"]["base"]["version"] == "1.1.0"
+            assert daemon.terminate() == 0
+    finally:
+        teller.close()
+
+
+def _settled_on(daemon: DaemonProcess, base: str) -> bool:
+    status = daemon.status()
+    return status["model"]["base"] == base and not status["slots"]["trial"]
+
+
+def test_pseudo_labels_label_confident_results_when_turned_on(
+    tmp_path, short_dir, digits_build, mosquitto, rotated
+) -> None:
+    upright = {**rotated, "pool_x": rotated["clean_x"]}  # confident traffic, no ground truth
+    config, _, _ = _config(
+        tmp_path,
+        short_dir,
+        digits_build,
+        mosquitto,
+        upright,
+        pseudo_label_confidence=0.9,
+        min_labels=1000000,
+    )
+    with DaemonProcess(config, tmp_path) as daemon:
+        daemon.wait_ready()
+        daemon.wait_for(lambda: daemon.status()["finetune"]["labels"] >= 20, 60, "pseudo-labels")
+        assert daemon.terminate() == 0
+    assert _label_sources(tmp_path) == {"pseudo"}
+
+
+def _label_sources(tmp_path: Path) -> set[str]:
+    with sqlite3.connect(tmp_path / "state" / "labels.db") as db:
+        return {row[0] for row in db.execute("SELECT source FROM labels")}
