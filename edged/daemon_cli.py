@@ -48,7 +48,8 @@ def _show(status: dict[str, Any]) -> None:
     model, counts, gating = status["model"], status["counts"], status["gating"]
     drift, outbox, uplink = status["drift"], status["outbox"], status["uplink"]
     print(f"device   {status['device_id']}  ({status['state']}, up {status['uptime_s']} s)")
-    print(f"model    {model['name']} {model['version']}")
+    base = f" (personalised, base {model['base']})" if model.get("base") else ""
+    print(f"model    {model['name']} {model['version']}{base}")
     slots = status.get("slots")
     if slots:
         trial = slots.get("trial")
@@ -67,6 +68,15 @@ def _show(status: dict[str, Any]) -> None:
         print(
             f"update   {update['checks']} checks, last {update['last_check']}"
             + (f": {update['reason']}" if update.get("reason") else "")
+        )
+    finetune = status.get("finetune")
+    if finetune:
+        last = finetune.get("last") or {}
+        print(
+            f"finetune {'on' if finetune['enabled'] else 'off'}, {finetune['labels']} labels"
+            f" ({finetune['new_labels']} new), {finetune['jobs']} jobs"
+            + (", worker running" if finetune["running"] else "")
+            + (f", last {last['verdict']}: {last.get('reason')}" if last else "")
         )
     print(f"rate     {status['rate_per_s']} samples/s, queue {status['queue_depth']}")
     print("counts   " + ", ".join(f"{k} {v}" for k, v in counts.items()))

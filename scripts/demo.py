@@ -45,13 +45,14 @@ from typing import Any
 import numpy as np
 import paho.mqtt.client as mqtt
 from demo_finetune import finetune_act
-from demo_fleet import fleet_act, read_status, rotated_digits
+from demo_fleet import fleet_act, read_status
 from demo_ota import ota_act
 from paho.mqtt.enums import CallbackAPIVersion
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 
 from control_plane.local_broker import MosquittoBroker
+from control_plane.toolchain.datasets import rotated
 from edged.identity import DeviceIdentity
 from edged_formats import WireError, decode_batch
 
@@ -123,7 +124,7 @@ def drifted_stream(test_npz: Path, path: Path) -> int:
     """The held-out digits twice as they are, then the same twice rotated by 30° (bilinear,
     rounded and clipped to 0..16 as in docs/drift.md). Returns the first rotated sample's index."""
     x = np.load(test_npz)["x"]
-    turned = rotated_digits(x)
+    turned = rotated(x, 30)
     np.savez(path, x=np.concatenate([x, x, turned, turned]))
     return 2 * len(x)
 

@@ -46,8 +46,8 @@ LABELS_NEEDED = 300
 class Accuracy:
     """A local consumer of the results topic: accuracy on the held-out frames, per model."""
 
-    def __init__(self, host: str, port: int, truth: np.ndarray, held_out_from: int) -> None:
-        self.truth, self.held_out_from = truth, held_out_from
+    def __init__(self, host: str, port: int, truth: np.ndarray, held_out: np.ndarray) -> None:
+        self.truth, self.held_out = truth, held_out
         self.hits: dict[str, list[int]] = defaultdict(lambda: [0, 0])
         self.lock = threading.Lock()
         subscribed = threading.Event()
@@ -63,7 +63,7 @@ class Accuracy:
     def _on_message(self, _client: Any, _userdata: Any, message: Any) -> None:
         result = json.loads(message.payload)
         ref = int(result["ref"])
-        if ref >= self.held_out_from:
+        if self.held_out[ref]:
             with self.lock:
                 seen = self.hits[result["model"]]
                 seen[0] += int(result["top1"]) == int(self.truth[ref])
@@ -108,9 +108,17 @@ def finetune_act(bundle: Path, out: Path) -> None:
     shutil.rmtree(work, ignore_errors=True)
     work.mkdir(parents=True)
     data = digits_dataset()
-    pool_x = rotated(np.concatenate([data.x_train, data.x_val]), DEGREES)
-    stream = np.concatenate([pool_x, rotated(data.x_test, DEGREES)])
-    truth = np.concatenate([data.y_train, data.y_val, data.y_test])
+    pool = len(data.x_train) + len(data.x_val)
+    frames = rotated(np.concatenate([data.x_train, data.x_val, data.x_test]), DEGREES)
+    labels = np.concatenate([data.y_train, data.y_val, data.y_test])
+    # the held-out test frames (never labelled) interleaved with the ones to label, from the start
+    order = np.argsort(
+        np.concatenate(
+            [np.arange(pool) / pool, (np.arange(len(data.x_test)) + 0.5) / len(data.x_test)]
+        ),
+        kind="stable",
+    )
+    stream, truth, held_out = frames[order], labels[order], order >= pool
     np.savez(work / "camera.npz", x=stream)
     port = free_port()
     env = {
@@ -130,7 +138,7 @@ def finetune_act(bundle: Path, out: Path) -> None:
     ):
         server = subprocess.Popen([cp, "serve"], env=env, stdout=cp_log, stderr=subprocess.STDOUT)
         daemon: subprocess.Popen[bytes] | None = None
-        accuracy = Accuracy(local.host, local.port, truth, held_out_from=len(pool_x))
+        accuracy = Accuracy(local.host, local.port, truth, held_out)
         try:
             api = httpx.Client(
                 base_url=url, headers={"Authorization": f"Bearer {admin}"}, timeout=30
@@ -149,7 +157,7 @@ def finetune_act(bundle: Path, out: Path) -> None:
                 stderr=subprocess.STDOUT,
             )
             print(f"  device {device} enrolled; its camera is tilted by {DEGREES}°")
-            _label_until_tuned(api, bundle, device, state, truth, len(pool_x), accuracy)
+            _label_until_tuned(api, bundle, device, state, truth, held_out, accuracy)
             _switch_off(api, device, state, accuracy)
         finally:
             accuracy.close()
@@ -174,7 +182,7 @@ def _label_until_tuned(
     device: str,
     state: Path,
     truth: np.ndarray,
-    labelable: int,
+    held_out: np.ndarray,
     accuracy: Accuracy,
 ) -> None:
     """The annotator: label every uploaded uncertain sample of the tilted camera (by its ref)
@@ -188,7 +196,7 @@ def _label_until_tuned(
         model = status.get("model") or {}
         base = base or model.get("version", "")
         finetune = status.get("finetune") or {}
-        batch = _unlabelled(api, device, labelled, truth, labelable)
+        batch = _unlabelled(api, device, labelled, truth, held_out)
         if batch:
             posted = api.post(f"/v1/devices/{device}/labels", json={"labels": batch})
             if posted.status_code != 202:
@@ -224,7 +232,7 @@ def _label_until_tuned(
 
 
 def _unlabelled(
-    api: httpx.Client, device: str, labelled: set[str], truth: np.ndarray, labelable: int
+    api: httpx.Client, device: str, labelled: set[str], truth: np.ndarray, held_out: np.ndarray
 ) -> list[dict[str, str]]:
     """The annotator's next batch: uploaded samples of the labelled part of the stream not
     labelled yet, with their true digit (up to twice what the device needs)."""
@@ -237,7 +245,7 @@ def _unlabelled(
         page = api.get("/v1/samples", params=params).json()
         for sample in page["items"]:
             meta = sample["meta"]
-            if meta["id"] not in labelled and int(meta["ref"]) < labelable:
+            if meta["id"] not in labelled and not held_out[int(meta["ref"])]:
                 batch.append({"sample_id": meta["id"], "label": str(truth[int(meta["ref"])])})
         cursor = page.get("next_cursor")
         if not cursor:

@@ -21,9 +21,9 @@ from typing import Any
 import httpx
 import numpy as np
 from nacl.signing import SigningKey
-from scipy.ndimage import rotate
 
 from control_plane.local_broker import free_port
+from control_plane.toolchain.datasets import rotated
 from edged_formats.enrollment import prove_possession
 
 BIN = Path(sys.executable).parent
@@ -68,17 +68,9 @@ socket = {json.dumps(str(state / "status.sock"))}
     )
 
 
-def rotated_digits(x: np.ndarray, degrees: float = 30) -> np.ndarray:
-    """Digits rotated (bilinear), rounded and clipped to 0..16 as in docs/drift.md."""
-    turned = np.stack(
-        [np.rint(rotate(d.astype(np.float32), degrees, reshape=False, order=1)) for d in x]
-    )
-    return np.clip(turned, 0, 16).astype(x.dtype)
-
-
 def _streams(test_npz: Path, work: Path) -> list[Path]:
     x = np.load(test_npz)["x"]
-    turned = rotated_digits(x)
+    turned = rotated(x, 30)
     paths = []
     for name, data in (("clean", x), ("clean", x), ("rotated", np.concatenate([x[:150], turned]))):
         path = work / f"{name}-{len(paths)}.npz"

@@ -26,9 +26,9 @@ NEW_VERSION = "1.1.0"
 
 
 def _tilted(x: npt.NDArray[Any]) -> npt.NDArray[Any]:
-    from scripts.demo_fleet import rotated_digits
+    from control_plane.toolchain.datasets import rotated
 
-    return rotated_digits(x, TILT_DEG)
+    return rotated(x, TILT_DEG)
 
 
 def site_stream(site: str, x: npt.NDArray[Any], y: npt.NDArray[Any]) -> npt.NDArray[Any]:

@@ -11,6 +11,8 @@ import json
 import os
 import signal
 import sqlite3
+import subprocess
+import sys
 import tempfile
 import threading
 import time
@@ -191,6 +193,21 @@ def test_drifted_device_fine_tunes_passes_the_gate_and_recovers(
                     "version": f"{BASE}+local.1",
                     "base": BASE,
                 }, (status["finetune"], daemon.log()[-3000:])
+                shown = subprocess.run(
+                    [
+                        sys.executable,
+                        "-m",
+                        "edged.cli",
+                        "status",
+                        "--socket",
+                        str(short_dir / "status.sock"),
+                    ],
+                    capture_output=True,
+                    text=True,
+                    check=True,
+                ).stdout
+                assert f"{BASE}+local.1 (personalised, base {BASE})" in shown, shown
+                assert "finetune on, " in shown and "last installed" in shown, shown
                 n_after = len(results.messages)
                 results.wait_for(lambda m: len(m) >= n_after + 250, 30)  # traffic on the new one
                 assert daemon.terminate() == 0
