@@ -39,7 +39,7 @@ from edged.config import (
     load_config,
 )
 from edged.engine import Engine, EngineOptions
-from edged.enrollment import API_TOKEN_FILE, load_enrollment
+from edged.enrollment import load_enrollment
 from edged.errors import EdgedError
 from edged.finetune.manager import HttpPersonalisation, Personaliser
 from edged.health import HealthProbe
@@ -176,9 +176,10 @@ class Daemon:
         state_dir = self.config.device.state_dir
         control = None
         if self.enrollment is not None:
-            token = (state_dir / API_TOKEN_FILE).read_text(encoding="utf-8").strip()
             control = HttpPersonalisation(
-                self.enrollment.url, token, timeout_s=self.config.update.timeout_s
+                self.enrollment.url,
+                self.enrollment.api_token(state_dir),
+                timeout_s=self.config.update.timeout_s,
             )
         personaliser = Personaliser(
             lambda: self.config.finetune,

@@ -54,6 +54,10 @@ class Enrollment:
     def password_file(self, state_dir: Path) -> Path:
         return state_dir / PASSWORD_FILE
 
+    def api_token(self, state_dir: Path) -> str:
+        """The device's API token for the control plane, as `edged enroll` stored it."""
+        return (state_dir / API_TOKEN_FILE).read_text(encoding="utf-8").strip()
+
 
 def _problem(response: httpx.Response) -> str:
     try:

@@ -188,7 +188,7 @@ class LabelIntake:
             not isinstance(message, dict)
             or not isinstance(message.get("label"), str)
             or not any(isinstance(message.get(k), str) for k in ("sample_id", "ref"))
-            or not isinstance(message.get("source", ""), str)
+            or not all(isinstance(message.get(k, ""), str) for k in ("sample_id", "ref", "source"))
         ):
             self._refuse("malformed", 'a truth message needs "label" and "sample_id" or "ref"')
             return

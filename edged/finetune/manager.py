@@ -34,7 +34,15 @@ from edged.finetune.intake import (
     Serving,
     log,
 )
-from edged.finetune.job import HEAD_DELTA_FILE, Job, JobError, JobLabels, read_result, write_job
+from edged.finetune.job import (
+    CANDIDATE_FILE,
+    HEAD_DELTA_FILE,
+    Job,
+    JobError,
+    JobLabels,
+    read_result,
+    write_job,
+)
 from edged.finetune.launch import worker_command
 from edged.labels import Label, LabelStore
 from edged.logs import RateLimitedLog, log_event
@@ -109,6 +117,11 @@ class Personaliser:
         lineage = self.serving.engine.manifest.personalisation
         return None if lineage is None else (lineage.base_sha256, self.dir / BASE_FILE)
 
+    def _base_sha256(self) -> str:
+        """The digest of the cloud model the serving one is, or derives from."""
+        lineage = self.serving.engine.manifest.personalisation
+        return self.serving.active_sha256() if lineage is None else lineage.base_sha256
+
     def drifted(self, _alarm: dict[str, Any]) -> None:
         """A drift listener: a drift event may start a job (`on_drift`)."""
         self._drifted = True
@@ -136,8 +149,7 @@ class Personaliser:
         """One decision: 'reverted', a job's verdict, or why nothing happened."""
         if self.serving.trial_running():
             return "busy"
-        manifest = self.serving.engine.manifest
-        lineage = manifest.personalisation
+        lineage = self.serving.engine.manifest.personalisation
         if not self.enabled:
             if lineage is not None and self.state.reverted_from != self.serving.active_sha256():
                 return await self._revert()
@@ -151,13 +163,13 @@ class Personaliser:
             return "failed"
         return await self.job(reason)
 
-    def _due(self, serving_base: bool) -> str | None:
+    def _due(self, serving_cloud_model: bool) -> str | None:
         cfg = self._config()
         if self.labels.count < cfg.min_labels:
             return None
-        if serving_base and self.state.last_base not in (None, self.serving.active_sha256()):
+        if serving_cloud_model and self.state.last_base not in (None, self._base_sha256()):
             return "new_base"  # re-apply personalisation on the new base at once
-        if serving_base and self.state.rebuild:
+        if serving_cloud_model and self.state.rebuild:
             return "switched_on"
         if time.time() - self.state.last_job_at < cfg.min_interval_s:
             return None
@@ -226,42 +238,31 @@ class Personaliser:
         changed under the worker (a local model never replaces a cloud rollout's target)."""
         if not self.enabled:
             return "personalisation was switched off while the worker ran"
-        lineage = self.serving.engine.manifest.personalisation
-        serving_base = self.serving.active_sha256() if lineage is None else lineage.base_sha256
-        if serving_base != base_sha:
+        if self._base_sha256() != base_sha:
             return "the serving model's base changed while the worker ran"
         return None
 
     async def _base(self) -> tuple[Path, str]:
         """The cloud model the serving one is (or derives from), kept in finetune/base.edb."""
-        copy = self.dir / BASE_FILE
-        lineage = self.serving.engine.manifest.personalisation
-        if lineage is None:
-            sha = self.serving.active_sha256()
-            if not copy.exists() or await asyncio.to_thread(file_sha256, copy) != sha:
-                data = await asyncio.to_thread(self.serving.active_path().read_bytes)
-                await asyncio.to_thread(atomic_write, copy, data)
+        copy, sha = self.dir / BASE_FILE, self._base_sha256()
+        if copy.exists() and await asyncio.to_thread(file_sha256, copy) == sha:
             return copy, sha
-        if not copy.exists() or await asyncio.to_thread(file_sha256, copy) != lineage.base_sha256:
+        if self.serving.engine.manifest.personalisation is not None:
             raise EdgedError("the base of the serving personalised model is not on the device")
-        return copy, lineage.base_sha256
+        data = await asyncio.to_thread(self.serving.active_path().read_bytes)
+        await asyncio.to_thread(atomic_write, copy, data)
+        return copy, sha
 
     def _write_job(self, job_dir: Path, spec: Job, labels: list[Label], base: str) -> None:
         shape = self.serving.engine.sample_shape
         usable = [lb for lb in labels if tuple(lb.input.shape) == shape]
         size = self.serving.engine.manifest.embedding
         width = 0 if size is None else size.size
-        embedded = np.array(
-            [
-                lb.embedding is not None and lb.embedded_on == base and lb.embedding.size == width
-                for lb in usable
-            ],
-            dtype=bool,
-        )
+        embedded = np.zeros(len(usable), bool)
         embeddings = np.zeros((len(usable), width), np.float32)
         for i, lb in enumerate(usable):
-            if embedded[i] and lb.embedding is not None:
-                embeddings[i] = lb.embedding
+            if lb.embedding is not None and lb.embedded_on == base and lb.embedding.size == width:
+                embedded[i], embeddings[i] = True, lb.embedding
         dtype = np.dtype(self.serving.engine.manifest.input.dtype)
         labelled = JobLabels(
             keys=np.array([lb.key for lb in usable], dtype=str),
@@ -321,7 +322,7 @@ class Personaliser:
         self, job_dir: Path, base_path: Path, version: str
     ) -> dict[str, Any]:
         """Provenance check, then the A/B slots and health trial; the install's outcome."""
-        candidate_path = job_dir / "candidate.edb"
+        candidate_path = job_dir / CANDIDATE_FILE
         try:
             data, base_data = await asyncio.to_thread(
                 lambda: (candidate_path.read_bytes(), base_path.read_bytes())

@@ -26,7 +26,7 @@ import httpx
 
 from edged.atomic import atomic_write
 from edged.config import Config
-from edged.enrollment import API_TOKEN_FILE, Enrollment
+from edged.enrollment import Enrollment
 from edged.errors import EdgedError
 from edged.ota.client import Fetched, UpdateClient, UpdatePolicy
 from edged.ota.fetcher import FetchError, HttpFetcher
@@ -306,7 +306,7 @@ def updater_for(
 ) -> Updater:
     """The daemon's updater: the enrolled control plane's repository and assignment routes."""
     state_dir, update = config.device.state_dir, config.update
-    token = (state_dir / API_TOKEN_FILE).read_text(encoding="utf-8").strip()
+    token = enrollment.api_token(state_dir)
     policy = UpdatePolicy(
         hardware=update.hardware,
         channel=update.channel,

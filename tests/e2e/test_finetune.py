@@ -235,9 +235,9 @@ def test_drifted_device_fine_tunes_passes_the_gate_and_recovers(
     # inference kept answering while the worker ran: results arrived throughout
     assert running_at, "the worker was never seen running"
     span = running_at[-1] - running_at[0]
-    if span >= 0.5:
-        rate = (arrivals[-1] - arrivals[0]) / span
-        assert rate >= 0.5 * 260, f"{rate:.0f} results/s while fine-tuning, nominal 260"
+    assert span >= 0.5, f"the worker was seen running for {span:.2f} s only"
+    rate = (arrivals[-1] - arrivals[0]) / span
+    assert rate >= 0.5 * 260, f"{rate:.0f} results/s while fine-tuning, nominal 260"
 
 
 def test_shuffled_ground_truth_is_refused_and_nothing_installs(

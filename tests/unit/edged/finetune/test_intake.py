@@ -70,7 +70,14 @@ async def test_labels_find_their_sample_by_id_or_ref_and_refusals_are_counted(in
 
 @pytest.mark.parametrize(
     "payload",
-    [b"not json", b"[1, 2]", b'{"label": "3"}', b'{"ref": "r1"}', b'{"ref": "r1", "label": 3}'],
+    [
+        b"not json",
+        b"[1, 2]",
+        b'{"label": "3"}',
+        b'{"ref": "r1"}',
+        b'{"ref": "r1", "label": 3}',
+        b'{"sample_id": 5, "ref": "r1", "label": "3"}',
+    ],
 )
 async def test_malformed_truth_messages_are_counted_not_stored(intake, payload) -> None:
     await intake.truth(payload)
