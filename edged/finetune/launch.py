@@ -33,6 +33,18 @@ def worker_command(job_dir: Path, *, nice: int, memory_mb: int, threads: int) ->
     ]
 
 
+def no_result_reason(returncode: int | None, stderr: bytes, fallback: str) -> str:
+    """Why a worker that ended without a result.json failed, in one sentence: how it ended
+    and the last line it wrote on stderr (else `fallback`)."""
+    tail = stderr.decode(errors="replace").strip().splitlines()[-1:] if stderr else []
+    died = (
+        f"killed by signal {-returncode}"
+        if returncode is not None and returncode < 0
+        else f"exit status {returncode}"
+    )
+    return f"the worker left no result ({died}): {tail[0] if tail else fallback}"
+
+
 def lower_priority(nice: int, memory_mb: int, threads: int) -> None:
     """This process from now on (and whatever it execs): nice `nice`, idle I/O, at most
     `memory_mb` MiB of address space, `threads` compute threads."""
