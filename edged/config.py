@@ -179,7 +179,9 @@ class FinetuneConfig(_Section, frozen=True):
     allows it). A job starts once `min_labels` labels are stored and `min_new_labels` arrived
     since the last job (or a drift event fired with at least `min_labels`), at most every
     `min_interval_s`. The worker runs at low priority with `threads` threads, an address-space
-    cap of `memory_mb` and a `timeout_s` wall clock. A candidate installs only if it beats the
+    cap of `memory_mb` and a `timeout_s` wall clock, as the daemon's child process
+    (`launcher = "process"`) or handed to the edged-finetune systemd units (`"systemd"`, which
+    must start it within `systemd_start_s`). A candidate installs only if it beats the
     serving model on the hold-out by `min_gain` and loses at most `max_replay_loss` on the
     bundle's replay set against the base. `pseudo_label_confidence` > 0 turns results at least
     that confident into labels of their own top-1: risky, off by default."""
@@ -204,6 +206,8 @@ class FinetuneConfig(_Section, frozen=True):
     threads: Annotated[int, Meta(ge=1, le=64)] = 1
     memory_mb: Annotated[int, Meta(ge=256, le=1 << 20)] = 2048
     timeout_s: Annotated[float, Meta(gt=0, le=86_400)] = 1800.0
+    launcher: Literal["process", "systemd"] = "process"
+    systemd_start_s: Annotated[float, Meta(gt=0, le=3600)] = 60.0
 
 
 class TelemetryConfig(_Section, frozen=True):

@@ -85,6 +85,8 @@ class PersonalisationState:
     operator: bool | None = None  # the operator's switch, as last heard
     reverted_from: str | None = None  # the personalised sha256 a switch-off replaced
     rebuild: bool = False  # switched back on: personalise again without waiting for labels
+    pending_job: int | None = None  # handed to the systemd unit, its result not collected yet
+    pending_trigger: str = ""
 
     @classmethod
     def load(cls, path: Path) -> PersonalisationState:

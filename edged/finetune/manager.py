@@ -3,7 +3,10 @@
 fired, or a new base committed, or the operator switched it back on), install what it returns
 through the same slots and health trial as an OTA update after a provenance check, and revert
 to the base when switched off. Torch is never imported here; the worker is another process
-that never touches the slots, so killing it at any moment changes nothing that serves.
+that never touches the slots, so killing it at any moment changes nothing that serves. The
+worker is the daemon's child or runs in the edged-finetune systemd unit
+(edged.finetune.launchers); a job handed to the unit when the daemon stopped is collected at
+its next start, and no job starts while a unit worker still runs.
 """
 
 from __future__ import annotations
@@ -12,12 +15,9 @@ import asyncio
 import contextlib
 import hashlib
 import importlib.util
-import os
 import shutil
-import signal
 import time
 from collections.abc import Awaitable, Callable
-from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
@@ -40,10 +40,11 @@ from edged.finetune.job import (
     Job,
     JobError,
     JobLabels,
-    read_result,
+    read_job,
     write_job,
 )
-from edged.finetune.launch import worker_command
+from edged.finetune.launchers import await_unit, hand_over, run_process
+from edged.finetune.request import worker_running
 from edged.labels import Label, LabelStore
 from edged.logs import RateLimitedLog, log_event
 from edged.ota.slots import file_sha256
@@ -149,6 +150,10 @@ class Personaliser:
         """One decision: 'reverted', a job's verdict, or why nothing happened."""
         if self.serving.trial_running():
             return "busy"
+        if self.state.pending_job is not None:
+            return await self._resume()
+        if await asyncio.to_thread(worker_running, self.dir):
+            return "busy"  # a unit worker no daemon waits for any more: never two at once
         lineage = self.serving.engine.manifest.personalisation
         if not self.enabled:
             if lineage is not None and self.state.reverted_from != self.serving.active_sha256():
@@ -220,18 +225,54 @@ class Personaliser:
             )
             await asyncio.to_thread(self._write_job, job_dir, spec, labels, base.manifest.version)
             report: dict[str, Any] = {"trigger": trigger, "job": number}
-            report |= await self._run_worker(job_dir, cfg)
-            report["base"] = {"version": base.manifest.version, "sha256": base_sha}
-            if report["verdict"] == "accepted":
-                stale = self._stale(base_sha)
-                if stale is not None:
-                    report |= {"verdict": "discarded", "reason": stale}
-                else:
-                    report |= await self._install_candidate(job_dir, base_path, version)
-            await self._report(report)
-            return str(report["verdict"])
+            if cfg.launcher == "systemd":
+                self.state.pending_job, self.state.pending_trigger = number, trigger
+                self._save()
+                report |= await hand_over(self.dir, job_dir, cfg)
+                self.state.pending_job = None
+                self._save()
+            else:
+                report |= await run_process(job_dir, cfg)
+            return await self._finish(report, job_dir, spec, base.manifest.version)
         finally:
             self.running = False
+
+    async def _resume(self) -> str:
+        """The job an earlier run of the daemon handed to the unit: wait for its worker, then
+        install or report its result like any other job's."""
+        number, trigger = self.state.pending_job, self.state.pending_trigger
+        job_dir = self.dir / "jobs" / str(number)
+        self.running = True
+        try:
+            report: dict[str, Any] = {"trigger": trigger, "job": number, "resumed": True}
+            try:
+                spec = await asyncio.to_thread(read_job, job_dir)
+                base = read_bundle(await asyncio.to_thread(Path(spec.base).read_bytes))
+            except (OSError, JobError, FormatError) as exc:
+                self.state.pending_job = None
+                self._save()
+                await self._report({**report, "verdict": "failed", "reason": f"{exc}"})
+                return "failed"
+            report |= await await_unit(self.dir, job_dir, self._config())
+            self.state.pending_job = None
+            self._save()
+            return await self._finish(report, job_dir, spec, base.manifest.version)
+        finally:
+            self.running = False
+
+    async def _finish(
+        self, report: dict[str, Any], job_dir: Path, spec: Job, base_version: str
+    ) -> str:
+        """Install an accepted candidate unless it is stale; report the job. Its verdict."""
+        report["base"] = {"version": base_version, "sha256": spec.base_sha256}
+        if report["verdict"] == "accepted":
+            stale = self._stale(spec.base_sha256)
+            if stale is not None:
+                report |= {"verdict": "discarded", "reason": stale}
+            else:
+                report |= await self._install_candidate(job_dir, Path(spec.base), spec.version)
+        await self._report(report)
+        return str(report["verdict"])
 
     def _stale(self, base_sha: str) -> str | None:
         """Why a finished candidate must not install now: switched off, or the cloud's model
@@ -280,43 +321,6 @@ class Personaliser:
         old = sorted((p for p in jobs.iterdir() if p.name.isdigit()), key=lambda p: int(p.name))
         for path in old[: max(0, len(old) - KEEP_JOBS + 1)]:
             shutil.rmtree(path, ignore_errors=True)
-
-    async def _run_worker(self, job_dir: Path, cfg: FinetuneConfig) -> dict[str, Any]:
-        """The worker's result, or `failed` when it died, timed out or wrote nothing."""
-        started = time.monotonic()
-        process = await asyncio.create_subprocess_exec(
-            *worker_command(job_dir, nice=19, memory_mb=cfg.memory_mb, threads=cfg.threads),
-            stdin=asyncio.subprocess.DEVNULL,
-            stdout=asyncio.subprocess.DEVNULL,
-            stderr=asyncio.subprocess.PIPE,
-            start_new_session=True,
-        )
-        log_event(log, "info", "finetune_started", job=job_dir.name, pid=process.pid)
-        try:
-            _, stderr = await asyncio.wait_for(process.communicate(), cfg.timeout_s)
-        except TimeoutError:
-            _kill(process)
-            await process.wait()
-            return {"verdict": "failed", "reason": f"the worker ran over {cfg.timeout_s:g} s"}
-        except asyncio.CancelledError:
-            _kill(process)  # a stop: the worker does not outlive the daemon
-            raise
-        wall = round(time.monotonic() - started, 2)
-        try:
-            result = await asyncio.to_thread(read_result, job_dir)
-            if result is None:
-                raise JobError("no result.json")
-        except (OSError, JobError) as exc:
-            tail = stderr.decode(errors="replace").strip().splitlines()[-1:] if stderr else []
-            died = (
-                f"killed by signal {-process.returncode}"
-                if process.returncode is not None and process.returncode < 0
-                else f"exit status {process.returncode}"
-            )
-            reason = f"the worker left no result ({died}): {tail[0] if tail else exc}"
-            return {"verdict": "failed", "reason": reason, "wall_s": wall}
-        figures = {k: v for k, v in asdict(result).items() if k != "extra" and v is not None}
-        return {**figures, "worker_wall_s": wall}
 
     async def _install_candidate(
         self, job_dir: Path, base_path: Path, version: str
@@ -420,8 +424,3 @@ def _head_delta(job_dir: Path) -> dict[str, Any]:
         "weight": weight.tobytes(),
         "bias": bias.tobytes(),
     }
-
-
-def _kill(process: asyncio.subprocess.Process) -> None:
-    with contextlib.suppress(ProcessLookupError):
-        os.killpg(process.pid, signal.SIGKILL)
