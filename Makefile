@@ -12,7 +12,7 @@ BENCH ?=
 LEGACY := .venv-legacy
 LEGACY_STAMP := $(LEGACY)/.installed-$(shell cat pyproject.toml | cksum | cut -d' ' -f1)
 
-.PHONY: demo test lint typecheck pytest pytest-legacy bench venv clean broker postgres
+.PHONY: demo test lint typecheck pytest pytest-legacy bench venv clean broker postgres deb deb-tools
 
 venv: $(STAMP)
 
@@ -34,11 +34,32 @@ lint: venv
 typecheck: venv
 	$(VENV)/bin/mypy
 
-pytest: venv broker postgres
+pytest: venv broker postgres deb-tools
 	$(PY) -m pytest
 
 postgres:
 	@bash scripts/ensure-postgres.sh
+
+# The device packages for this host's architecture (docs/packaging.md).
+deb: deb-tools
+	packaging/build-deb
+
+# What building, linting and installing the .deb in a throwaway root takes; installed when
+# missing and we can (root + apt-get), else the package tests say they skipped and why.
+DEB_TOOLS := dpkg-buildpackage:dpkg-dev dh:debhelper lintian:lintian mmdebstrap:mmdebstrap
+deb-tools:
+	@missing=""; for pair in $(DEB_TOOLS); do \
+	  command -v "$${pair%%:*}" >/dev/null 2>&1 || missing="$$missing $${pair#*:}"; done; \
+	[ -x /usr/bin/python3.11 ] && /usr/bin/python3.11 -c 'import ensurepip' 2>/dev/null || missing="$$missing python3-venv"; \
+	if [ -n "$$missing" ]; then \
+	  if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then \
+	    echo "package tools missing:$$missing; apt-get install"; \
+	    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $$missing >/dev/null \
+	      || echo "!!! apt-get install$$missing FAILED: the package tests will fail under CI" >&2; \
+	  else \
+	    echo "!!! WARNING: missing$$missing (needs root and apt-get): the .deb tests will be SKIPPED" >&2; \
+	  fi; \
+	fi
 
 # The tests (and the demo) start their own Mosquitto on a free loopback port; install the
 # package when it is missing and we can (root + apt-get). The system service is not used.
