@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import os
 import socket
 import sys
 from pathlib import Path
@@ -131,11 +132,29 @@ def cmd_enroll(args: argparse.Namespace) -> int:
         token = sys.stdin.readline().strip()
     identity = DeviceIdentity.load_or_create(state_dir / "device.key")
     enrollment = enroll(args.url, token, identity, state_dir)
+    _hand_to_state_owner(state_dir)
     print(
         f"enrolled as {enrollment.device_id} in group {enrollment.group}; broker "
         f"{enrollment.broker_host}:{enrollment.broker_port}; credentials in {state_dir}"
     )
     return 0
+
+
+def _hand_to_state_owner(state_dir: Path) -> None:
+    """`edged enroll` run as root on a packaged device: what it wrote goes to the state
+    directory's owner (the daemon's user, set by the package), or the daemon could not read
+    its own key and credentials."""
+    owner = state_dir.stat()
+    if os.geteuid() != 0 or owner.st_uid == 0:
+        return
+    from edged.enrollment import API_TOKEN_FILE, ENROLLMENT_FILE, PASSWORD_FILE, ROOT_FILE
+
+    written = [Path("device.key"), Path(ENROLLMENT_FILE), Path(PASSWORD_FILE)]
+    written += [Path(API_TOKEN_FILE), *reversed(ROOT_FILE.parents[:-1]), ROOT_FILE]
+    for name in written:
+        path = state_dir / name
+        if path.exists() and path.stat().st_uid == 0:
+            os.chown(path, owner.st_uid, owner.st_gid)
 
 
 def add_daemon_commands(sub: Any) -> None:
