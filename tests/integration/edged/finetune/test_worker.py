@@ -231,17 +231,24 @@ def test_kill_9_leaves_nothing_half_written(
     accepted, base_path: Path, labels: JobLabels, tmp_path: Path
 ) -> None:
     """SIGKILL at points spread over a run: result.json is absent or whole (written just
-    before the kill), and any candidate.edb or head_delta.npz on disk is complete."""
-    wall = float(json.loads((accepted[0] / "result.json").read_text())["wall_s"])
-    interrupted = 0
-    for i, share in enumerate((0.2, 0.4, 0.6, 0.75, 0.85, 0.95)):
+    before the kill), and any candidate.edb or head_delta.npz on disk is complete. The points
+    are shares of a warm run's whole process time, timed here; a run that still finishes
+    first (the machine got faster) is checked the same way, and most runs must be killed."""
+    timed = tmp_path / "timed"
+    write_job(timed, _job(base_path), labels)
+    started = time.monotonic()
+    assert _run(timed).returncode == 0
+    wall = time.monotonic() - started
+    killed = interrupted = 0
+    for i, share in enumerate((0.1, 0.25, 0.4, 0.55, 0.7, 0.85, 0.95)):
         job_dir = tmp_path / f"job-{i}"
         write_job(job_dir, _job(base_path), labels)
         process = _start(job_dir)
         time.sleep(wall * share)
         process.send_signal(signal.SIGKILL)
         process.communicate(timeout=30)
-        assert process.returncode == -signal.SIGKILL, "the worker finished before the kill"
+        assert process.returncode in (0, -signal.SIGKILL), process.stderr.decode()
+        killed += process.returncode == -signal.SIGKILL
         result = read_result(job_dir)  # raises if half-written
         interrupted += result is None
         visible = {p.name for p in job_dir.iterdir() if not p.name.startswith(".")}
@@ -259,4 +266,5 @@ def test_kill_9_leaves_nothing_half_written(
         if (job_dir / "head_delta.npz").exists():
             with np.load(job_dir / "head_delta.npz") as delta:
                 assert delta["weight"].shape[0] == 10
-    assert interrupted >= 4, f"only {interrupted} of the runs were killed before their result"
+    assert killed >= 5, f"only {killed} of 7 runs were still running at their kill"
+    assert interrupted >= 3, f"only {interrupted} of the runs were killed before their result"
