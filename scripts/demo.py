@@ -47,6 +47,7 @@ import paho.mqtt.client as mqtt
 from demo_finetune import finetune_act
 from demo_fleet import fleet_act, read_status
 from demo_ota import ota_act
+from demo_ship import ship_act
 from paho.mqtt.enums import CallbackAPIVersion
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
@@ -542,6 +543,7 @@ def main() -> int:
     fleet_act(bundles["digits"], out / "digits-test.npz", out)
     ota_act(bundles["digits"], out / "digits-test.npz", out)
     finetune_act(bundles["digits"], out)
+    ship_act(out)
     print(f"\nartifacts in {out}/")
     return 0
 
