@@ -447,6 +447,7 @@ class Daemon:
         version: str,
         *,
         context: Mapping[str, str] | None = None,
+        judge_confidence: bool = True,
     ) -> InstallOutcome:
         """Install an already verified bundle safely; the one way a model changes.
 
@@ -477,10 +478,15 @@ class Daemon:
         (`ota.trial_resumed` {attempts}) and runs its trial again. Never raises for a bad
         bundle or a failing model (only OSError when the disk fails to take the commit or
         rollback record; the recorded state then decides at the next start); cancelling it
-        is a stop (as above). Before READY or while stopping it refuses without an event."""
+        is a stop (as above). Before READY or while stopping it refuses without an event.
+        `judge_confidence=False` leaves the confidence shift out of the trial: an operator's
+        return to the base is expected to be less sure on the data the replaced model was
+        personalised for."""
         if self.state != "running":
             return InstallOutcome("refused", version, f"the daemon is {self.state}, not serving")
-        return await self.installer.install(bundle, sha256, version, context=dict(context or {}))
+        return await self.installer.install(
+            bundle, sha256, version, context=dict(context or {}), judge_confidence=judge_confidence
+        )
 
     def _restore_failed(self, reason: str) -> None:
         """The known good model would not load back after a rollback: exit 1, so the next

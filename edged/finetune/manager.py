@@ -377,8 +377,12 @@ class Personaliser:
         if sha != lineage.base_sha256:
             await self._report({"verdict": "failed", "reason": "cannot revert: base changed"})
             return "failed"
-        outcome = await self._install(
-            data, sha, lineage.base_version, context={"origin": "finetune_off"}
+        outcome = await self._install(  # the operator's choice: less sure is expected
+            data,
+            sha,
+            lineage.base_version,
+            context={"origin": "finetune_off"},
+            judge_confidence=False,
         )
 
         await self._report(

@@ -21,6 +21,7 @@ A stop or crash in between leaves slots.json at the last completed step (see slo
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import hashlib
 import logging
 import time
@@ -138,6 +139,7 @@ class Installer:
         *,
         context: dict[str, str] | None = None,
         factory_sha256: str | None = None,
+        judge_confidence: bool = True,
     ) -> InstallOutcome:
         """See Daemon.install; `factory_sha256` is recorded with the switch when the bundle
         came from `device.model`."""
@@ -161,6 +163,8 @@ class Installer:
             fault_point("staged")
             previous = self.engine.manifest.version
             baseline = self.traffic.baseline()
+            if not judge_confidence:  # recorded so, a resumed trial judges the same way
+                baseline = dataclasses.replace(baseline, mean_confidence=None)
             try:
                 await asyncio.to_thread(
                     self.slots.begin_trial, baseline.to_dict(), factory_sha256, context
