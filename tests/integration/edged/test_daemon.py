@@ -116,7 +116,10 @@ def test_a_stuck_loop_stops_the_watchdog(tmp_path, short_dir, digits) -> None:
         daemon.wait_ready()
         daemon.wait_for(lambda: "event=blocking" in daemon.log(), 20, "the plug-in to block")
         daemon.wait_for(lambda: "event=unblocked" in daemon.log(), 20, "the plug-in to return")
-        daemon.wait_for(lambda: len(daemon.notified("WATCHDOG=1")) > 0, 5, "pings")
+        before = len(daemon.notified("WATCHDOG=1"))  # may all predate the block
+        daemon.wait_for(
+            lambda: len(daemon.notified("WATCHDOG=1")) >= before + 2, 5, "pings after the block"
+        )
         times = [t for t, line in daemon.notifications if line == "WATCHDOG=1"]
         gaps = np.diff(times)
         assert gaps.max() >= 2.5  # silent while blocked
