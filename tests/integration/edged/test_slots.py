@@ -358,3 +358,47 @@ async def test_refused_installs_change_nothing(tmp_path, models, tf_bundles) -> 
     ((name, detail),) = notes  # max_start_attempts 1: this start rolls the trial back
     assert name == "ota.rolled_back" and {**detail, **CONTEXT} == detail
     assert detail["restored"] == "1.0.0" and "crash loop" in detail["reason"]
+
+
+async def test_a_return_to_the_base_is_not_judged_on_confidence(tmp_path, models) -> None:
+    """judge_confidence=False (an operator's switch back from a personalised model) records
+    the trial's baseline without the replaced model's mean confidence, so neither this trial
+    nor one resumed after a restart rolls back on a confidence drop; latency and sample count
+    stay. By default the confidence is recorded."""
+    from edged.config import UpdateConfig
+    from edged.engine import Engine
+    from edged.ota.install import Installer, load_serving
+
+    async def emit(name: str, **detail: Any) -> None:
+        pass
+
+    good = models["1.1.0"].read_bytes()
+    digest = hashlib.sha256(good).hexdigest()
+    for judge, expected in ((False, None), (True, 0.97)):
+        slots = Slots(tmp_path / "models")
+        engine, _ = load_serving(slots, models["1.0.0"], 1, Engine.from_file)
+        installer = Installer(
+            slots,
+            engine,
+            update=lambda: UpdateConfig(watch_s=30),
+            model_swapped=lambda: None,
+            inference_errors=lambda: 0,
+            emit=emit,
+            restore_failed=lambda reason: None,
+        )
+        for _ in range(200):
+            installer.traffic.add(0.97, 0.2)
+        trial = asyncio.create_task(
+            installer.install(good, digest, "1.1.0", judge_confidence=judge)
+        )
+        while installer.status()["watch"] is None:
+            await asyncio.sleep(0.01)
+        recorded = json.loads(slots.path.read_bytes())["trial"]["baseline"]
+        assert recorded["samples"] == 200 and recorded["latency_p50_ms"] == 0.2
+        if expected is None:
+            assert recorded["mean_confidence"] is None
+        else:
+            assert recorded["mean_confidence"] == pytest.approx(expected)
+        trial.cancel()  # recorded; the next start (max_start_attempts 1) rolls it back
+        with pytest.raises(asyncio.CancelledError):
+            await trial
