@@ -6,8 +6,10 @@ all of them. Done here rather than in a preexec_fn, which is not safe in the dae
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import resource
+import signal
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -31,6 +33,12 @@ def worker_command(job_dir: Path, *, nice: int, memory_mb: int, threads: int) ->
         str(threads),
         str(job_dir),
     ]
+
+
+def kill_worker(pid: int) -> None:
+    """SIGKILL the worker's process group (it runs in a session of its own)."""
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(pid, signal.SIGKILL)
 
 
 def no_result_reason(returncode: int | None, stderr: bytes, fallback: str) -> str:

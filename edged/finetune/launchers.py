@@ -17,10 +17,7 @@ with one sentence.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
-import os
-import signal
 import time
 from collections.abc import Callable
 from dataclasses import asdict
@@ -30,7 +27,7 @@ from typing import Any
 from edged.atomic import atomic_write
 from edged.config import FinetuneConfig
 from edged.finetune.job import JobError, read_result
-from edged.finetune.launch import no_result_reason, worker_command
+from edged.finetune.launch import kill_worker, no_result_reason, worker_command
 from edged.finetune.request import REQUEST_FILE, Request, withdraw, worker_running
 from edged.logs import log_event
 
@@ -64,11 +61,11 @@ async def run_process(job_dir: Path, cfg: FinetuneConfig) -> dict[str, Any]:
     try:
         _, stderr = await asyncio.wait_for(process.communicate(), cfg.timeout_s)
     except TimeoutError:
-        _kill(process)
+        kill_worker(process.pid)
         await process.wait()
         return {"verdict": "failed", "reason": f"the worker ran over {cfg.timeout_s:g} s"}
     except asyncio.CancelledError:
-        _kill(process)  # a stop: the worker does not outlive the daemon
+        kill_worker(process.pid)  # a stop: the worker does not outlive the daemon
         raise
     wall = round(time.monotonic() - started, 2)
     return await _collect(
@@ -131,8 +128,3 @@ async def _collect(job_dir: Path, wall: float, explain: Callable[[str], str]) ->
         return {"verdict": "failed", "reason": explain(str(exc)), "wall_s": wall}
     figures = {k: v for k, v in asdict(result).items() if k != "extra" and v is not None}
     return {**figures, "worker_wall_s": wall}
-
-
-def _kill(process: asyncio.subprocess.Process) -> None:
-    with contextlib.suppress(ProcessLookupError):
-        os.killpg(process.pid, signal.SIGKILL)

@@ -21,7 +21,6 @@ refused request, 3 when the lock or the result could not be written.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import os
 import signal
 import subprocess
@@ -32,7 +31,7 @@ from pathlib import Path
 from types import FrameType
 
 from edged.finetune.job import JobError, Result, read_result, write_result
-from edged.finetune.launch import no_result_reason, worker_command
+from edged.finetune.launch import kill_worker, no_result_reason, worker_command
 from edged.finetune.request import RUNNING_FILE, Request, hold_lock
 
 __all__ = ["main"]
@@ -100,7 +99,7 @@ def _supervise(job_dir: Path, request: Request, lock: int) -> int:
     finally:
         signal.signal(signal.SIGTERM, signal.SIG_IGN)  # the result is written in any case
         if process.returncode is None:
-            _kill(process)
+            kill_worker(process.pid)
             _, stderr = process.communicate()
         signal.signal(signal.SIGTERM, previous)
     if stderr:
@@ -131,11 +130,6 @@ def _fail(job_dir: Path, reason: str, started: float) -> int:
 
 def _stop(_signum: int, _frame: FrameType | None) -> None:
     raise _Stopped
-
-
-def _kill(process: subprocess.Popen[bytes]) -> None:
-    with contextlib.suppress(ProcessLookupError):
-        os.killpg(process.pid, signal.SIGKILL)
 
 
 def _say(message: str) -> None:

@@ -295,24 +295,12 @@ def test_kill_9_at_every_step_leaves_one_verified_model(
     assert settled.active == settled.known_good and settled.trial is None
 
 
-async def test_refused_installs_change_nothing(tmp_path, models, tf_bundles) -> None:
-    """Installer on a real engine: a wrong sha256, a file that is not a bundle, a version the
-    metadata did not name, a model for other inputs, and a second install during a trial are
-    each refused with ota.refused and their reason; slots.json and the served model are as
-    they were. The context fields (rollout, target) ride on every event, and in the trial
-    record across a restart."""
+def _installer(slots: Slots, engine: Any, emit: Any) -> Any:
+    """An Installer on a real engine, watching 30 s of traffic, its events to `emit`."""
     from edged.config import UpdateConfig
-    from edged.engine import Engine
-    from edged.ota.install import Installer, load_serving
+    from edged.ota.install import Installer
 
-    slots = Slots(tmp_path / "models")
-    engine, _ = load_serving(slots, models["1.0.0"], 3, Engine.from_file)
-    emitted: list[tuple[str, dict[str, Any]]] = []
-
-    async def emit(name: str, **detail: Any) -> None:
-        emitted.append((name, detail))
-
-    installer = Installer(
+    return Installer(
         slots,
         engine,
         update=lambda: UpdateConfig(watch_s=30),
@@ -321,6 +309,25 @@ async def test_refused_installs_change_nothing(tmp_path, models, tf_bundles) -> 
         emit=emit,
         restore_failed=lambda reason: None,
     )
+
+
+async def test_refused_installs_change_nothing(tmp_path, models, tf_bundles) -> None:
+    """Installer on a real engine: a wrong sha256, a file that is not a bundle, a version the
+    metadata did not name, a model for other inputs, and a second install during a trial are
+    each refused with ota.refused and their reason; slots.json and the served model are as
+    they were. The context fields (rollout, target) ride on every event, and in the trial
+    record across a restart."""
+    from edged.engine import Engine
+    from edged.ota.install import load_serving
+
+    slots = Slots(tmp_path / "models")
+    engine, _ = load_serving(slots, models["1.0.0"], 3, Engine.from_file)
+    emitted: list[tuple[str, dict[str, Any]]] = []
+
+    async def emit(name: str, **detail: Any) -> None:
+        emitted.append((name, detail))
+
+    installer = _installer(slots, engine, emit)
     before = slots.path.read_bytes()
     assert installer.active_sha256() == hashlib.sha256(models["1.0.0"].read_bytes()).hexdigest()
     assert installer.active_path() == slots.root / "a" / "bundle.edb"
@@ -365,9 +372,8 @@ async def test_a_return_to_the_base_is_not_judged_on_confidence(tmp_path, models
     the trial's baseline without the replaced model's mean confidence, so neither this trial
     nor one resumed after a restart rolls back on a confidence drop; latency and sample count
     stay. By default the confidence is recorded."""
-    from edged.config import UpdateConfig
     from edged.engine import Engine
-    from edged.ota.install import Installer, load_serving
+    from edged.ota.install import load_serving
 
     async def emit(name: str, **detail: Any) -> None:
         pass
@@ -377,15 +383,7 @@ async def test_a_return_to_the_base_is_not_judged_on_confidence(tmp_path, models
     for judge, expected in ((False, None), (True, 0.97)):
         slots = Slots(tmp_path / "models")
         engine, _ = load_serving(slots, models["1.0.0"], 1, Engine.from_file)
-        installer = Installer(
-            slots,
-            engine,
-            update=lambda: UpdateConfig(watch_s=30),
-            model_swapped=lambda: None,
-            inference_errors=lambda: 0,
-            emit=emit,
-            restore_failed=lambda reason: None,
-        )
+        installer = _installer(slots, engine, emit)
         for _ in range(200):
             installer.traffic.add(0.97, 0.2)
         trial = asyncio.create_task(
