@@ -203,8 +203,10 @@ def _setup(tmp_path: Path, short_dir: Path, digits_build: Any, data: dict[str, A
 
 
 def _settled(daemon: DaemonProcess) -> bool:
+    """A personalised model committed and its job reported (the report follows the trial)."""
     status = daemon.status()
-    return status["model"]["version"] != BASE and not status["slots"]["trial"]
+    installed = status["model"]["version"] != BASE and not status["slots"]["trial"]
+    return installed and status["finetune"]["last"] is not None
 
 
 def test_the_daemon_hands_the_job_to_the_unit_and_installs_its_candidate(
