@@ -46,7 +46,8 @@ deb: deb-tools
 
 # What building, linting and installing the .deb in a throwaway root takes; installed when
 # missing and we can (root + apt-get), else the package tests say they skipped and why.
-DEB_TOOLS := dpkg-buildpackage:dpkg-dev dh:debhelper lintian:lintian mmdebstrap:mmdebstrap
+DEB_TOOLS := dpkg-buildpackage:dpkg-dev dh:debhelper lintian:lintian mmdebstrap:mmdebstrap \
+  systemd-nspawn:systemd-container
 deb-tools:
 	@missing=""; for pair in $(DEB_TOOLS); do \
 	  command -v "$${pair%%:*}" >/dev/null 2>&1 || missing="$$missing $${pair#*:}"; done; \
