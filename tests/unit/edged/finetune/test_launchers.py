@@ -23,6 +23,8 @@ def _dirs(tmp_path: Path) -> tuple[Path, Path]:
 
 
 SYSTEMD = FinetuneConfig(launcher="systemd", systemd_start_s=0.3, timeout_s=30)
+# for tests whose stand-in unit is a real process: its start may take seconds on a busy machine
+CLAIMED = FinetuneConfig(launcher="systemd", systemd_start_s=60, timeout_s=30)
 
 
 async def test_a_request_nobody_picks_up_is_withdrawn_with_one_sentence(tmp_path: Path) -> None:
@@ -45,7 +47,7 @@ async def test_the_unit_entry_result_is_what_the_daemon_reports(tmp_path: Path) 
     pytest.importorskip("psutil", reason="the finetune extra (psutil) is not installed")
     finetune, job_dir = _dirs(tmp_path)
     (job_dir / "job.json").write_text('{"format": 1}')
-    waiting = asyncio.create_task(hand_over(finetune, job_dir, SYSTEMD))
+    waiting = asyncio.create_task(hand_over(finetune, job_dir, CLAIMED))
     while not (finetune / REQUEST_FILE).exists():
         await asyncio.sleep(0.01)
     entry = await asyncio.create_subprocess_exec(
@@ -73,7 +75,7 @@ async def test_a_unit_that_ends_without_a_result_is_reported(tmp_path: Path) -> 
     """A claimed request whose unit died before any result: `failed`, naming the unit and
     where to look."""
     finetune, job_dir = _dirs(tmp_path)
-    waiting = asyncio.create_task(hand_over(finetune, job_dir, SYSTEMD))
+    waiting = asyncio.create_task(hand_over(finetune, job_dir, CLAIMED))
     while not (finetune / REQUEST_FILE).exists():
         await asyncio.sleep(0.01)
     subprocess.run([sys.executable, "-c", UNIT_DIES, str(finetune)], check=False, timeout=30)
