@@ -1,5 +1,13 @@
 """Formats shared by the device and the cloud: model bundles, uplink wire messages (and later
-signed metadata). Pure: bytes and values in, values out; imports none of the applications."""
+signed metadata). Pure: bytes and values in, values out; imports none of the applications.
+
+The wire names are imported on first use: they need cbor2 and PyNaCl (libsodium, cffi), about
+1.5 MB of a process's memory that one which only serves a model never uses."""
+
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING, Any
 
 from edged_formats.bundle import Bundle, BundleLimits, check_replay, read_bundle, write_bundle
 from edged_formats.errors import (
@@ -25,20 +33,40 @@ from edged_formats.manifest import (
     ReferenceStats,
     ReplaySpec,
 )
-from edged_formats.wire import (
-    CHANNELS,
-    WIRE_SCHEMA_VERSION,
-    Batch,
-    Record,
-    WireLimits,
-    decode_batch,
-    encode_batch,
-    encode_batch_raw,
-    encode_record,
-    message_size,
-    parse_topic,
-    topic_for,
-)
+
+if TYPE_CHECKING:
+    from edged_formats.wire import (
+        CHANNELS,
+        WIRE_SCHEMA_VERSION,
+        Batch,
+        Record,
+        WireLimits,
+        decode_batch,
+        encode_batch,
+        encode_batch_raw,
+        encode_record,
+        message_size,
+        parse_topic,
+        topic_for,
+    )
+
+_LAZY = {
+    name: "edged_formats.wire"
+    for name in (
+        "CHANNELS",
+        "WIRE_SCHEMA_VERSION",
+        "Batch",
+        "Record",
+        "WireLimits",
+        "decode_batch",
+        "encode_batch",
+        "encode_batch_raw",
+        "encode_record",
+        "message_size",
+        "parse_topic",
+        "topic_for",
+    )
+}
 
 __version__ = "0.1.0"
 
@@ -81,3 +109,12 @@ __all__ = [
     "topic_for",
     "write_bundle",
 ]
+
+
+def __getattr__(name: str) -> Any:
+    """Import a lazily loaded name's module on first access (PEP 562)."""
+    if name not in _LAZY:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    value = getattr(importlib.import_module(_LAZY[name]), name)
+    globals()[name] = value
+    return value
