@@ -11,14 +11,20 @@ process; the worker is the real one, started as the daemon starts it
 
 Recovery (`recovered_*`): the reference digits model meets digits rotated by 25°; N labelled
 rotated samples (drawn from the training and validation splits, `DRAWS` seeded draws per N)
-go through the worker's own steps in this process: the hold-out split of the job (the device
-trains on the labels outside its 25 % hold-out, so N labels train on about 0.75 N), L-BFGS from
-the base head with the bundle's replay set, export to int8 in place; the candidate's accuracy on
+go through the worker's own steps in this process with its default (`train = "auto"`: the
+reference bundle allows its last block, so the block producing the embedding and the head are
+trained): the hold-out split of the job (the device trains on the labels outside its 25 %
+hold-out, so N labels train on about 0.75 N), the block's inputs read on the base through
+LiteRT, L-BFGS from the base's block and head with the bundle's replay set (the job's default
+anchors), export to int8 in place (the embedding re-calibrated); the candidate's accuracy on
 the held-out rotated test split, then share = (after - drifted) / (clean - drifted), where clean
 is the base model's accuracy on the upright test split and drifted on the rotated one.
 `forgetting_pts` is the change of accuracy on the upright test split at N = 300, in points
 (target >= -2). `recovered_all_*` trains on all N labels (no hold-out), for comparison.
-`verdict_*` is the real worker's gate verdict on the first draw of each N.
+`head_recovered_*` and `head_upright_change_pts_*` are the same with `train = "head"` (the
+classifier head alone, on the frozen embedding), for comparison.
+`verdict_*` is the real worker's gate verdict on the first draw of each N (`trained_*`: what
+it trained).
 `probe_300` / `probe_all`: the ceiling of any head on this embedding, as recovery shares: a
 scikit-learn logistic regression (C = 1) fitted to the frozen embeddings of 300 rotated digits
 (first draw) or of all of them, plus every upright training digit, scored on the rotated test
@@ -79,25 +85,35 @@ def run() -> Result:
         base_file = work / "base.edb"
         base_file.write_bytes(base_bytes)
         for n in SIZES:
-            shares, shares_all, upright = [], [], []
+            shares: dict[tuple[str, bool], list[float]] = {}
+            upright: dict[str, list[float]] = {}
             for draw in range(DRAWS):
                 rng = np.random.default_rng(1000 * n + draw)
                 pick = rng.choice(len(pool_x), n, replace=False)
                 keys = [f"s{draw}-{i}" for i in pick]
-                for holdout, into in ((True, shares), (False, shares_all)):
-                    candidate = _candidate(base, pool_x[pick], pool_y[pick], keys, holdout)
+                for train, holdout in (("auto", True), ("auto", False), ("head", True)):
+                    candidate = _candidate(base, pool_x[pick], pool_y[pick], keys, holdout, train)
                     after = _accuracy(candidate, test_rotated, data.y_test)
-                    into.append((after - drifted) / (clean - drifted))
+                    shares.setdefault((train, holdout), []).append(
+                        (after - drifted) / (clean - drifted)
+                    )
                     if holdout:
-                        upright.append(_accuracy(candidate, data.x_test, data.y_test) - clean)
+                        upright.setdefault(train, []).append(
+                            _accuracy(candidate, data.x_test, data.y_test) - clean
+                        )
                 if draw == 0:
                     job = _job(work / f"job-{n}", base_file, pool_x[pick], pool_y[pick], keys)
                     verdict, _, _ = _run_worker(job)
                     metrics[f"verdict_{n}"] = verdict["verdict"]
                     metrics[f"reason_{n}"] = verdict["reason"]
-            metrics[f"recovered_{n}"] = round(float(np.mean(shares)), 4)
-            metrics[f"recovered_all_{n}"] = round(float(np.mean(shares_all)), 4)
-            metrics[f"upright_change_pts_{n}"] = round(100 * float(np.mean(upright)), 2)
+                    metrics[f"trained_{n}"] = verdict.get("trained")
+            metrics[f"recovered_{n}"] = round(float(np.mean(shares["auto", True])), 4)
+            metrics[f"recovered_all_{n}"] = round(float(np.mean(shares["auto", False])), 4)
+            metrics[f"upright_change_pts_{n}"] = round(100 * float(np.mean(upright["auto"])), 2)
+            metrics[f"head_recovered_{n}"] = round(float(np.mean(shares["head", True])), 4)
+            metrics[f"head_upright_change_pts_{n}"] = round(
+                100 * float(np.mean(upright["head"])), 2
+            )
         metrics |= _probe(engine, pool_x, pool_y, data, test_rotated, clean, drifted)
         metrics["recovered"] = metrics["recovered_300"]
         metrics["forgetting_pts"] = metrics["upright_change_pts_300"]
@@ -156,35 +172,41 @@ def _accuracy(engine: Any, x: npt.NDArray[Any], y: npt.NDArray[Any]) -> float:
 
 
 def _candidate(
-    base: Any, x: npt.NDArray[Any], y: npt.NDArray[Any], keys: list[str], holdout: bool
+    base: Any, x: npt.NDArray[Any], y: npt.NDArray[Any], keys: list[str], holdout: bool, train: str
 ) -> Any:
-    """The worker's steps 1-4 in this process: embeddings, split, L-BFGS, int8 export."""
+    """The worker's steps 1-4 in this process (its own functions, the job's defaults):
+    features, split, L-BFGS, int8 export."""
     from edged.engine import Engine, EngineOptions
     from edged.finetune.export import head_updated_bundle
+    from edged.finetune.job import Job, JobLabels
     from edged.finetune.split import holdout_mask
-    from edged.finetune.train import train_head
+    from edged.finetune.worker import _block_op, _features, _Samples, _train, _what_to_train
     from edged_formats import read_bundle
 
     engine = Engine(base, EngineOptions())
-    train = ~holdout_mask(keys, 0.25) if holdout else np.ones(len(keys), bool)
+    job = Job(base="base", base_sha256="0" * 64, current="base", version="1", train=train)
+    chosen = ~holdout_mask(keys, 0.25) if holdout else np.ones(len(keys), bool)
     replay = base.replay()
     assert replay is not None, "the reference digits bundle ships a replay set"
-    embeddings = engine.predict(np.concatenate([x[train], replay[0]])).embeddings
-    weight, bias = base.head_weights()
-    fit = train_head(
-        embeddings,
-        np.concatenate([y[train], replay[1]]),
-        weight,
-        bias,
-        anchor=0.001,
-        max_iter=500,
-        threads=1,
-        seed=0,
+    labels = JobLabels(
+        keys=np.array(keys, dtype=str)[chosen],
+        x=x[chosen],
+        y=y[chosen].astype(np.int64),
+        embeddings=np.zeros((int(chosen.sum()), 0), np.float32),
+        embedded=np.zeros(int(chosen.sum()), bool),
     )
-    calibration = np.concatenate([replay[0], x[train]])
-    return Engine(
-        read_bundle(head_updated_bundle(base, fit.weight, fit.bias, calibration)), EngineOptions()
+    block_op = _block_op(base) if _what_to_train(job, base) == "block" else None
+    features, replay_features = _features(base, engine, block_op, labels, replay[0], 1)
+    fit = _train(
+        job,
+        base,
+        block_op,
+        _Samples(labels.x, labels.y, features),
+        _Samples(replay[0], replay[1], replay_features),
     )
+    calibration = np.concatenate([replay[0], labels.x])
+    candidate = head_updated_bundle(base, fit.weight, fit.bias, calibration, block=fit.block)
+    return Engine(read_bundle(candidate), EngineOptions())
 
 
 def _job(

@@ -77,6 +77,7 @@ def mobilenet_v2() -> BenchModel:
     build_s: dict[str, float] = {}
     if meta_path.exists():
         build_s = json.loads(meta_path.read_text())
+    folder.mkdir(parents=True, exist_ok=True)  # a fresh checkout has no cache yet
     if not (paths["int8_tflite"].exists() and paths["float_tflite"].exists()):
         build_s = _convert(paths["float_tflite"], paths["int8_tflite"])
         built_now = True

@@ -184,7 +184,10 @@ class FinetuneConfig(_Section, frozen=True):
     must start it within `systemd_start_s`). A candidate installs only if it beats the
     serving model on the hold-out by `min_gain` and loses at most `max_replay_loss` on the
     bundle's replay set against the base. `pseudo_label_confidence` > 0 turns results at least
-    that confident into labels of their own top-1: risky, off by default."""
+    that confident into labels of their own top-1: risky, off by default. `train` chooses what
+    the worker trains: the head, the head and the last block (only where the bundle allows
+    it), or "auto", the most the bundle allows; `anchor` and `block_anchor` pull the head and
+    the block towards the base's."""
 
     enabled: bool = False
     truth_topic: str = "edged/local/truth"  # local ground truth on [local_mqtt]
@@ -202,6 +205,8 @@ class FinetuneConfig(_Section, frozen=True):
     min_gain: Annotated[float, Meta(ge=0, le=1)] = 0.02
     max_replay_loss: Share = 0.02
     anchor: Annotated[float, Meta(ge=0, le=100)] = 0.001
+    block_anchor: Annotated[float, Meta(ge=0, le=100)] = 1e-5
+    train: Literal["auto", "head", "block"] = "auto"
     max_iter: Annotated[int, Meta(ge=1, le=100_000)] = 500
     threads: Annotated[int, Meta(ge=1, le=64)] = 1
     memory_mb: Annotated[int, Meta(ge=256, le=1 << 20)] = 2048

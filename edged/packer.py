@@ -21,6 +21,7 @@ from edged.engine import Engine, EngineOptions
 from edged.errors import InputError, ModelError, ModelMismatch
 from edged.runtime import load_runtime
 from edged_formats import (
+    BlockSpec,
     Bundle,
     Canaries,
     ConfidenceHistogram,
@@ -46,6 +47,7 @@ HISTOGRAM_BINS = 20
 QUANTILES = (0.01, 0.05, 0.1, 0.25, 0.5)
 MAX_ELEMENT_FEATURES = 4096
 CANARY_COUNT = 8
+BLOCK_MEMBER = "block.npz"  # the float weights of a trainable last block, when shipped
 _LAYOUT_BY_RANK = {4: "NHWC", 3: "NLC", 2: "NC"}
 
 
@@ -58,7 +60,10 @@ class PackRequest:
     `embedding_output` names the embedding output (needed with `head` when the model has
     more than one other output). `replay` is a class-balanced set of raw samples and their
     class indices (see `balanced_replay`), stored as `replay.npz` for on-device fine-tuning
-    to measure forgetting against."""
+    to measure forgetting against. `block` lets on-device fine-tuning train the last block,
+    the FullyConnected op producing the embedding output (refused when no such op can be
+    patched in place): True de-quantises its weights from the model; (weight [embedding,
+    inputs], bias [embedding]) ships these float weights as `block.npz`."""
 
     model: bytes
     labels: Sequence[str]
@@ -74,6 +79,7 @@ class PackRequest:
     output_name: str | None = None
     head: tuple[npt.NDArray[np.float32], npt.NDArray[np.float32]] | None = None
     replay: tuple[npt.NDArray[Any], npt.NDArray[np.integer[Any]]] | None = None
+    block: bool | tuple[npt.NDArray[np.float32], npt.NDArray[np.float32]] = False
     metrics: Mapping[str, float] = field(default_factory=dict)
 
 
@@ -102,6 +108,11 @@ def _pack(request: PackRequest) -> bytes:
         members["head.npz"] = dump_npz(
             weight=weight.astype(np.float32), bias=bias.astype(np.float32)
         )
+    if isinstance(request.block, tuple):
+        weight, bias = request.block
+        members[BLOCK_MEMBER] = dump_npz(
+            weight=np.asarray(weight, np.float32), bias=np.asarray(bias, np.float32)
+        )
     if request.replay is not None:
         replay_x, replay_y = request.replay
         members["replay.npz"] = dump_npz(x=replay_x, y=np.asarray(replay_y).astype(np.int64))
@@ -124,6 +135,7 @@ def _pack(request: PackRequest) -> bytes:
         else EmbeddingSpec(embedding_detail["name"], int(np.prod(embedding_detail["shape"][1:]))),
         head=HeadSpec("head.npz") if request.head is not None else None,
         replay=ReplaySpec("replay.npz") if request.replay is not None else None,
+        block=_block(request, embedding_detail, output_detail),
     )
     reference = reference_statistics(request.calibration, None)
     placeholder = Canaries("canaries.npy", (0,))
@@ -148,6 +160,35 @@ def _pack(request: PackRequest) -> bytes:
         metrics["calibration_accuracy"] = float(np.mean(probabilities.top1 == truth))
     bundle = _bundle(base, members, _output(output_detail, kind), reference, canaries, metrics)
     return write_bundle(bundle.manifest, bundle.members)
+
+
+def _block(
+    request: PackRequest, embedding: dict[str, Any] | None, output: dict[str, Any]
+) -> BlockSpec | None:
+    """The trainable block the request asks for: the op producing the embedding, which must
+    be a FullyConnected op the fine-tune can patch in place and that feeds the head."""
+    if request.block is False:
+        return None
+    if embedding is None:
+        raise ModelError("a trainable block needs an embedding output")
+    from edged.finetune.head_patch import HeadPatchError, read_fc
+
+    try:
+        block = read_fc(request.model, embedding["name"])
+        head = read_fc(request.model, output["name"])
+    except HeadPatchError as exc:
+        raise ModelError(f"the embedding's block cannot be trained in place: {exc}") from exc
+    if head.input_name != embedding["name"]:
+        raise ModelError("a trainable block needs a head that reads the embedding output")
+    if request.block is True:
+        return BlockSpec(embedding["name"])
+    shapes = [np.shape(a) for a in request.block]
+    if shapes != [block.weight.shape, block.bias.shape]:
+        raise ModelMismatch(
+            f"the block has weight {list(shapes[0])} and bias {list(shapes[1])}, but the model "
+            f"needs {list(block.weight.shape)} and {list(block.bias.shape)}"
+        )
+    return BlockSpec(embedding["name"], BLOCK_MEMBER)
 
 
 def _bundle(
@@ -199,10 +240,11 @@ def _check_request(request: PackRequest) -> None:
     for key, value in request.metrics.items():
         if isinstance(value, bool) or not isinstance(value, Real) or not math.isfinite(value):
             raise ModelError(f"metric '{key}' must be a finite number, not {value!r}")
-    if request.head is not None:
-        arrays = [np.asarray(a) for a in request.head]
-        if any(a.dtype.kind not in "iuf" or not np.all(np.isfinite(a)) for a in arrays):
-            raise ModelError("the head's weight and bias must be arrays of finite numbers")
+    for what, pair in (("head", request.head), ("block", request.block)):
+        if isinstance(pair, tuple):
+            arrays = [np.asarray(a) for a in pair]
+            if any(a.dtype.kind not in "iuf" or not np.all(np.isfinite(a)) for a in arrays):
+                raise ModelError(f"the {what}'s weight and bias must be arrays of finite numbers")
 
 
 def _check_labels(labels: Sequence[str]) -> None:

@@ -403,7 +403,11 @@ class Pipeline:
 
 
 def _backbone_of(engine: Engine) -> str:
-    """The base version whose backbone computes this model's embeddings: a personalised model
-    changes only the head, so its embeddings are its base's."""
-    lineage = engine.manifest.personalisation
-    return lineage.base_version if lineage is not None else engine.manifest.version
+    """The version whose backbone computes this model's embeddings: a model personalised by
+    its head alone computes its base's; where the base lets a fine-tune train the last block,
+    the model's own (the fine-tune may have changed the embeddings)."""
+    manifest = engine.manifest
+    lineage = manifest.personalisation
+    if lineage is None or manifest.block is not None:
+        return manifest.version
+    return lineage.base_version

@@ -21,6 +21,7 @@ from edged_formats.errors import (
 )
 from edged_formats.manifest import (
     FORMAT_VERSION,
+    BlockSpec,
     Canaries,
     ConfidenceHistogram,
     EmbeddingSpec,
@@ -75,6 +76,7 @@ __all__ = [
     "FORMAT_VERSION",
     "WIRE_SCHEMA_VERSION",
     "Batch",
+    "BlockSpec",
     "Bundle",
     "BundleError",
     "BundleLimits",

@@ -85,6 +85,15 @@ class Bundle:
         )
         return arrays["weight"].astype(np.float32), arrays["bias"].astype(np.float32)
 
+    def block_weights(self) -> tuple[npt.NDArray[np.float32], npt.NDArray[np.float32]] | None:
+        """The float weights of the trainable last block as (weight [embedding, inputs], bias
+        [embedding]) when the bundle ships them (`block.member`), else None."""
+        block = self.manifest.block
+        if block is None or block.member is None:
+            return None
+        arrays = load_npz(self.members[block.member], "bundle block member", ("weight", "bias"))
+        return arrays["weight"].astype(np.float32), arrays["bias"].astype(np.float32)
+
     def replay(self) -> tuple[npt.NDArray[np.generic], npt.NDArray[np.int64]] | None:
         """The replay set as (x raw inputs [n, *input shape without batch], y class indices
         [n] int64), checked by `read_bundle`; None when the bundle has none."""
@@ -253,6 +262,15 @@ def _check_contents(bundle: Bundle) -> None:
             raise BundleError(
                 f"bundle head has weight {list(weight.shape)} and bias {list(bias.shape)}, "
                 f"expected [{classes}, {size}] and [{classes}]"
+            )
+    block = bundle.block_weights()
+    if block is not None and manifest.embedding is not None:
+        weight, bias = block
+        size = manifest.embedding.size
+        if weight.ndim != 2 or weight.shape[0] != size or bias.shape != (size,):
+            raise BundleError(
+                f"bundle block has weight {list(weight.shape)} and bias {list(bias.shape)}, "
+                f"expected [{size}, inputs] and [{size}]"
             )
     if manifest.replay is not None:
         arrays = load_npz(

@@ -20,6 +20,7 @@ from edged_formats.scores import ScoreName
 
 __all__ = [
     "FORMAT_VERSION",
+    "BlockSpec",
     "Canaries",
     "ConfidenceHistogram",
     "EmbeddingSpec",
@@ -180,6 +181,23 @@ class HeadSpec:
 
 
 @dataclass(frozen=True, slots=True)
+class BlockSpec:
+    """The last block on-device fine-tuning may train besides the head: the FullyConnected op
+    that produces the embedding output `output`. Its float weights (`weight` [embedding,
+    inputs], `bias` [embedding]) ship in the .npz `member` when given; else the device
+    de-quantises them from the model."""
+
+    output: str
+    member: str | None = None
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.output, str) or not self.output:
+            raise _fail("block.output", "must name the embedding output")
+        if self.member is not None and (not isinstance(self.member, str) or not self.member):
+            raise _fail("block.member", "must be a member name or null")
+
+
+@dataclass(frozen=True, slots=True)
 class ReplaySpec:
     """A class-balanced set of raw inputs (`x`) and class indices (`y`) in an .npz member,
     against which on-device fine-tuning measures forgetting."""
@@ -293,6 +311,7 @@ class Manifest:
     head: HeadSpec | None = None
     replay: ReplaySpec | None = None
     personalisation: Personalisation | None = None
+    block: BlockSpec | None = None
     metrics: Mapping[str, float] = field(default_factory=dict)
     extensions: Mapping[str, Any] = field(default_factory=dict)
     format_version: int = FORMAT_VERSION
@@ -312,11 +331,12 @@ class Manifest:
                 raise _fail("members", f"has an unsafe member name '{member}'")
         needed = {"model.tflite", self.output.labels_member, self.canaries.member}
         needed |= {spec.member for spec in (self.head, self.replay) if spec is not None}
+        if self.block is not None and self.block.member is not None:
+            needed.add(self.block.member)
         missing = sorted(needed - set(self.members))
         if missing:
             raise _fail("members", f"does not list '{missing[0]}'")
-        if self.head is not None and self.embedding is None:
-            raise _fail("head", "needs an embedding output to train on")
+        _check_trainable(self)
         if self.reference.granularity == "channel":
             expected_features = self.input.shape[-1]
         else:
@@ -365,6 +385,7 @@ class Manifest:
             "head",
             "replay",
             "personalisation",
+            "block",
             "reference",
             "canaries",
             "metrics",
@@ -385,6 +406,7 @@ class Manifest:
             head=_head_from(obj.get("head")),
             replay=_replay_from(obj.get("replay")),
             personalisation=_personalisation_from(obj.get("personalisation")),
+            block=_block_from(obj.get("block")),
             reference=_reference_from(_get(obj, "reference", dict, "")),
             canaries=_canaries_from(_get(obj, "canaries", dict, "")),
             metrics={str(k): _number(metrics, k, "metrics") for k in metrics},
@@ -440,6 +462,10 @@ class Manifest:
         # without them is what it was before these optional fields existed.
         if self.replay is not None:
             out["replay"] = {"member": self.replay.member}
+        if self.block is not None:
+            out["block"] = {"output": self.block.output}
+            if self.block.member is not None:
+                out["block"]["member"] = self.block.member
         if self.personalisation is not None:
             p = self.personalisation
             out["personalisation"] = {
@@ -460,6 +486,20 @@ class Manifest:
             return json.dumps(self.to_dict(), sort_keys=True, indent=1, allow_nan=False).encode()
         except ValueError as exc:
             raise ManifestError(f"manifest cannot be written as JSON ({exc})") from exc
+
+
+def _check_trainable(manifest: Manifest) -> None:
+    """What fine-tuning may train must exist: the head and the block need the embedding, and
+    the block is the op producing it."""
+    if manifest.head is not None and manifest.embedding is None:
+        raise _fail("head", "needs an embedding output to train on")
+    block, embedding = manifest.block, manifest.embedding
+    if block is not None and (embedding is None or block.output != embedding.name):
+        raise _fail(
+            "block.output",
+            "must be the embedding output's name: only the FullyConnected op producing the "
+            "embedding may be trained",
+        )
 
 
 def _check_format_version(version: int) -> None:
@@ -532,6 +572,18 @@ def _replay_from(d: Any) -> ReplaySpec | None:
         raise _fail("replay", "must be an object or null")
     _reject_unknown(d, {"member"}, "replay")
     return ReplaySpec(_get(d, "member", str, "replay"))
+
+
+def _block_from(d: Any) -> BlockSpec | None:
+    if d is None:
+        return None
+    if not isinstance(d, dict):
+        raise _fail("block", "must be an object or null")
+    _reject_unknown(d, {"output", "member"}, "block")
+    member = d.get("member")
+    if member is not None and not isinstance(member, str):
+        raise _fail("block.member", f"must be a string or null, not {type(member).__name__}")
+    return BlockSpec(_get(d, "output", str, "block"), member)
 
 
 def _personalisation_from(d: Any) -> Personalisation | None:

@@ -22,8 +22,9 @@
    pauses.
 6. On-device fine-tuning (scripts/demo_finetune.py): a tilted camera's uncertain samples are
    labelled through the REST API, the labels reach the device over MQTT, its fine-tune worker
-   trains the head, the candidate passes the gate and the health trial, and the accuracy on
-   held-out tilted digits recovers; switched off by the operator, the cloud's model returns.
+   trains the last block and the head, the candidate passes the gate and the health trial,
+   and the accuracy on held-out tilted digits recovers; switched off by the operator, the
+   cloud's model returns.
 """
 
 from __future__ import annotations

@@ -261,7 +261,8 @@ def _show_jobs(api: httpx.Client, device: str) -> None:
     for event in sorted(events, key=lambda e: (e["boot"], e["seq"])):
         r = event["body"]
         print(
-            f"  job {r.get('job')} ({r.get('trigger')}, {r.get('labels')} labels): "
+            f"  job {r.get('job')} ({r.get('trigger')}, {r.get('labels')} labels, "
+            f"trained {r.get('trained')}): "
             f"{r.get('verdict')} - {r.get('reason')}; hold-out {r.get('holdout_current')} -> "
             f"{r.get('holdout_candidate')}, replay {r.get('replay_base')} -> "
             f"{r.get('replay_candidate')}; worker {r.get('wall_s')} s, "

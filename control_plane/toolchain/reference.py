@@ -134,7 +134,8 @@ def build_bundle(
     the held-out split. The module takes the device's layout and returns logits, or
     (logits, embedding) with its classifier in `module.head` (an nn.Linear) to make the
     bundle fine-tunable; a fine-tunable bundle also gets `REPLAY_PER_CLASS` training samples
-    of each class as its replay set."""
+    of each class as its replay set, and allows the device to train its last block (the
+    FullyConnected op producing the embedding) from the weights in the int8 model."""
     module = module.eval()
     sample = torch.from_numpy(data.preprocess(data.x_train[:1]))
     with torch.no_grad():
@@ -165,6 +166,7 @@ def build_bundle(
         replay=balanced_replay(data.x_train, data.y_train, REPLAY_PER_CLASS)
         if fine_tunable
         else None,
+        block=fine_tunable,
     )
     draft = read_bundle(pack(request))
     int8_top1 = Engine(draft, EngineOptions()).predict(data.x_test).top1

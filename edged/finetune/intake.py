@@ -171,7 +171,8 @@ class LabelIntake:
                 kept = await self.samples.get(sample_id)
                 if kept is None:
                     return None
-                return kept.input, kept.embedding, _backbone(kept.model), sample_id
+                block = self.serving.engine.manifest.block is not None
+                return kept.input, kept.embedding, _backbone(kept.model, block), sample_id
         elif ref is not None:
             recent = self.recent.by_ref(ref, source)
         if recent is None:
@@ -314,9 +315,11 @@ class LabelIntake:
                 self._save()
 
 
-def _backbone(version: str) -> str:
-    """The base version of a model version: '1.2.0+local.3' -> '1.2.0'."""
-    return version.split("+local.", 1)[0]
+def _backbone(version: str, block_trainable: bool) -> str:
+    """The version whose backbone computed a kept sample's embedding: the base version of a
+    personalised one ('1.2.0+local.3' -> '1.2.0'), unless fine-tunes may train the last block
+    (then its own)."""
+    return version if block_trainable else version.split("+local.", 1)[0]
 
 
 def _log_failure(task: asyncio.Task[Any]) -> None:

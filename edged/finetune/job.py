@@ -5,7 +5,8 @@ worker and what the worker writes back.
     JOB_DIR/labels.npz      JobLabels: keys, x, y, embeddings, embedded      (daemon)
     JOB_DIR/result.json     Result: verdict, reason, figures                 (worker, last)
     JOB_DIR/candidate.edb   the candidate bundle, when accepted              (worker)
-    JOB_DIR/head_delta.npz  weight, bias: candidate minus base float head    (worker)
+    JOB_DIR/head_delta.npz  weight, bias (and block_weight, block_bias when the block was
+                            trained): candidate minus base float weights     (worker)
 
 Every file is written atomically (edged.atomic). A job file the worker cannot use is refused
 with one `JobError` sentence naming the field; unknown job fields are refused too (daemon and
@@ -62,6 +63,8 @@ MAX_JSON_BYTES = 1 << 20
 
 Verdict = Literal["accepted", "rejected", "failed"]
 VERDICTS = ("accepted", "rejected", "failed")
+Train = Literal["auto", "head", "block"]
+TRAIN = ("auto", "head", "block")
 _SHA256 = re.compile(r"[0-9a-f]{64}")
 _VERSION = re.compile(r"[A-Za-z0-9][A-Za-z0-9._+-]{0,63}")  # as the manifest allows
 
@@ -88,6 +91,8 @@ class Job:
     max_iter: int = 500
     threads: int = 1
     seed: int = 0
+    train: Train = "auto"
+    block_anchor: float = 1e-5
 
     def __post_init__(self) -> None:
         for name in ("base", "current"):
@@ -105,6 +110,7 @@ class Job:
             ("min_gain", 0.0, 1.0),
             ("max_replay_loss", 0.0, 1.0),
             ("anchor", 0.0, 1e6),
+            ("block_anchor", 0.0, 1e6),
             ("max_iter", 1, 100_000),
             ("threads", 1, 64),
             ("seed", 0, 2**32 - 1),
@@ -115,6 +121,8 @@ class Job:
                 raise JobError(f"job.json field '{name}' is {value}, outside {low:g}..{high:g}")
         if self.holdout_share in (0.0, 1.0):
             raise JobError("job.json field 'holdout_share' must be strictly between 0 and 1")
+        if self.train not in TRAIN:
+            raise JobError("job.json field 'train' must be 'auto', 'head' or 'block'")
 
     @property
     def policy(self) -> GatePolicy:
@@ -142,6 +150,8 @@ class Job:
             "max_iter": (int,),
             "threads": (int,),
             "seed": (int,),
+            "train": (str,),
+            "block_anchor": (int, float),
         }
         unknown = sorted(set(obj) - set(types) - {"format"})
         if unknown:
@@ -220,6 +230,7 @@ class Result:
     holdout_candidate: float | None = None
     replay_base: float | None = None
     replay_candidate: float | None = None
+    trained: str | None = None
     wall_s: float | None = None
     peak_rss_mb: float | None = None
     extra: dict[str, Any] = field(default_factory=dict)
@@ -243,7 +254,10 @@ class Result:
         for name in ("verdict", "reason"):
             if name not in obj:
                 raise JobError(f"result.json lacks the required field '{name}'")
-        for name in known - {"verdict", "reason", "version"}:
+        trained = obj.get("trained")
+        if trained is not None and trained not in ("head", "block"):
+            raise JobError("result.json field 'trained' must be 'head', 'block' or null")
+        for name in known - {"verdict", "reason", "version", "trained"}:
             value = obj.get(name)
             if value is not None and (
                 isinstance(value, bool) or not isinstance(value, int | float)

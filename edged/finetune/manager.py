@@ -26,7 +26,7 @@ import numpy as np
 from edged.atomic import atomic_write
 from edged.config import FinetuneConfig
 from edged.errors import EdgedError
-from edged.finetune.head_patch import HeadPatchError, differs_only_in_head
+from edged.finetune.head_patch import HeadPatchError, check_changed_only, trainable_outputs
 from edged.finetune.intake import (
     HttpPersonalisation,
     LabelIntake,
@@ -200,6 +200,8 @@ class Personaliser:
                 self._save()
                 await self._report({"verdict": "failed", "reason": str(exc), "trigger": trigger})
                 return "failed"
+            if self.state.last_base not in (None, base_sha):
+                trigger = "new_base"  # an install raced the decision: it re-applies all the same
             self.state.jobs += 1
             self.state.last_base = base_sha
             self._save()
@@ -222,6 +224,8 @@ class Personaliser:
                 anchor=cfg.anchor,
                 max_iter=cfg.max_iter,
                 threads=cfg.threads,
+                train=cfg.train,
+                block_anchor=cfg.block_anchor,
             )
             await asyncio.to_thread(self._write_job, job_dir, spec, labels, base.manifest.version)
             report: dict[str, Any] = {"trigger": trigger, "job": number}
@@ -341,8 +345,13 @@ class Personaliser:
                 or candidate.manifest.name != base.manifest.name
             ):
                 raise EdgedError("the candidate's name or version is not the job's")
-            if not differs_only_in_head(base.model, candidate.model, base.manifest.output.name):
-                raise EdgedError("the candidate's model differs from the base outside its head")
+            try:
+                check_changed_only(base.model, candidate.model, trainable_outputs(base.manifest))
+            except HeadPatchError as exc:
+                raise EdgedError(
+                    "the candidate's model differs from the base outside what the base allows "
+                    f"to be trained ({exc})"
+                ) from exc
             delta = _head_delta(job_dir)
         except (OSError, FormatError, HeadPatchError, EdgedError) as exc:
             return {"verdict": "refused", "reason": f"provenance check failed: {exc}"}
@@ -420,11 +429,20 @@ NO_TORCH = "fine-tuning needs the finetune extra (torch) installed on the device
 
 
 def _head_delta(job_dir: Path) -> dict[str, Any]:
+    """The report's `head_delta`: the head's change and, when the block was trained, the
+    block's (`block_shape`, `block_weight`, `block_bias`), as float16 bytes."""
     with np.load(job_dir / HEAD_DELTA_FILE) as npz:
-        weight, bias = npz["weight"].astype("<f2"), npz["bias"].astype("<f2")
-    return {
+        arrays = {name: npz[name].astype("<f2") for name in npz.files}
+    delta: dict[str, Any] = {
         "dtype": "<f2",
-        "shape": list(weight.shape),
-        "weight": weight.tobytes(),
-        "bias": bias.tobytes(),
+        "shape": list(arrays["weight"].shape),
+        "weight": arrays["weight"].tobytes(),
+        "bias": arrays["bias"].tobytes(),
     }
+    if "block_weight" in arrays:
+        delta |= {
+            "block_shape": list(arrays["block_weight"].shape),
+            "block_weight": arrays["block_weight"].tobytes(),
+            "block_bias": arrays["block_bias"].tobytes(),
+        }
+    return delta

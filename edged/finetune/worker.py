@@ -1,8 +1,10 @@
 """The fine-tune worker: `python -m edged.finetune.worker JOB_DIR` (docs/finetune.md).
 
-Reads job.json and labels.npz, embeds on the base with LiteRT, splits by key, trains the head
-from the base head (torch, imported here only after the thread count is set), exports the
-candidate through `head_updated_bundle`, gates it on the exported int8 model, and writes
+Reads job.json and labels.npz, embeds on the base with LiteRT (or reads the last block's inputs
+there, when the bundle allows the block to be trained and the job does not ask for the head
+alone), splits by key, trains the head, or the block and the head, from the base (torch,
+imported here only after the thread count is set), exports the candidate through
+`head_updated_bundle`, gates it on the exported int8 model, and writes
 `result.json` last; with `accepted` first `candidate.edb` and `head_delta.npz`. Every file is
 written atomically, so a `kill -9` at any moment leaves no half-written output.
 
@@ -27,8 +29,15 @@ import numpy.typing as npt
 from edged.atomic import atomic_write
 from edged.engine import Engine, EngineOptions, open_bundle
 from edged.errors import EdgedError, ModelError
+from edged.finetune.activations import tensor_values
 from edged.finetune.gate import GateFigures, Verdict, check_holdout_size, decide
-from edged.finetune.head_patch import check_head_only, read_head
+from edged.finetune.head_patch import (
+    FullyConnected,
+    check_changed_only,
+    read_fc,
+    read_head,
+    trainable_outputs,
+)
 from edged.finetune.job import (
     CANDIDATE_FILE,
     HEAD_DELTA_FILE,
@@ -59,7 +68,7 @@ class _Rejected(Exception):
 class _Samples:
     x: npt.NDArray[Any]
     y: npt.NDArray[np.int64]
-    embeddings: npt.NDArray[np.float32]
+    features: npt.NDArray[np.float32]  # what the trained part reads: embeddings or block inputs
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -101,7 +110,7 @@ def run(job_dir: Path, job: Job) -> Result:
 
 
 def _run(job_dir: Path, job: Job, counts: dict[str, Any]) -> Result:
-    # 1. Bundles, labels, embeddings on the base.
+    # 1. Bundles, labels, features on the base: embeddings for the head, the block's inputs.
     base, base_sha256 = _load(job.base)
     if base_sha256 != job.base_sha256:
         raise JobError(
@@ -119,17 +128,22 @@ def _run(job_dir: Path, job: Job, counts: dict[str, Any]) -> Result:
             "the bundle ships no replay set, so nothing could show the candidate forgets"
         )
     _check_labels(labels, base)
+    trained = _what_to_train(job, base)
+    counts["trained"] = trained
     options = EngineOptions(num_threads=job.threads)
     base_engine = Engine(base, options)
-    embeddings = _embed(base_engine, labels)
-    replay_set = _Samples(replay[0], replay[1], _embeddings(base_engine, replay[0]))
+    block_op = _block_op(base) if trained == "block" else None
+    features, replay_features = _features(
+        base, base_engine, block_op, labels, replay[0], job.threads
+    )
+    replay_set = _Samples(replay[0], replay[1], replay_features)
     counts["replay"] = len(replay_set.y)
     fault_point("finetune_embedded")
 
     # 2. Split.
     held = holdout_mask(labels.keys.tolist(), job.holdout_share)
-    holdout = _Samples(labels.x[held], labels.y[held], embeddings[held])
-    train = _Samples(labels.x[~held], labels.y[~held], embeddings[~held])
+    holdout = _Samples(labels.x[held], labels.y[held], features[held])
+    train = _Samples(labels.x[~held], labels.y[~held], features[~held])
     counts["holdout"], counts["train"] = len(holdout.y), len(train.y)
     too_few = check_holdout_size(job.policy, len(holdout.y))
     if too_few is not None:
@@ -137,21 +151,8 @@ def _run(job_dir: Path, job: Job, counts: dict[str, Any]) -> Result:
     if len(train.y) == 0:
         raise _Rejected("every label fell in the hold-out, none is left to train on")
 
-    # 3. Train from the base head on the training labels and the replay set.
-    from edged.finetune.train import train_head  # torch, after the thread variables
-
-    shipped = base.head_weights()
-    weight0, bias0 = shipped or read_head(base.model, manifest.output.name).dequantised()
-    fit = train_head(
-        np.concatenate([train.embeddings, replay_set.embeddings]),
-        np.concatenate([train.y, replay_set.y]),
-        weight0,
-        bias0,
-        anchor=job.anchor,
-        max_iter=job.max_iter,
-        threads=job.threads,
-        seed=job.seed,
-    )
+    # 3. Train from the base weights on the training labels and the replay set.
+    fit = _train(job, base, block_op, train, replay_set)
 
     fault_point("finetune_trained")
 
@@ -161,10 +162,16 @@ def _run(job_dir: Path, job: Job, counts: dict[str, Any]) -> Result:
     lineage = Personalisation(manifest.version, base_sha256, len(labels), job.device)
     calibration = np.concatenate([replay_set.x, train.x]).astype(replay_set.x.dtype)
     candidate_bytes = head_updated_bundle(
-        base, fit.weight, fit.bias, calibration, job.version, personalisation=lineage
+        base,
+        fit.weight,
+        fit.bias,
+        calibration,
+        job.version,
+        personalisation=lineage,
+        block=fit.block,
     )
     candidate = read_bundle(candidate_bytes)
-    check_head_only(base.model, candidate.model, manifest.output.name)
+    check_changed_only(base.model, candidate.model, trainable_outputs(manifest))
 
     # 5. Gate on the exported int8 model.
     current_engine = base_engine if current is base else Engine(current, options)
@@ -174,13 +181,113 @@ def _run(job_dir: Path, job: Job, counts: dict[str, Any]) -> Result:
     if not verdict.accepted:
         raise _Rejected(verdict.reason)
     atomic_write(job_dir / CANDIDATE_FILE, candidate_bytes)
-    delta = dump_npz(
-        weight=(fit.weight - weight0).astype(np.float32),
-        bias=(fit.bias - bias0).astype(np.float32),
-    )
-    atomic_write(job_dir / HEAD_DELTA_FILE, delta)
+    atomic_write(job_dir / HEAD_DELTA_FILE, dump_npz(False, **fit.deltas))
     fault_point("finetune_gated")  # the candidate is written, the result not yet
     return Result("accepted", verdict.reason, **counts)
+
+
+@dataclass(frozen=True)
+class _Fit:
+    """The trained head, the trained block (or None), and the deltas from the base weights
+    (head_delta.npz)."""
+
+    weight: npt.NDArray[np.float32]
+    bias: npt.NDArray[np.float32]
+    block: tuple[npt.NDArray[np.float32], npt.NDArray[np.float32]] | None
+    deltas: dict[str, npt.NDArray[np.float32]]
+
+
+def _train(
+    job: Job,
+    base: Bundle,
+    block_op: FullyConnected | None,
+    train: _Samples,
+    replay_set: _Samples,
+) -> _Fit:
+    """Step 3: the head (or the block and the head) from the base's weights."""
+    from edged.finetune.train import train_block, train_head  # torch, after the thread variables
+
+    shipped = base.head_weights()
+    weight0, bias0 = shipped or read_head(base.model, base.manifest.output.name).dequantised()
+    x = np.concatenate([train.features, replay_set.features])
+    y = np.concatenate([train.y, replay_set.y])
+    if block_op is None:
+        head = train_head(
+            x,
+            y,
+            weight0,
+            bias0,
+            anchor=job.anchor,
+            max_iter=job.max_iter,
+            threads=job.threads,
+            seed=job.seed,
+        )
+        deltas = {"weight": head.weight - weight0, "bias": head.bias - bias0}
+        return _Fit(head.weight, head.bias, None, _float32(deltas))
+    block0 = base.block_weights() or block_op.dequantised()
+    fit = train_block(
+        x,
+        y,
+        block0,
+        (weight0, bias0),
+        activation=block_op.activation,
+        anchor=job.anchor,
+        block_anchor=job.block_anchor,
+        max_iter=job.max_iter,
+        threads=job.threads,
+        seed=job.seed,
+    )
+    deltas = {
+        "weight": fit.weight - weight0,
+        "bias": fit.bias - bias0,
+        "block_weight": fit.block_weight - block0[0],
+        "block_bias": fit.block_bias - block0[1],
+    }
+    return _Fit(fit.weight, fit.bias, (fit.block_weight, fit.block_bias), _float32(deltas))
+
+
+def _float32(arrays: dict[str, npt.NDArray[Any]]) -> dict[str, npt.NDArray[np.float32]]:
+    return {k: v.astype(np.float32) for k, v in arrays.items()}
+
+
+def _features(
+    base: Bundle,
+    engine: Engine,
+    block_op: FullyConnected | None,
+    labels: JobLabels,
+    replay_x: npt.NDArray[Any],
+    threads: int,
+) -> tuple[npt.NDArray[np.float32], npt.NDArray[np.float32]]:
+    """What training reads, for the labels and the replay set: the block's inputs on the base
+    when the block is trained, else the embeddings."""
+    if block_op is None:
+        return _embed(engine, labels), _embeddings(engine, replay_x)
+    return (
+        tensor_values(base, block_op.input_name, labels.x, threads=threads),
+        tensor_values(base, block_op.input_name, replay_x, threads=threads),
+    )
+
+
+def _what_to_train(job: Job, base: Bundle) -> str:
+    """'block' or 'head': the job's choice, or with 'auto' the most the bundle allows."""
+    allowed = base.manifest.block is not None
+    if job.train == "block" and not allowed:
+        raise _Rejected("the job asks to train the last block, but the bundle allows only its head")
+    return "block" if allowed and job.train != "head" else "head"
+
+
+def _block_op(base: Bundle) -> FullyConnected:
+    """The block's op, checked to feed the head directly (the composed function trained is
+    then what the model computes)."""
+    block = base.manifest.block
+    assert block is not None
+    op = read_fc(base.model, block.output)
+    head = read_fc(base.model, base.manifest.output.name)
+    if head.input_name != block.output:
+        raise JobError(
+            f"the head reads {head.input_name!r}, not the block's output {block.output!r}"
+        )
+    return op
 
 
 def _gate(

@@ -337,3 +337,58 @@ def test_head_must_fit_labels_and_embedding(odd_models: dict[str, Path]) -> None
     assert "weight [10, 5] and bias [10], but the model needs [10, 4] and [10]" in refused(
         request, head=wrong
     )
+
+
+@pytest.mark.train
+def test_a_block_must_be_a_fully_connected_op_feeding_the_head(
+    digits: PackRequest, odd_models: dict[str, Path]
+) -> None:
+    """A trainable block needs an embedding produced by a FullyConnected op the head reads;
+    shipped float weights must fit that op."""
+    assert "a trainable block needs an embedding output" in refused(digits, block=True)
+    two_heads = PackRequest(
+        model=odd_models["two_heads"].read_bytes(),
+        labels=LABELS,
+        calibration=vectors(),
+        name="headed",
+        version="1",
+        output_name=SCORES,
+        embedding_output=EMBEDDING,
+    )
+    assert "the embedding's block cannot be trained in place" in refused(two_heads, block=True)
+    nan = (np.full((4, 16), np.nan, np.float32), np.zeros(4, np.float32))
+    assert "the block's weight and bias must be arrays of finite numbers" in refused(
+        two_heads, block=nan
+    )
+
+
+@pytest.mark.train
+def test_shipped_block_weights_are_packed_and_checked(digits_build) -> None:
+    """The reference build's model packs with its block's float weights as block.npz (read
+    back exactly); weights of another shape are refused naming both shapes."""
+    from edged.finetune.head_patch import read_fc
+
+    out, report = digits_build
+    built = read_bundle((out / report.bundle).read_bytes())
+    assert built.manifest.block is not None and built.manifest.embedding is not None
+    weight, bias = read_fc(built.model, built.manifest.block.output).dequantised()
+    request = PackRequest(
+        model=built.model,
+        labels=list(built.labels),
+        calibration=built.canary_inputs,
+        name="digits",
+        version="1.0.0",
+        output_name=built.manifest.output.name,
+        embedding_output=built.manifest.embedding.name,
+        input_scale=built.manifest.input.scale,
+        input_offset=built.manifest.input.offset,
+        block=(weight, bias),
+    )
+    bundle = read_bundle(pack(request))
+    assert bundle.manifest.block is not None and bundle.manifest.block.member == "block.npz"
+    shipped = bundle.block_weights()
+    assert shipped is not None
+    assert np.array_equal(shipped[0], weight) and np.array_equal(shipped[1], bias)
+    assert "the block has weight [64, 511] and bias [64], but the model needs [64, 512]" in (
+        refused(request, block=(weight[:, :-1], bias))
+    )

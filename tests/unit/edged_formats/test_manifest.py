@@ -7,7 +7,7 @@ from typing import Any
 
 import pytest
 
-from edged_formats import Manifest, ManifestError, Personalisation, ReplaySpec
+from edged_formats import BlockSpec, Manifest, ManifestError, Personalisation, ReplaySpec
 
 from .samples import PERSONALISATION, manifest_dict
 
@@ -213,3 +213,45 @@ def test_personalisation_value_validates_on_construction() -> None:
         Personalisation("1.0.0", "0" * 63, 1)
     with pytest.raises(ManifestError, match="labels must be a non-negative integer"):
         Personalisation("1.0.0", "0" * 64, -3)
+
+
+def test_block_round_trips_and_is_written_only_when_present() -> None:
+    """`block` naming the embedding output reads back as a BlockSpec and writes back the same
+    JSON; a manifest without it writes no `block` field."""
+    obj = manifest_dict(with_head=True)
+    assert "block" not in json.loads(Manifest.from_dict(obj).to_json())
+    obj["block"] = {"output": "emb"}
+    manifest = Manifest.from_dict(obj)
+    assert manifest.block == BlockSpec("emb")
+    assert json.loads(manifest.to_json()) == obj
+
+
+@pytest.mark.parametrize(
+    ("value", "message"),
+    [
+        ({"output": "out"}, "block.output must be the embedding output's name: only the "),
+        ({"output": ""}, "block.output must name the embedding output"),
+        ({"output": 3}, "block.output must be str, not int"),
+        ({}, "block is missing the required field 'output'"),
+        ({"output": "emb", "layers": 2}, "block has unknown field 'layers'"),
+        ({"output": "emb", "member": "block.npz"}, "members does not list 'block.npz'"),
+        ({"output": "emb", "member": 1}, "block.member must be a string or null, not int"),
+        ("emb", "manifest block must be an object or null"),
+    ],
+)
+def test_refuses_a_malformed_block_with_one_sentence(value: Any, message: str) -> None:
+    """An off-schema `block`, or one naming anything but the embedding output, is refused
+    with one sentence naming the field."""
+    obj = manifest_dict(with_head=True)
+    obj["block"] = value
+    with pytest.raises(ManifestError, match=message) as info:
+        Manifest.from_dict(obj)
+    assert "\n" not in str(info.value)
+
+
+def test_block_needs_an_embedding() -> None:
+    """A block on a manifest with no embedding output is refused."""
+    obj = manifest_dict()
+    obj["block"] = {"output": "emb"}
+    with pytest.raises(ManifestError, match=r"block\.output must be the embedding output's name"):
+        Manifest.from_dict(obj)

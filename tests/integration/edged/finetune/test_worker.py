@@ -1,6 +1,7 @@
 """The fine-tune worker as the daemon runs it: a real `python -m edged.finetune.worker`
 process on the digits reference build, its inputs drifted by rotating the digits 25 degrees.
-Honest labels give an accepted candidate that is only the base with a new head; shuffled
+Honest labels give an accepted candidate that is only the base with a new last block and head
+(the reference build allows its block; with `train = "head"` only the head changes); shuffled
 labels are rejected; a malformed job fails with its sentence; a kill -9 leaves nothing
 half-written."""
 
@@ -20,9 +21,9 @@ import pytest
 
 from control_plane.toolchain.datasets import Dataset, digits_dataset, rotated
 from edged.engine import Engine, EngineOptions, open_bundle
-from edged.finetune.head_patch import differs_only_in_head
+from edged.finetune.head_patch import differs_only_in, differs_only_in_head, read_fc
 from edged.finetune.job import Job, JobLabels, read_result, write_job
-from edged_formats import Bundle, ReplaySpec, read_bundle, write_bundle
+from edged_formats import BlockSpec, Bundle, ReplaySpec, read_bundle, write_bundle
 from edged_formats.bundle import digest_members, dump_npz
 
 pytestmark = [pytest.mark.train, pytest.mark.slow]
@@ -140,11 +141,16 @@ def test_honest_labels_are_accepted_and_fix_the_drift(
     assert upright_loss <= 0.02, upright_loss
 
 
-def test_candidate_is_the_base_with_a_new_head_and_names_it(accepted, base_path: Path) -> None:
+def test_candidate_is_the_base_with_a_new_block_and_head_and_names_it(
+    accepted, base_path: Path
+) -> None:
     """The candidate's manifest carries the lineage (base version and sha256, labels,
-    device), its .tflite differs from the base's only in the head, and head_delta.npz is the
-    candidate's float head minus the base's."""
+    device), its .tflite differs from the base's only in the block and the head (not in the
+    head alone), and head_delta.npz is the candidate's float head minus the base's, with the
+    block's delta."""
     job_dir, _ = accepted
+    result = read_result(job_dir)
+    assert result is not None and result.trained == "block"
     base = open_bundle(base_path)
     candidate = open_bundle(job_dir / "candidate.edb")
     manifest = candidate.manifest
@@ -155,14 +161,73 @@ def test_candidate_is_the_base_with_a_new_head_and_names_it(accepted, base_path:
     assert lineage.base_sha256 == _sha256(base_path)  # the file's digest, as slots name it
     assert (lineage.labels, lineage.device) == (LABELS, "dev-1")
     name = base.manifest.output.name
+    assert base.manifest.block is not None
     assert candidate.model != base.model
-    assert differs_only_in_head(base.model, candidate.model, name)
+    assert differs_only_in(base.model, candidate.model, (name, base.manifest.block.output))
+    assert not differs_only_in_head(base.model, candidate.model, name)
     with np.load(job_dir / "head_delta.npz") as delta:
+        assert delta["block_weight"].shape == (64, 512) and delta["block_bias"].shape == (64,)
+        assert np.abs(delta["block_weight"]).max() > 0
         head, base_head = candidate.head_weights(), base.head_weights()
         assert head is not None and base_head is not None
         assert np.allclose(delta["weight"], head[0] - base_head[0])
         assert np.allclose(delta["bias"], head[1] - base_head[1])
         assert np.abs(delta["weight"]).max() > 0
+
+
+def test_head_only_is_still_trained_when_asked(
+    accepted, base_path: Path, labels: JobLabels, data: Dataset, tmp_path: Path
+) -> None:
+    """`train = "head"` on the same labels: accepted, only the head's bytes changed, no block
+    delta, and the block-trained candidate recovers more of the rotated test split."""
+    write_job(tmp_path, _job(base_path, train="head"), labels)
+    process = _run(tmp_path)
+    assert process.returncode == 0, process.stderr.decode()
+    result = read_result(tmp_path)
+    assert result is not None and (result.verdict, result.trained) == ("accepted", "head")
+    base = open_bundle(base_path)
+    candidate = open_bundle(tmp_path / "candidate.edb")
+    assert differs_only_in_head(base.model, candidate.model, base.manifest.output.name)
+    with np.load(tmp_path / "head_delta.npz") as delta:
+        assert set(delta.files) == {"weight", "bias"}
+    drifted = rotated(data.x_test, DEGREES)
+    head_only = _accuracy(Engine(candidate, EngineOptions()), drifted, data.y_test)
+    block = _accuracy(
+        Engine.from_file(accepted[0] / "candidate.edb", EngineOptions()), drifted, data.y_test
+    )
+    assert block > head_only, (block, head_only)
+
+
+def test_the_block_trains_from_the_float_weights_the_bundle_ships(
+    base_path: Path, labels: JobLabels, tmp_path: Path
+) -> None:
+    """A bundle shipping its block's float weights (`block.member`): training starts from
+    those, not from the int8 ones (the delta is taken against them), and the candidate ships
+    its trained block's."""
+    base = open_bundle(base_path)
+    assert base.manifest.block is not None
+    weight, bias = read_fc(base.model, base.manifest.block.output).dequantised()
+    noise = np.random.default_rng(1).normal(0, 0.01, weight.shape).astype(np.float32)
+    shipped = (weight + noise, bias)
+    path = tmp_path / "shipping.edb"
+    path.write_bytes(
+        _with_members(
+            base,
+            {"block.npz": dump_npz(weight=shipped[0], bias=shipped[1])},
+            block=BlockSpec(base.manifest.block.output, "block.npz"),
+        )
+    )
+    job_dir = tmp_path / "job"
+    write_job(job_dir, _job(path), labels)
+    process = _run(job_dir)
+    assert process.returncode == 0, process.stderr.decode()
+    result = read_result(job_dir)
+    assert result is not None and (result.verdict, result.trained) == ("accepted", "block")
+    trained = open_bundle(job_dir / "candidate.edb").block_weights()
+    assert trained is not None
+    with np.load(job_dir / "head_delta.npz") as delta:
+        assert np.allclose(delta["block_weight"], trained[0] - shipped[0], atol=1e-6)
+        assert not np.allclose(delta["block_weight"], trained[0] - weight, atol=1e-3)
 
 
 def test_shuffled_labels_are_rejected(base_path: Path, labels: JobLabels, tmp_path: Path) -> None:

@@ -26,7 +26,11 @@ async def intake(tmp_path: Path) -> Any:
         LabelStore(tmp_path / "labels.db") as labels,
         SampleStore(tmp_path / "samples.db") as samples,
     ):
-        engine = SimpleNamespace(labels=tuple(str(i) for i in range(10)), sample_shape=SHAPE)
+        engine = SimpleNamespace(
+            labels=tuple(str(i) for i in range(10)),
+            sample_shape=SHAPE,
+            manifest=SimpleNamespace(block=None),  # a head-only base
+        )
         serving = SimpleNamespace(engine=engine)
         state = PersonalisationState()
         woken: list[int] = []
@@ -66,6 +70,10 @@ async def test_labels_find_their_sample_by_id_or_ref_and_refusals_are_counted(in
     assert np.array_equal(stored["cam/r2"].input, _x(2))
     assert intake.refused == {"unknown_sample": 2, "unknown_label": 1}
     assert len(intake.woken) == 3
+    intake.serving.engine.manifest.block = "emb"  # a base whose last block may be trained
+    assert await intake.label("5", "local", sample_id="1-a") == "stored"
+    relabelled = {lb.key: lb for lb in await intake.labels.all()}["1-a"]
+    assert (relabelled.label, relabelled.embedded_on) == (5, "1.0.0+local.2")  # its own
 
 
 @pytest.mark.parametrize(
