@@ -20,9 +20,17 @@ import aiosqlite
 import numpy as np
 import numpy.typing as npt
 
-__all__ = ["Label", "LabelSource", "LabelStore", "Recent", "RecentResults"]
+__all__ = ["Label", "LabelSource", "LabelStore", "Recent", "RecentResults", "embedding_origin"]
 
 LabelSource = Literal["cloud", "local", "pseudo"]
+
+
+def embedding_origin(version: str, block_trainable: bool) -> str:
+    """The model version whose backbone computed an embedding that `version` produced: a
+    personalised model's base ('1.2.0+local.3' -> '1.2.0') when fine-tunes change its head
+    alone; its own where they may train the last block (the embedding may differ)."""
+    return version if block_trainable else version.split("+local.", 1)[0]
+
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS labels (

@@ -171,15 +171,12 @@ def _block(
         return None
     if embedding is None:
         raise ModelError("a trainable block needs an embedding output")
-    from edged.finetune.head_patch import HeadPatchError, read_fc
+    from edged.finetune.head_patch import HeadPatchError, read_block
 
     try:
-        block = read_fc(request.model, embedding["name"])
-        head = read_fc(request.model, output["name"])
+        block = read_block(request.model, embedding["name"], output["name"])
     except HeadPatchError as exc:
         raise ModelError(f"the embedding's block cannot be trained in place: {exc}") from exc
-    if head.input_name != embedding["name"]:
-        raise ModelError("a trainable block needs a head that reads the embedding output")
     if request.block is True:
         return BlockSpec(embedding["name"])
     shapes = [np.shape(a) for a in request.block]

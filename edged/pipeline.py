@@ -28,7 +28,7 @@ from edged.drift import DriftAlarm, DriftConfig, DriftMonitor
 from edged.engine import Engine, Prediction
 from edged.gating import AUDIT, CONFIDENT, UNCERTAIN, Gate, GatingConfig
 from edged.health import LatencyWindow
-from edged.labels import Recent, RecentResults
+from edged.labels import Recent, RecentResults, embedding_origin
 from edged.logs import RateLimitedLog, log_event
 from edged.outbox import Outbox, OutboxError
 from edged.sample_budget import GatingCounters, UploadBudget, signature_of
@@ -403,11 +403,5 @@ class Pipeline:
 
 
 def _backbone_of(engine: Engine) -> str:
-    """The version whose backbone computes this model's embeddings: a model personalised by
-    its head alone computes its base's; where the base lets a fine-tune train the last block,
-    the model's own (the fine-tune may have changed the embeddings)."""
-    manifest = engine.manifest
-    lineage = manifest.personalisation
-    if lineage is None or manifest.block is not None:
-        return manifest.version
-    return lineage.base_version
+    """The version whose backbone computes this model's embeddings (embedding_origin)."""
+    return embedding_origin(engine.manifest.version, engine.manifest.block is not None)

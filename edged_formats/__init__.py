@@ -51,9 +51,8 @@ if TYPE_CHECKING:
         topic_for,
     )
 
-_LAZY = {
-    name: "edged_formats.wire"
-    for name in (
+_WIRE_NAMES = frozenset(
+    (
         "CHANNELS",
         "WIRE_SCHEMA_VERSION",
         "Batch",
@@ -67,7 +66,7 @@ _LAZY = {
         "parse_topic",
         "topic_for",
     )
-}
+)
 
 __version__ = "0.1.0"
 
@@ -114,9 +113,9 @@ __all__ = [
 
 
 def __getattr__(name: str) -> Any:
-    """Import a lazily loaded name's module on first access (PEP 562)."""
-    if name not in _LAZY:
+    """Import the wire module on the first access to one of its names (PEP 562)."""
+    if name not in _WIRE_NAMES:
         raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-    value = getattr(importlib.import_module(_LAZY[name]), name)
+    value = getattr(importlib.import_module("edged_formats.wire"), name)
     globals()[name] = value
     return value

@@ -17,7 +17,7 @@ the head, whose bias scale depends on it. `patch_head` is `patch_fc` on the clas
 Only numpy and the flatbuffer schema shipped with ai-edge-litert: no torch, no converter, so
 this runs on the device (on-device fine-tuning exports through it). `check_changed_only` is
 the converse: the provenance check that a candidate is the base with nothing but new weights
-in the ops producing the named outputs (`check_head_only`: the head alone).
+in the ops producing the named outputs.
 
     ValueError
     └── HeadPatchError   a FullyConnected op that cannot be found or rewritten in place
@@ -35,22 +35,29 @@ import numpy.typing as npt
 from edged_formats import Manifest
 
 __all__ = [
+    "ACTIVATION_BOUNDS",
     "FullyConnected",
-    "Head",
     "HeadPatchError",
     "check_changed_only",
-    "check_head_only",
     "differs_only_in",
-    "differs_only_in_head",
     "fc_outputs",
     "patch_fc",
     "patch_head",
+    "read_block",
     "read_fc",
     "read_head",
     "trainable_outputs",
 ]
 
 _INT8, _INT32 = 9, 2  # tflite TensorType
+# The fused activations a trained op may have (tflite's ActivationFunctionType names), as the
+# (low, high) clamp each applies; None: unbounded on that side.
+ACTIVATION_BOUNDS: dict[str, tuple[float | None, float | None]] = {
+    "NONE": (None, None),
+    "RELU": (0.0, None),
+    "RELU6": (0.0, 6.0),
+    "RELU_N1_TO_1": (-1.0, 1.0),
+}
 _INT32_RANGE = (-(2**31), 2**31 - 1)
 
 
@@ -72,7 +79,6 @@ class FullyConnected:
     output_scale: float
     output_zero_point: int
     input_name: str = ""
-    input_zero_point: int = 0
     activation: str = "NONE"
 
     def dequantised(self) -> tuple[npt.NDArray[np.float32], npt.NDArray[np.float32]]:
@@ -80,9 +86,6 @@ class FullyConnected:
         weight = self.weight.astype(np.float32) * _per_row(self.weight_scale, len(self.weight))
         bias = self.bias.astype(np.float32) * self.bias_scale
         return weight.astype(np.float32), bias.astype(np.float32)
-
-
-Head = FullyConnected  # the classifier head's op
 
 
 @dataclass
@@ -97,7 +100,6 @@ class _Views:
     output_scale: npt.NDArray[np.float32]
     output_zero_point: npt.NDArray[np.int64]
     input_name: str
-    input_zero_point: int
     activation: str
 
     def op(self) -> FullyConnected:
@@ -110,7 +112,6 @@ class _Views:
             float(self.output_scale[0]),
             int(self.output_zero_point[0]),
             self.input_name,
-            self.input_zero_point,
             self.activation,
         )
 
@@ -120,7 +121,18 @@ def read_fc(model: bytes, output_name: str) -> FullyConnected:
     return _locate(bytearray(model), output_name).op()
 
 
-def read_head(model: bytes, output_name: str) -> Head:
+def read_block(model: bytes, block_output: str, class_output: str) -> FullyConnected:
+    """The trainable last block: the FullyConnected op producing `block_output`, which the
+    head (the op producing `class_output`) must read directly, so that training the two
+    composed is training what the model computes."""
+    block = read_fc(model, block_output)
+    head = read_fc(model, class_output)
+    if head.input_name != block_output:
+        raise HeadPatchError(f"the head reads {head.input_name!r}, not the block's output")
+    return block
+
+
+def read_head(model: bytes, output_name: str) -> FullyConnected:
     """The quantised head: the FullyConnected op that produces output `output_name`."""
     return read_fc(model, output_name)
 
@@ -240,11 +252,6 @@ def trainable_outputs(manifest: Manifest) -> tuple[str, ...]:
     return names if manifest.block is None else (*names, manifest.block.output)
 
 
-def check_head_only(base_model: bytes, candidate_model: bytes, output_name: str) -> None:
-    """`check_changed_only` with the head alone: nothing but a new head."""
-    check_changed_only(base_model, candidate_model, (output_name,))
-
-
 def differs_only_in(base_model: bytes, candidate_model: bytes, output_names: Sequence[str]) -> bool:
     """Whether `candidate_model` is `base_model` with nothing changed but the ops producing
     `output_names` (see `check_changed_only`, which says why not)."""
@@ -253,11 +260,6 @@ def differs_only_in(base_model: bytes, candidate_model: bytes, output_names: Seq
     except HeadPatchError:
         return False
     return True
-
-
-def differs_only_in_head(base_model: bytes, candidate_model: bytes, output_name: str) -> bool:
-    """Whether `candidate_model` is `base_model` with nothing changed but the head."""
-    return differs_only_in(base_model, candidate_model, (output_name,))
 
 
 def _asymmetric(low: float, high: float) -> tuple[np.float32, np.int64]:
@@ -323,7 +325,6 @@ def _locate(buffer: bytearray, output_name: str) -> _Views:
         output_scale=output_q.ScaleAsNumpy(),
         output_zero_point=output_q.ZeroPointAsNumpy(),
         input_name=source.Name().decode(),
-        input_zero_point=int(source_q.ZeroPointAsNumpy()[0]) if source_q.ZeroPointLength() else 0,
         activation=_activation(schema, op),
     )
 
@@ -371,13 +372,12 @@ def fc_outputs(
     activation: str,
 ) -> npt.NDArray[np.float32]:
     """What a float FullyConnected op with this fused activation computes on `inputs`."""
-    values = np.asarray(inputs, np.float32) @ np.asarray(weight, np.float32).T + bias
-    bounds = {"RELU": (0.0, None), "RELU6": (0.0, 6.0), "RELU_N1_TO_1": (-1.0, 1.0)}
-    if activation in bounds:
-        low, high = bounds[activation]
-        values = np.clip(values, low, high)
-    elif activation != "NONE":
+    if activation not in ACTIVATION_BOUNDS:
         raise HeadPatchError(f"fused activation {activation} is not supported")
+    values = np.asarray(inputs, np.float32) @ np.asarray(weight, np.float32).T + bias
+    low, high = ACTIVATION_BOUNDS[activation]
+    if low is not None or high is not None:
+        values = np.clip(values, low, high)
     return values.astype(np.float32)
 
 

@@ -21,7 +21,14 @@ from edged.atomic import atomic_write
 from edged.config import FinetuneConfig
 from edged.engine import Engine
 from edged.errors import EdgedError
-from edged.labels import Label, LabelSource, LabelStore, Recent, RecentResults
+from edged.labels import (
+    Label,
+    LabelSource,
+    LabelStore,
+    Recent,
+    RecentResults,
+    embedding_origin,
+)
 from edged.logs import RateLimitedLog, log_event
 from edged.pipeline import Result
 from edged.sample_store import SampleStore
@@ -172,7 +179,8 @@ class LabelIntake:
                 if kept is None:
                     return None
                 block = self.serving.engine.manifest.block is not None
-                return kept.input, kept.embedding, _backbone(kept.model, block), sample_id
+                origin = embedding_origin(kept.model, block)
+                return kept.input, kept.embedding, origin, sample_id
         elif ref is not None:
             recent = self.recent.by_ref(ref, source)
         if recent is None:
@@ -313,13 +321,6 @@ class LabelIntake:
                 self.state.cloud_seq = max(seqs)
                 self.state.pending_seqs = [q for q in self.state.pending_seqs if q > max(seqs)]
                 self._save()
-
-
-def _backbone(version: str, block_trainable: bool) -> str:
-    """The version whose backbone computed a kept sample's embedding: the base version of a
-    personalised one ('1.2.0+local.3' -> '1.2.0'), unless fine-tunes may train the last block
-    (then its own)."""
-    return version if block_trainable else version.split("+local.", 1)[0]
 
 
 def _log_failure(task: asyncio.Task[Any]) -> None:

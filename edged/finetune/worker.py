@@ -34,7 +34,7 @@ from edged.finetune.gate import GateFigures, Verdict, check_holdout_size, decide
 from edged.finetune.head_patch import (
     FullyConnected,
     check_changed_only,
-    read_fc,
+    read_block,
     read_head,
     trainable_outputs,
 )
@@ -277,17 +277,10 @@ def _what_to_train(job: Job, base: Bundle) -> str:
 
 
 def _block_op(base: Bundle) -> FullyConnected:
-    """The block's op, checked to feed the head directly (the composed function trained is
-    then what the model computes)."""
+    """The block's op (read_block: it must feed the head directly)."""
     block = base.manifest.block
     assert block is not None
-    op = read_fc(base.model, block.output)
-    head = read_fc(base.model, base.manifest.output.name)
-    if head.input_name != block.output:
-        raise JobError(
-            f"the head reads {head.input_name!r}, not the block's output {block.output!r}"
-        )
-    return op
+    return read_block(base.model, block.output, base.manifest.output.name)
 
 
 def _gate(

@@ -91,6 +91,19 @@ def vectors(count: int = 32, dtype: Any = np.float32) -> np.ndarray:
     return np.random.default_rng(0).uniform(-3, 3, (count, 16)).astype(dtype)
 
 
+def two_heads(odd_models: dict[str, Path]) -> PackRequest:
+    """A request for the two-heads model, its scores as the class output, with an embedding."""
+    return PackRequest(
+        model=odd_models["two_heads"].read_bytes(),
+        labels=LABELS,
+        calibration=vectors(),
+        name="headed",
+        version="1",
+        output_name=SCORES,
+        embedding_output=EMBEDDING,
+    )
+
+
 def refused(request: PackRequest, **changes: Any) -> str:
     """The ModelError message `pack` gives for `request` with `changes`; it must be one line."""
     with pytest.raises(ModelError) as caught:
@@ -319,15 +332,8 @@ def test_ambiguous_class_output_needs_a_name(odd_models: dict[str, Path]) -> Non
 @pytest.mark.train
 def test_head_must_fit_labels_and_embedding(odd_models: dict[str, Path]) -> None:
     """A head packs when it is [classes, embedding] and [classes]; other shapes are refused."""
-    request = PackRequest(
-        model=odd_models["two_heads"].read_bytes(),
-        labels=LABELS,
-        calibration=vectors(),
-        name="headed",
-        version="1",
-        output_name=SCORES,
-        embedding_output=EMBEDDING,
-        head=(np.zeros((10, 4), np.float32), np.zeros(10, np.float32)),
+    request = dataclasses.replace(
+        two_heads(odd_models), head=(np.zeros((10, 4), np.float32), np.zeros(10, np.float32))
     )
     bundle = read_bundle(pack(request))
     assert bundle.manifest.embedding is not None and bundle.manifest.embedding.size == 4
@@ -346,19 +352,11 @@ def test_a_block_must_be_a_fully_connected_op_feeding_the_head(
     """A trainable block needs an embedding produced by a FullyConnected op the head reads;
     shipped float weights must fit that op."""
     assert "a trainable block needs an embedding output" in refused(digits, block=True)
-    two_heads = PackRequest(
-        model=odd_models["two_heads"].read_bytes(),
-        labels=LABELS,
-        calibration=vectors(),
-        name="headed",
-        version="1",
-        output_name=SCORES,
-        embedding_output=EMBEDDING,
-    )
-    assert "the embedding's block cannot be trained in place" in refused(two_heads, block=True)
+    request = two_heads(odd_models)
+    assert "the embedding's block cannot be trained in place" in refused(request, block=True)
     nan = (np.full((4, 16), np.nan, np.float32), np.zeros(4, np.float32))
     assert "the block's weight and bias must be arrays of finite numbers" in refused(
-        two_heads, block=nan
+        request, block=nan
     )
 
 

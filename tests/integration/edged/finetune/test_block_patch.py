@@ -15,7 +15,6 @@ from edged.finetune.head_patch import (
     HeadPatchError,
     check_changed_only,
     differs_only_in,
-    differs_only_in_head,
     fc_outputs,
     patch_fc,
     read_fc,
@@ -118,7 +117,7 @@ def test_provenance_allows_exactly_what_the_manifest_allows(
     names = trainable_outputs(base.manifest)
     assert names == (base.manifest.output.name, base.manifest.embedding.name)
     assert differs_only_in(base.model, model, names)
-    assert not differs_only_in_head(base.model, model, base.manifest.output.name)
+    assert not differs_only_in(base.model, model, (base.manifest.output.name,))
     no_block = dataclasses.replace(base.manifest, block=None)
     assert not differs_only_in(base.model, model, trainable_outputs(no_block))
     diff = np.flatnonzero(np.frombuffer(base.model, np.uint8) != np.frombuffer(model, np.uint8))

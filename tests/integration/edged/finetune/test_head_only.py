@@ -9,8 +9,8 @@ import pytest
 from edged.engine import open_bundle
 from edged.finetune.head_patch import (
     HeadPatchError,
-    check_head_only,
-    differs_only_in_head,
+    check_changed_only,
+    differs_only_in,
     patch_head,
     read_head,
 )
@@ -36,8 +36,8 @@ def test_patched_head_passes(models: tuple[bytes, bytes, str]) -> None:
     """A new head, re-quantised and with re-calibrated logits: only the head differs."""
     base, patched, name = models
     assert patched != base
-    assert differs_only_in_head(base, patched, name)
-    assert differs_only_in_head(base, base, name)
+    assert differs_only_in(base, patched, (name,))
+    assert differs_only_in(base, base, (name,))
 
 
 def test_one_flipped_byte_outside_the_head_fails(models: tuple[bytes, bytes, str]) -> None:
@@ -48,9 +48,9 @@ def test_one_flipped_byte_outside_the_head_fails(models: tuple[bytes, bytes, str
     for offset in outside:
         spoiled = bytearray(patched)
         spoiled[offset] ^= 0x01
-        assert not differs_only_in_head(base, bytes(spoiled), name)
+        assert not differs_only_in(base, bytes(spoiled), (name,))
         with pytest.raises(HeadPatchError, match=f"at byte {offset}, outside the head"):
-            check_head_only(base, bytes(spoiled), name)
+            check_changed_only(base, bytes(spoiled), (name,))
 
 
 def test_a_flipped_byte_inside_the_head_weights_passes(models: tuple[bytes, bytes, str]) -> None:
@@ -61,13 +61,13 @@ def test_a_flipped_byte_inside_the_head_weights_passes(models: tuple[bytes, byte
     assert offset > 0
     spoiled = bytearray(patched)
     spoiled[offset] ^= 0x01
-    assert differs_only_in_head(base, bytes(spoiled), name)
+    assert differs_only_in(base, bytes(spoiled), (name,))
 
 
 def test_other_lengths_and_non_models_fail(models: tuple[bytes, bytes, str]) -> None:
     """A candidate of another length, or not a model at all, is refused with a reason."""
     base, patched, name = models
     with pytest.raises(HeadPatchError, match="bytes, the base"):
-        check_head_only(base, patched + b"\0", name)
+        check_changed_only(base, patched + b"\0", (name,))
     with pytest.raises(HeadPatchError, match="head cannot be read"):
-        check_head_only(base, b"\0" * len(base), name)
+        check_changed_only(base, b"\0" * len(base), (name,))

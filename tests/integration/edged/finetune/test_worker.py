@@ -21,7 +21,7 @@ import pytest
 
 from control_plane.toolchain.datasets import Dataset, digits_dataset, rotated
 from edged.engine import Engine, EngineOptions, open_bundle
-from edged.finetune.head_patch import differs_only_in, differs_only_in_head, read_fc
+from edged.finetune.head_patch import differs_only_in, read_fc
 from edged.finetune.job import Job, JobLabels, read_result, write_job
 from edged_formats import BlockSpec, Bundle, ReplaySpec, read_bundle, write_bundle
 from edged_formats.bundle import digest_members, dump_npz
@@ -164,7 +164,7 @@ def test_candidate_is_the_base_with_a_new_block_and_head_and_names_it(
     assert base.manifest.block is not None
     assert candidate.model != base.model
     assert differs_only_in(base.model, candidate.model, (name, base.manifest.block.output))
-    assert not differs_only_in_head(base.model, candidate.model, name)
+    assert not differs_only_in(base.model, candidate.model, (name,))
     with np.load(job_dir / "head_delta.npz") as delta:
         assert delta["block_weight"].shape == (64, 512) and delta["block_bias"].shape == (64,)
         assert np.abs(delta["block_weight"]).max() > 0
@@ -187,7 +187,7 @@ def test_head_only_is_still_trained_when_asked(
     assert result is not None and (result.verdict, result.trained) == ("accepted", "head")
     base = open_bundle(base_path)
     candidate = open_bundle(tmp_path / "candidate.edb")
-    assert differs_only_in_head(base.model, candidate.model, base.manifest.output.name)
+    assert differs_only_in(base.model, candidate.model, (base.manifest.output.name,))
     with np.load(tmp_path / "head_delta.npz") as delta:
         assert set(delta.files) == {"weight", "bias"}
     drifted = rotated(data.x_test, DEGREES)
