@@ -226,6 +226,10 @@ async def test_daily_budget_survives_a_restart(tmp_path, broker) -> None:
         ) as uplink:
             await asyncio.wait_for(until(lambda: uplink.stats.state.startswith("budget")), 10)
             assert first_day + uplink.stats.bytes <= 10_000
+            # the budget stops the drain at the publish; the records leave at their PUBACKs
+            await asyncio.wait_for(
+                until(lambda: outbox.stats().depth == left - uplink.stats.records), 10
+            )
         assert outbox.stats().depth == left - uplink.stats.records
 
 
