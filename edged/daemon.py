@@ -294,8 +294,10 @@ class Daemon:
             background.append(asyncio.create_task(self.uplink.run(), name="uplink"))
         if self.updater is not None:
             background.append(asyncio.create_task(self.updater.run(), name="updater"))
+        finetune = []  # stopped with the sources: no fine-tune job starts while stopping
         if self.personaliser is not None:
-            background.append(asyncio.create_task(self.personaliser.run(), name="finetune"))
+            finetune.append(asyncio.create_task(self.personaliser.run(), name="finetune"))
+            background += finetune
         source_tasks = [
             asyncio.create_task(s.run(self.pipeline.submit), name=f"source {s.name}")
             for s in sources
@@ -321,7 +323,7 @@ class Daemon:
         else:
             self._spawn(self.installer.install_configured(cfg.device.model), "configured model")
         failed = await self._wait_for_stop(background)
-        await self._stop(source_tasks, background)
+        await self._stop([*source_tasks, *finetune], background)
         status_server.close()
         await status_server.wait_closed()
         with contextlib.suppress(FileNotFoundError):
@@ -359,14 +361,16 @@ class Daemon:
     # -- stop -------------------------------------------------------------------------------
 
     async def _stop(
-        self, sources: list[asyncio.Task[None]], background: list[asyncio.Task[Any]]
+        self, first: list[asyncio.Task[Any]], background: list[asyncio.Task[Any]]
     ) -> None:
+        """Stop `first` (the sources, the fine-tune manager), drain what is queued, send what
+        the link takes, then stop the rest."""
         self.state = "draining"
         self.notifier.stopping(f"draining {self.pipeline.depth} queued samples")
         log_event(log, "info", "stopping", queued=self.pipeline.depth)
-        for task in sources:
+        for task in first:
             task.cancel()
-        await asyncio.gather(*sources, return_exceptions=True)
+        await asyncio.gather(*first, return_exceptions=True)
         try:
             await asyncio.wait_for(self.pipeline.drain(), self.config.pipeline.drain_timeout_s)
         except TimeoutError:
