@@ -34,8 +34,13 @@ lint: venv
 typecheck: venv
 	$(VENV)/bin/mypy
 
+# Spread over workers by test module (tests/support/scheduling.py): most tests wait on
+# processes, brokers and databases, so more workers than cores pay.
+PYTEST_WORKERS ?= 4
+XDIST := -n $(PYTEST_WORKERS) --dist loadscope
+
 pytest: venv broker postgres deb-tools
-	$(PY) -m pytest
+	$(PY) -m pytest $(XDIST)
 
 postgres:
 	@bash scripts/ensure-postgres.sh
@@ -96,7 +101,7 @@ LEGACY_PYTHON_OK := $(shell $(PYTHON) -c 'import sys; print(int(sys.version_info
 
 ifeq ($(LEGACY_PYTHON_OK),1)
 pytest-legacy: $(LEGACY_STAMP) broker
-	$(LEGACY)/bin/python -m pytest -p no:cacheprovider tests/unit $(RUNTIME_TESTS) --ignore=tests/unit/control_plane
+	$(LEGACY)/bin/python -m pytest -p no:cacheprovider $(XDIST) tests/unit $(RUNTIME_TESTS) --ignore=tests/unit/control_plane
 else
 pytest-legacy:
 	@echo "!!! SKIPPED: the tflite-runtime fallback tests need Python <= 3.11 (tflite-runtime" >&2

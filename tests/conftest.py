@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -11,6 +12,7 @@ import numpy as np
 import pytest
 
 from control_plane.local_broker import MosquittoBroker, find_mosquitto
+from tests.support import scheduling
 from tests.support.proxy import FaultProxy
 
 FIXTURES = Path(__file__).parent / "fixtures"
@@ -46,11 +48,24 @@ def tf_bundles(tmp_path_factory: pytest.TempPathFactory, tf_reference) -> dict[s
 
 
 def _reference_build(tmp_path_factory: pytest.TempPathFactory, name: str):
+    """Built once per test session: the first pytest-xdist worker to ask builds it under a
+    file lock in the session's directory, the others read what it wrote. Read-only to tests."""
     pytest.importorskip("torch", reason="the train extra (torch) is not installed")
-    from control_plane.toolchain.reference import build_reference
+    from filelock import FileLock
 
-    out = tmp_path_factory.mktemp(name)
-    return out, build_reference(name, out)
+    from control_plane.toolchain.reference import BuildReport, build_reference
+
+    session_dir = tmp_path_factory.getbasetemp()
+    if os.environ.get("PYTEST_XDIST_WORKER"):  # basetemp is <session>/popen-gwN
+        session_dir = session_dir.parent
+    out = session_dir / f"reference-{name}"
+    done = out / "build-report.json"
+    with FileLock(f"{out}.lock"):
+        if not done.exists():
+            out.mkdir(exist_ok=True)
+            report = build_reference(name, out)
+            done.write_text(report.to_json())
+    return out, BuildReport(**json.loads(done.read_text()))
 
 
 @pytest.fixture(scope="session")
@@ -123,3 +138,12 @@ def fault_proxy(broker: MosquittoBroker) -> Iterator[FaultProxy]:
     """A fault-injecting TCP proxy in front of `broker`: connect clients to its port."""
     with FaultProxy(broker.host, broker.port) as proxy:
         yield proxy
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    scheduling.order(items)
+
+
+@pytest.hookimpl(optionalhook=True)
+def pytest_xdist_make_scheduler(config: pytest.Config, log: Any) -> Any:
+    return scheduling.make_scheduler(config, log)

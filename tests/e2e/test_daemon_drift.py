@@ -15,6 +15,7 @@ import pytest
 
 from edged.identity import DeviceIdentity
 from edged_formats import decode_batch
+from edged_formats.wire import TOPIC_ROOT
 from tests.support.daemon import DaemonProcess, render_toml
 from tests.support.subscriber import MqttSubscriber
 
@@ -44,12 +45,20 @@ def drifted_stream(test_npz: Path, out: Path) -> Path:
     return path
 
 
+def own_topic_prefix(key_file: Path) -> str:
+    """The topics of the device whose key this is (the session broker carries other tests'
+    devices, their retained state included)."""
+    return f"{TOPIC_ROOT}/{DeviceIdentity.load_or_create(key_file).default_device_id()}/"
+
+
 def records_by_channel(messages: list[Any], key_file: Path) -> dict[str, dict[tuple, Any]]:
-    """Every message's signature checked; records de-duplicated by (boot, seq), as ingest does."""
+    """Every message of this device with its signature checked; records de-duplicated by
+    (boot, seq), as ingest does."""
     identity = DeviceIdentity.load_or_create(key_file)
     device = identity.default_device_id()
+    prefix = own_topic_prefix(key_file)
     channels: dict[str, dict[tuple, Any]] = {}
-    for message in messages:
+    for message in (m for m in messages if m.topic.startswith(prefix)):
         batch = decode_batch(
             message.topic, message.payload, lambda d: identity.verify_key if d == device else None
         )

@@ -350,6 +350,7 @@ def test_a_new_base_is_personalised_again_from_the_label_store(
             daemon.wait_ready()
             daemon.wait_for(lambda: _settled_on(daemon, BASE), 120, "1.0.0 personalised")
             teller.close()  # no new labels from here: what follows comes from the store
+            _wait_quiet(daemon)  # labels still on their way would start a job of their own
             text = config.read_text()
             config.write_text(text.replace(str(out / report.bundle), str(tmp_path / "newer.edb")))
             daemon.signal(signal.SIGHUP)
@@ -361,6 +362,21 @@ def test_a_new_base_is_personalised_again_from_the_label_store(
             assert daemon.terminate() == 0
     finally:
         teller.close()
+
+
+def _wait_quiet(daemon: DaemonProcess, quiet_s: float = 3.0, timeout_s: float = 120) -> None:
+    """Until no label has arrived for `quiet_s`, no job runs and no trial is on."""
+    deadline = time.monotonic() + timeout_s
+    last, since = -1, time.monotonic()
+    while time.monotonic() < deadline:
+        status = daemon.status()
+        busy = status["finetune"]["running"] or status["slots"]["trial"]
+        if status["finetune"]["labels"] != last or busy:
+            last, since = status["finetune"]["labels"], time.monotonic()
+        elif time.monotonic() - since >= quiet_s:
+            return
+        time.sleep(0.2)
+    raise AssertionError(f"labels or jobs never settled: {daemon.status()['finetune']}")
 
 
 def _settled_on(daemon: DaemonProcess, base: str) -> bool:

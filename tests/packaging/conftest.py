@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 
 from tests.packaging.debroot import (
+    AHEAD,
     OS_RELEASE,
     PREVIOUS,
     REPO,
@@ -36,15 +37,30 @@ def tools() -> None:
 
 @pytest.fixture(scope="session")
 def debs(tools, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
-    """This tree built as VERSION (both packages) and, edged alone, as the lower PREVIOUS."""
+    """This tree built as VERSION (both packages), and the edged package again as the lower
+    PREVIOUS: the same files and maintainer scripts under the older version, which is what an
+    upgrade test needs (a second build would take a minute more for the same content)."""
     out = tmp_path_factory.mktemp("debs")
     arch = run("dpkg", "--print-architecture").stdout.strip()
-    build = REPO / "packaging" / "build-deb"
-    run(build, "--version", PREVIOUS, "--out", out, "--no-finetune", cwd=REPO)
-    run(build, "--version", VERSION, "--out", out, cwd=REPO)
+    run(*AHEAD, REPO / "packaging" / "build-deb", "--version", VERSION, "--out", out, cwd=REPO)
+    current = out / f"edged_{VERSION}_{arch}.deb"
+    previous = out / f"edged_{PREVIOUS}_{arch}.deb"
+    tree = out / "previous"
+    run("dpkg-deb", "--raw-extract", current, tree)
+    control = tree / "DEBIAN" / "control"
+    lines = control.read_text().splitlines()
+    assert f"Version: {VERSION}" in lines, lines
+    control.write_text(
+        "".join(
+            f"Version: {PREVIOUS}\n" if line.startswith("Version: ") else f"{line}\n"
+            for line in lines
+        )
+    )
+    run(*AHEAD, "dpkg-deb", "-Zxz", "-z1", "--build", tree, previous)
+    shutil.rmtree(tree)
     return {
-        "edged-previous": out / f"edged_{PREVIOUS}_{arch}.deb",
-        "edged-current": out / f"edged_{VERSION}_{arch}.deb",
+        "edged-previous": previous,
+        "edged-current": current,
         "edged-finetune-current": out / f"edged-finetune_{VERSION}_{arch}.deb",
     }
 
