@@ -24,7 +24,9 @@ from paho.mqtt.reasoncodes import ReasonCode
 
 from edged.errors import EdgedError
 
-__all__ = ["LinkConfig", "LinkDown", "LinkError", "MessageRefused", "MqttLink"]
+__all__ = ["LinkConfig", "LinkDown", "LinkError", "MessageRefused", "MqttLink", "Settled"]
+
+Settled = Callable[[BaseException | None], None]  # None: acknowledged; else why not
 
 
 class LinkError(EdgedError):
@@ -86,7 +88,7 @@ class MqttLink:
         self.config = config
         self._on_message = on_message
         self._loop = asyncio.get_running_loop()
-        self._pending: dict[int, asyncio.Future[None]] = {}
+        self._pending: dict[int, Settled] = {}  # mid -> what to tell once the broker answers
         # filled by paho's thread, emptied on the loop; deque appends/pops are atomic
         self._pubacks: collections.deque[tuple[int, ReasonCode]] = collections.deque()
         self._puback_scheduled = False
@@ -167,14 +169,32 @@ class MqttLink:
 
     async def publish(self, topic: str, payload: bytes, *, retain: bool = False) -> None:
         """Publish with QoS 1 and wait for the broker's PUBACK."""
+        done = self._loop.create_future()
+
+        def settle(error: BaseException | None) -> None:
+            if done.done():  # the caller stopped waiting
+                return
+            if error is None:
+                done.set_result(None)
+            else:
+                done.set_exception(error)
+
+        self.publish_nowait(topic, payload, settle, retain=retain)
+        await done
+
+    def publish_nowait(
+        self, topic: str, payload: bytes, on_done: Settled, *, retain: bool = False
+    ) -> None:
+        """Publish with QoS 1 and return; `on_done(None)` runs on the loop once the broker has
+        acknowledged, `on_done(error)` (MessageRefused, LinkDown) if it will not. LinkDown at
+        once when the message cannot even be handed to paho."""
         if self.disconnected.is_set():
             raise LinkDown(f"not connected ({self.disconnect_reason})")
         info = self._client.publish(topic, payload, qos=1, retain=retain)
         if info.rc != paho.MQTT_ERR_SUCCESS:
             raise LinkDown(f"publish refused locally: {paho.error_string(info.rc)}")
-        done = self._loop.create_future()
-        self._pending[info.mid] = done
-        await done
+        # paho's PUBACK reaches _on_publish through the loop, so after this line has run
+        self._pending[info.mid] = on_done
 
     def subscribe(self, topic: str) -> None:
         """Subscribe with QoS 1; messages go to `on_message(topic, payload)` on the loop."""
@@ -226,15 +246,11 @@ class MqttLink:
         if not self._connected.done():
             self._connected.set_exception(LinkError(f"disconnected while connecting: {reason}"))
         pending, self._pending = self._pending, {}
-        for done in pending.values():
-            if not done.done():
-                done.set_exception(LinkDown(f"connection lost before PUBACK ({reason})"))
+        for on_done in pending.values():
+            on_done(LinkDown(f"connection lost before PUBACK ({reason})"))
 
     def _on_publish(self, mid: int, reason: ReasonCode) -> None:
-        done = self._pending.pop(mid, None)
-        if done is None or done.done():
+        on_done = self._pending.pop(mid, None)
+        if on_done is None:
             return
-        if reason.is_failure:
-            done.set_exception(MessageRefused(str(reason), int(reason.value)))
-        else:
-            done.set_result(None)
+        on_done(MessageRefused(str(reason), int(reason.value)) if reason.is_failure else None)

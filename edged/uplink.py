@@ -92,6 +92,15 @@ class UplinkStats:
 
 
 @dataclass(slots=True)
+class _Flight:
+    """One connection's messages between publish and the broker's answer."""
+
+    count: int = 0
+    acked: list[int] = field(default_factory=list)  # PUBACKed, not yet handed to the outbox
+    progress: asyncio.Event = field(default_factory=asyncio.Event)  # an answer came
+
+
+@dataclass(slots=True)
 class _Message:
     channel: str
     seqs: list[int] = field(default_factory=list)
@@ -139,6 +148,7 @@ class Uplink:
         self._held_until: dict[str, float] = {}  # channel -> monotonic time it may send again
         self._hold_s: dict[str, float] = {}
         self._message_limit = config.max_message_bytes
+        self._event_tasks: set[asyncio.Task[Any]] = set()  # refusal events being kept
 
     # -- supervisor -------------------------------------------------------------------------
 
@@ -224,7 +234,7 @@ class Uplink:
     # -- draining ---------------------------------------------------------------------------
 
     async def _drain(self, link: MqttLink) -> None:
-        in_flight: set[asyncio.Task[None]] = set()
+        flight = _Flight()
         down = asyncio.create_task(link.disconnected.wait())
         ready: asyncio.Task[None] | None = None
         window = self.stats.window = min(self.config.window, link.receive_maximum)
@@ -233,43 +243,33 @@ class Uplink:
             self._message_limit = min(self._message_limit, link.maximum_packet_size - 256)
         try:
             while not link.disconnected.is_set():
-                for finished in [t for t in in_flight if t.done()]:
-                    in_flight.discard(finished)
-                    finished.result()
-                room = window - len(in_flight)
+                flight.progress.clear()
+                self._hand_over(flight)
+                room = window - flight.count
                 # refill in batches: one lease per half window, not one per freed slot
-                refill = room > 0 and (not in_flight or room >= max(1, window // 2))
+                refill = room > 0 and (not flight.count or room >= max(1, window // 2))
                 messages = await self._next_messages(room) if refill else []
                 for message in messages:
                     await self._spend(message, link)
-                    task = asyncio.create_task(self._send(link, message))
-                    in_flight.add(task)
-                if messages and len(in_flight) < window // 2:
+                    self._send(link, message, flight)
+                if messages and flight.count < window // 2:
                     continue
-                if not in_flight and (ready is None or ready.done()):
+                if not flight.count and (ready is None or ready.done()):
                     ready = asyncio.create_task(self.outbox.wait_for_records())
-                done = await self._wait_for_progress(down, in_flight, None if in_flight else ready)
-                for completed in done:
-                    if completed in in_flight:
-                        in_flight.discard(completed)
-                        completed.result()  # a failed send ends the session
+                await self._wait_for_progress(down, flight, None if flight.count else ready)
         finally:
             down.cancel()
             if ready is not None:
                 ready.cancel()
-            for task in list(in_flight):
-                task.cancel()
-            await asyncio.gather(*in_flight, return_exceptions=True)
+            self._hand_over(flight)
         raise LinkError(f"connection lost ({link.disconnect_reason})")
 
     async def _wait_for_progress(
-        self,
-        down: asyncio.Task[Any],
-        in_flight: set[asyncio.Task[None]],
-        ready: asyncio.Task[None] | None,
-    ) -> set[asyncio.Future[Any]]:
+        self, down: asyncio.Task[Any], flight: _Flight, ready: asyncio.Task[None] | None
+    ) -> None:
         """Until the link drops, a message is answered, records arrive or a hold ends."""
-        waiters: set[asyncio.Future[Any]] = {down, *in_flight}
+        answered = asyncio.create_task(flight.progress.wait())
+        waiters: set[asyncio.Future[Any]] = {down, answered}
         if ready is not None:
             waiters.add(ready)
         hold = self._next_hold_end()
@@ -277,11 +277,18 @@ class Uplink:
         if timer is not None:
             waiters.add(timer)
         try:
-            done, _ = await asyncio.wait(waiters, return_when=asyncio.FIRST_COMPLETED)
+            await asyncio.wait(waiters, return_when=asyncio.FIRST_COMPLETED)
         finally:
+            answered.cancel()
             if timer is not None:
                 timer.cancel()
-        return done
+
+    def _hand_over(self, flight: _Flight) -> None:
+        """Records the broker has acknowledged leave the outbox, in one delete per wake-up."""
+        if flight.acked:
+            seqs, flight.acked = flight.acked, []
+            # The records stay out of leases until the delete commits in the outbox's next group.
+            self.outbox.ack_nowait(seqs).add_done_callback(_ack_done)
 
     async def _next_messages(self, room: int) -> list[_Message]:
         limit = self._message_limit
@@ -332,7 +339,7 @@ class Uplink:
             return None
         return max(0.0, min(self._held_until.values()) - self._monotonic())
 
-    async def _hold(self, channel: str, refusal: MessageRefused) -> None:
+    def _hold(self, channel: str, refusal: MessageRefused) -> None:
         """The broker refuses this channel's messages (an ACL, a size or quota limit): keep
         its records, stop sending it for a while (doubling, up to 10 min), let the other
         channels go on, and say so in an event. The connection stays up."""
@@ -347,35 +354,51 @@ class Uplink:
         self.stats.held_channels[channel] = hold
         log.warning("uplink: %s; holding %s for %.0f s", refusal, channel, hold)
         if first and channel != "events":
-            await self.outbox.put(
-                "event",
-                {
-                    "event": "uplink_refused",
-                    "channel": channel,
-                    "reason_code": refusal.code,
-                    "reason": str(refusal),
-                    "hold_s": hold,
-                },
-            )
+            event = {
+                "event": "uplink_refused",
+                "channel": channel,
+                "reason_code": refusal.code,
+                "reason": str(refusal),
+                "hold_s": hold,
+            }
+            task = asyncio.create_task(self.outbox.put("event", event))
+            self._event_tasks.add(task)
+            task.add_done_callback(self._event_done)
 
-    async def _send(self, link: MqttLink, message: _Message) -> None:
+    def _event_done(self, task: asyncio.Task[Any]) -> None:
+        self._event_tasks.discard(task)
+        if not task.cancelled() and task.exception() is not None:
+            log.warning("uplink: the refusal event was not kept: %s", task.exception())
+
+    def _send(self, link: MqttLink, message: _Message, flight: _Flight) -> None:
+        """Sign and publish one message; `_settled` hears the broker's answer."""
         data = encode_batch_raw(self.config.device_id, message.channel, message.encoded, self._key)
         try:
-            await link.publish(self._topic[message.channel], data)
-        except MessageRefused as refusal:
-            self.outbox.release(message.seqs)
-            await self._hold(message.channel, refusal)
-            return
+            link.publish_nowait(
+                self._topic[message.channel],
+                data,
+                lambda error: self._settled(message, len(data), flight, error),
+            )
         except LinkError:
             self.outbox.release(message.seqs)
             raise
+        flight.count += 1
+
+    def _settled(
+        self, message: _Message, size: int, flight: _Flight, error: BaseException | None
+    ) -> None:
+        flight.count -= 1
+        flight.progress.set()
+        if error is not None:
+            self.outbox.release(message.seqs)
+            if isinstance(error, MessageRefused):
+                self._hold(message.channel, error)
+            return  # LinkDown: the session is ending
         self._hold_s.pop(message.channel, None)
         self.stats.messages += 1
         self.stats.records += len(message.seqs)
-        self.stats.bytes += len(data)
+        self.stats.bytes += size
         if self.config.budget.bytes_per_day is not None:
             self.outbox.remember("budget_day", self._budget.day)
             self.outbox.remember("budget_spent", self._budget.spent_today)
-        # The window slot is free as soon as the broker has the message; the delete commits
-        # in the outbox's next group, and the records stay out of leases until it does.
-        self.outbox.ack_nowait(message.seqs).add_done_callback(_ack_done)
+        flight.acked.extend(message.seqs)
