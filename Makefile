@@ -12,7 +12,7 @@ BENCH ?=
 LEGACY := .venv-legacy
 LEGACY_STAMP := $(LEGACY)/.installed-$(shell cat pyproject.toml | cksum | cut -d' ' -f1)
 
-.PHONY: demo test lint typecheck pytest pytest-legacy bench venv clean broker postgres deb deb-tools
+.PHONY: demo test lint typecheck pytest pytest-legacy legacy-venv bench venv clean broker postgres deb deb-tools
 
 venv: $(STAMP)
 
@@ -100,15 +100,20 @@ $(LEGACY_STAMP): pyproject.toml
 LEGACY_PYTHON_OK := $(shell $(PYTHON) -c 'import sys; print(int(sys.version_info[:2] <= (3, 11)))')
 
 ifeq ($(LEGACY_PYTHON_OK),1)
+legacy-venv: $(LEGACY_STAMP)
 pytest-legacy: $(LEGACY_STAMP) broker
-	$(LEGACY)/bin/python -m pytest -p no:cacheprovider $(XDIST) tests/unit $(RUNTIME_TESTS) --ignore=tests/unit/control_plane
+	$(LEGACY)/bin/python -m pytest -p no:cacheprovider -n 2 --dist loadscope tests/unit $(RUNTIME_TESTS) --ignore=tests/unit/control_plane
 else
+legacy-venv:
 pytest-legacy:
 	@echo "!!! SKIPPED: the tflite-runtime fallback tests need Python <= 3.11 (tflite-runtime" >&2
 	@echo "!!! 2.14 has no wheel for $$($(PYTHON) --version)); run: make test PYTHON=python3.11" >&2
 endif
 
-test: lint typecheck pytest pytest-legacy
+# Both environments and every service first (one apt-get at a time), then the two pytest runs
+# side by side, each one's output printed whole when it ends.
+test: lint typecheck broker postgres deb-tools legacy-venv
+	$(MAKE) --no-print-directory -j2 --output-sync=target pytest pytest-legacy
 
 bench: venv
 	$(PY) -m bench.run $(BENCH)

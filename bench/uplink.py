@@ -20,8 +20,10 @@ Each figure is the median of the rounds. The ratio is unpacked messages/s over t
 100-byte loop's messages/s; `records_per_s` is the packed drain's, also given over the bare
 loop's messages/s (`records_per_s_vs_bare`). The CPU figures are this process's CPU time (all
 threads: event loop, paho's network thread, aiosqlite's) per message or record, the broker's
-excluded: on a GIL-bound client they say where the drain rate goes. `window_used` is the
-window the uplink actually kept (its configured window capped by the broker's Receive
+excluded: on a GIL-bound client they say where the drain rate goes. `sign_us_per_message` is
+what encoding and signing one unpacked message costs on one thread with nothing else running:
+the part of the drain's CPU per message that the bare loop does not have at all.
+`window_used` is the window the uplink actually kept (its configured window capped by the broker's Receive
 Maximum).
 """
 
@@ -44,7 +46,7 @@ from bench.mqtt_baseline import MAX_INFLIGHT, _mosquitto_version, bare_publish_r
 from edged.mqtt_link import LinkConfig
 from edged.outbox import Outbox, OutboxConfig
 from edged.uplink import Uplink, UplinkConfig
-from edged_formats.wire import Record, encode_record, message_size
+from edged_formats.wire import Record, encode_batch_raw, encode_record, message_size
 
 __all__ = ["run"]
 
@@ -82,6 +84,7 @@ class _Rounds:
     bare: list[float] = field(default_factory=list)
     bare_cpu_us: list[float] = field(default_factory=list)
     bare_matched: list[float] = field(default_factory=list)
+    sign_us: list[float] = field(default_factory=list)
 
 
 def run() -> Result:
@@ -133,6 +136,10 @@ def run() -> Result:
             median([d.cpu_s * 1e6 / d.records for d in rounds.packed]), 2
         ),
         "bare_cpu_us_per_message": round(median(rounds.bare_cpu_us), 1),
+        # what one ed25519 signature of an unpacked message costs alone (one thread, no
+        # contention): the floor of the signed drain's CPU above the bare loop's
+        "sign_us_per_message": round(median(rounds.sign_us), 1),
+        "sign_share_of_bare_cpu": round(median(rounds.sign_us) / median(rounds.bare_cpu_us), 3),
         "window_used": min(d.window for d in rounds.unpacked + rounds.packed),
         "measure_s": round(elapsed, 2),
     }
@@ -195,6 +202,15 @@ def _unpacked_body_bytes() -> int:
     raise RuntimeError("no body size keeps messages to one record")
 
 
+def _sign_cost_us(body: int, count: int = 2_000) -> float:
+    """Microseconds per signed unpacked message, encoding included, on this thread alone."""
+    encoded = [encode_record(Record("sample", 1, 1, 0.0, bytes(body)))]
+    started = time.perf_counter()
+    for _ in range(count):
+        encode_batch_raw(DEVICE, "samples", encoded, KEY)
+    return (time.perf_counter() - started) * 1e6 / count
+
+
 async def _measure(workdir: Path, host: str, port: int, unpacked_body: int) -> _Rounds:
     rounds = _Rounds()
     matched_payload = 0
@@ -237,7 +253,10 @@ async def _measure(workdir: Path, host: str, port: int, unpacked_body: int) -> _
             await asyncio.to_thread(bare_publish_rate, host, port, payload, BARE_MESSAGES)
         )
 
-    variants: list[Callable[[int], Any]] = [unpacked, bare, packed, bare_matched]
+    async def sign(index: int) -> None:
+        rounds.sign_us.append(_sign_cost_us(unpacked_body))
+
+    variants: list[Callable[[int], Any]] = [unpacked, bare, packed, bare_matched, sign]
     await unpacked(-1)  # warm-up (and the unpacked message size), not counted
     rounds.unpacked.clear()
     for index in range(ROUNDS):

@@ -14,6 +14,7 @@ import pytest
 from control_plane.local_broker import MosquittoBroker, find_mosquitto
 from tests.support import scheduling
 from tests.support.proxy import FaultProxy
+from tests.support.shared import session_build
 
 FIXTURES = Path(__file__).parent / "fixtures"
 TF_MODELS = ("digits_float", "digits_int8_io_int8", "digits_int8_io_uint8", "digits_int8_io_float")
@@ -48,23 +49,14 @@ def tf_bundles(tmp_path_factory: pytest.TempPathFactory, tf_reference) -> dict[s
 
 
 def _reference_build(tmp_path_factory: pytest.TempPathFactory, name: str):
-    """Built once per test session: the first pytest-xdist worker to ask builds it under a
-    file lock in the session's directory, the others read what it wrote. Read-only to tests."""
+    """Built once per test session (tests/support/shared.py). Read-only to tests."""
     pytest.importorskip("torch", reason="the train extra (torch) is not installed")
-    from filelock import FileLock
-
     from control_plane.toolchain.reference import BuildReport, build_reference
 
-    session_dir = tmp_path_factory.getbasetemp()
-    if os.environ.get("PYTEST_XDIST_WORKER"):  # basetemp is <session>/popen-gwN
-        session_dir = session_dir.parent
-    out = session_dir / f"reference-{name}"
-    done = out / "build-report.json"
-    with FileLock(f"{out}.lock"):
+    with session_build(tmp_path_factory, f"reference-{name}") as out:
+        done = out / "build-report.json"
         if not done.exists():
-            out.mkdir(exist_ok=True)
-            report = build_reference(name, out)
-            done.write_text(report.to_json())
+            done.write_text(build_reference(name, out).to_json())
     return out, BuildReport(**json.loads(done.read_text()))
 
 

@@ -145,6 +145,7 @@ def device_config(fleet: Fleet, state: Path, sockets: Path, site: str) -> Path:
                     "watch_s": 3,
                     "min_watch_samples": 40,
                     "max_confidence_drop": MAX_CONFIDENCE_DROP,
+                    "max_latency_ratio": 50.0,  # the confidence is on trial here, not speed
                 },
                 "telemetry": {"interval_s": 1},
                 "outbox": {"min_free_mb": 0},

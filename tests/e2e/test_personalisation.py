@@ -67,7 +67,7 @@ def _config(tmp_path: Path, short_dir: Path, state: Path, bundle: Path) -> Path:
                     }
                 ],
                 "gating": {"budget": {"samples_per_hour": 100000, "class_per_hour": 10000}},
-                "update": {"watch_s": 3, "min_watch_samples": 30},
+                "update": {"watch_s": 3, "min_watch_samples": 30, "max_latency_ratio": 50.0},
                 "finetune": {
                     "enabled": True,
                     "min_labels": 250,

@@ -15,6 +15,7 @@ from edged.errors import ModelError
 from edged.packer import PackRequest, balanced_replay, pack
 from edged_formats import read_bundle
 from tests.conftest import FIXTURES
+from tests.support.shared import session_build
 
 LABELS = [str(i) for i in range(10)]
 SCORES, SECOND, EMBEDDING = (f"serving_default_output_{i}_output" for i in range(3))
@@ -57,13 +58,12 @@ def build_odd_models(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path
         "two_heads": (TwoHeads(), float_sample),
         "int_input": (IntInput(), int_sample),
     }
-    cache = tmp_path_factory.getbasetemp() / "odd-models"
-    cache.mkdir(exist_ok=True)
     paths = {}
-    for name, (module, sample) in specs.items():
-        paths[name] = cache / f"{name}.tflite"
-        if not paths[name].exists():
-            paths[name].write_bytes(export_float(module, sample))
+    with session_build(tmp_path_factory, "odd-models") as cache:
+        for name, (module, sample) in specs.items():
+            paths[name] = cache / f"{name}.tflite"
+            if not paths[name].exists():
+                paths[name].write_bytes(export_float(module, sample))
     return paths
 
 

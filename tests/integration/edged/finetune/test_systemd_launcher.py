@@ -193,7 +193,7 @@ def _setup(tmp_path: Path, short_dir: Path, digits_build: Any, data: dict[str, A
                 ],
                 "uplink": {"enabled": False},
                 "outbox": {"min_free_mb": 0},
-                "update": {"watch_s": 2, "min_watch_samples": 20},
+                "update": {"watch_s": 2, "min_watch_samples": 20, "max_latency_ratio": 50.0},
                 "finetune": finetune,
                 "status": {"socket": str(short_dir / "status.sock")},
             }
