@@ -23,8 +23,8 @@ threads: event loop, paho's network thread, aiosqlite's) per message or record, 
 excluded: on a GIL-bound client they say where the drain rate goes. `sign_us_per_message` is
 what encoding and signing one unpacked message costs on one thread with nothing else running:
 the part of the drain's CPU per message that the bare loop does not have at all.
-`window_used` is the window the uplink actually kept (its configured window capped by the broker's Receive
-Maximum).
+`window_used` is the window the uplink actually kept (its configured window capped by the
+broker's Receive Maximum).
 """
 
 from __future__ import annotations
