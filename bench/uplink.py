@@ -140,6 +140,11 @@ def run() -> Result:
         # contention): the floor of the signed drain's CPU above the bare loop's
         "sign_us_per_message": round(median(rounds.sign_us), 1),
         "sign_share_of_bare_cpu": round(median(rounds.sign_us) / median(rounds.bare_cpu_us), 3),
+        # a CPU-bound client that did the bare loop's work plus one signature per message and
+        # nothing else: the most the signed drain's ratio can be on this machine
+        "ratio_ceiling_signed": round(
+            median(rounds.bare_cpu_us) / (median(rounds.bare_cpu_us) + median(rounds.sign_us)), 3
+        ),
         "window_used": min(d.window for d in rounds.unpacked + rounds.packed),
         "measure_s": round(elapsed, 2),
     }
