@@ -97,6 +97,7 @@ class _Flight:
 
     count: int = 0
     acked: list[int] = field(default_factory=list)  # PUBACKed, not yet handed to the outbox
+    hand_over_due: bool = False  # a hand-over is scheduled on the loop
     progress: asyncio.Event = field(default_factory=asyncio.Event)  # an answer came
 
 
@@ -244,7 +245,6 @@ class Uplink:
         try:
             while not link.disconnected.is_set():
                 flight.progress.clear()
-                self._hand_over(flight)
                 room = window - flight.count
                 # refill in batches: one lease per half window, not one per freed slot
                 refill = room > 0 and (not flight.count or room >= max(1, window // 2))
@@ -284,7 +284,9 @@ class Uplink:
                 timer.cancel()
 
     def _hand_over(self, flight: _Flight) -> None:
-        """Records the broker has acknowledged leave the outbox, in one delete per wake-up."""
+        """Records the broker has acknowledged leave the outbox, in one delete for all the
+        answers of one turn of the loop (also while the drain waits on the budget)."""
+        flight.hand_over_due = False
         if flight.acked:
             seqs, flight.acked = flight.acked, []
             # The records stay out of leases until the delete commits in the outbox's next group.
@@ -402,3 +404,6 @@ class Uplink:
             self.outbox.remember("budget_day", self._budget.day)
             self.outbox.remember("budget_spent", self._budget.spent_today)
         flight.acked.extend(message.seqs)
+        if not flight.hand_over_due:
+            flight.hand_over_due = True
+            asyncio.get_running_loop().call_soon(self._hand_over, flight)

@@ -393,8 +393,11 @@ def _wait_quiet(daemon: DaemonProcess, quiet_s: float = 3.0, timeout_s: float = 
 
 
 def _settled_on(daemon: DaemonProcess, base: str) -> bool:
+    """Serving a model on `base` with no trial on and no job running (a job reports after its
+    trial ended)."""
     status = daemon.status()
-    return status["model"]["base"] == base and not status["slots"]["trial"]
+    busy = status["slots"]["trial"] or status["finetune"]["running"]
+    return status["model"]["base"] == base and not busy
 
 
 def test_pseudo_labels_label_confident_results_when_turned_on(

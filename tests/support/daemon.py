@@ -54,6 +54,7 @@ class DaemonProcess:
         self._reader.start()
         self.env = {**os.environ, **(env or {}), "NOTIFY_SOCKET": str(self.notify_path)}
         self.env.pop("JOURNAL_STREAM", None)
+        self.env["PYTHONFAULTHANDLER"] = "1"  # SIGABRT dumps every thread's stack into the log
         if watchdog_s is not None:
             self.env["WATCHDOG_USEC"] = str(int(watchdog_s * 1e6))
         self.log_path = workdir / f"daemon-{time.monotonic_ns()}.log"
@@ -134,10 +135,18 @@ class DaemonProcess:
         self.process.send_signal(signum)
 
     def terminate(self, timeout: float = 30.0) -> int:
-        """SIGTERM and wait for the exit code."""
+        """SIGTERM and wait for the exit code; a daemon that does not stop within `timeout`
+        fails the test with its threads' stacks and the end of its log."""
         assert self.process is not None
         self.process.send_signal(signal.SIGTERM)
-        return self.process.wait(timeout)
+        try:
+            return self.process.wait(timeout)
+        except subprocess.TimeoutExpired:
+            self.process.send_signal(signal.SIGABRT)
+            self.process.wait(10)
+            raise AssertionError(
+                f"edged did not stop within {timeout:g} s of SIGTERM:\n{self.log()[-12000:]}"
+            ) from None
 
     def kill(self) -> None:
         assert self.process is not None
