@@ -12,9 +12,10 @@ from __future__ import annotations
 import re
 import tomllib
 from pathlib import Path
-from typing import Annotated, Literal
+from typing import Annotated, Any, Literal
 
 import msgspec
+import msgspec.inspect
 from msgspec import Meta
 
 from edged.drift import DriftConfig
@@ -259,16 +260,48 @@ class Config(_Section, frozen=True):
 _AT = re.compile(r"^(?P<message>.*?)(?: - at `\$(?P<path>[^`]*)`)?$", re.DOTALL)
 
 
-def _sentence(error: msgspec.ValidationError) -> str:
+_STEP = re.compile(r"\.(\w+)|\[(\d+)\]")
+
+
+def _sentence(error: msgspec.ValidationError, data: object) -> str:
     """msgspec's "Expected `int` >= 1 - at `$.pipeline.queue_size`" as
-    "pipeline.queue_size: expected `int` >= 1"."""
+    "pipeline.queue_size: expected `int` >= 1"; a value outside a fixed set names the set."""
     match = _AT.match(str(error))
     message = match["message"] if match else str(error)
-    path = (match["path"] or "").lstrip(".") if match else ""
+    path = (match["path"] or "") if match else ""
     message = message.replace("Object contains unknown field", "unknown key")
     message = message.replace("Object missing required field", "missing required key")
     message = message[:1].lower() + message[1:]
+    if message.startswith(("invalid enum value", "invalid value")):
+        choices = _choices(path, data)
+        if choices:
+            message += f" (one of {', '.join(repr(c) for c in choices)})"
+    path = path.lstrip(".")
     return f"{path}: {message}" if path else message
+
+
+def _choices(path: str, data: object) -> tuple[object, ...] | None:
+    """The allowed values of the Literal field at msgspec's `path` (".log.format",
+    ".source[0].kind"); tagged unions are resolved by the element's own tag."""
+    kind: Any = msgspec.inspect.type_info(Config)
+    for name, index in _STEP.findall(path):
+        if isinstance(kind, msgspec.inspect.UnionType):  # a tagged struct: pick by its tag
+            tag_field = getattr(kind.types[0], "tag_field", None)
+            if name and name == tag_field:
+                return tuple(getattr(t, "tag", None) for t in kind.types)
+            tag = data.get(tag_field) if isinstance(data, dict) else None
+            kind = next((t for t in kind.types if getattr(t, "tag", None) == tag), None)
+        if isinstance(kind, msgspec.inspect.ListType) and index:
+            kind = kind.item_type
+            data = data[int(index)] if isinstance(data, list) and int(index) < len(data) else None
+        elif isinstance(kind, msgspec.inspect.StructType) and name:
+            kind = next((f.type for f in kind.fields if f.encode_name == name), None)
+            data = data.get(name) if isinstance(data, dict) else None
+        else:
+            return None
+    if isinstance(kind, msgspec.inspect.UnionType):  # Literal | None
+        kind = next((t for t in kind.types if isinstance(t, msgspec.inspect.LiteralType)), None)
+    return tuple(kind.values) if isinstance(kind, msgspec.inspect.LiteralType) else None
 
 
 def parse_config(text: str, origin: str = "configuration") -> Config:
@@ -280,7 +313,7 @@ def parse_config(text: str, origin: str = "configuration") -> Config:
     try:
         return msgspec.convert(data, Config, dec_hook=_decode_path)
     except msgspec.ValidationError as exc:
-        raise ConfigError(f"{origin}: {_sentence(exc)}") from exc
+        raise ConfigError(f"{origin}: {_sentence(exc, data)}") from exc
 
 
 def _decode_path(kind: type, value: object) -> object:

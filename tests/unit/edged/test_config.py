@@ -67,7 +67,21 @@ def test_the_shipped_example_states_the_true_defaults() -> None:
     [
         ("[engine]\nthreads = 0\n", "engine.threads: expected `int` >= 1"),
         ("[engine]\nthreads = 'two'\n", "engine.threads: expected `int`, got `str`"),
-        ("[engine]\nruntime = 'onnx'\n", "engine.runtime: invalid enum value 'onnx'"),
+        (
+            "[engine]\nruntime = 'onnx'\n",
+            "engine.runtime: invalid enum value 'onnx' "
+            "(one of 'ai-edge-litert', 'auto', 'tflite-runtime')",
+        ),
+        ("[log]\nformat = 'xml'\n", "log.format: invalid enum value 'xml' (one of 'auto',"),
+        (
+            "[[source]]\nkind = 'usb'\nname = 'a'\n",
+            "source[0].kind: invalid value 'usb' (one of 'mqtt', 'spool', 'replay')",
+        ),
+        (
+            "[local_mqtt]\n[[source]]\nkind = 'replay'\nname = 'a'\npath = 'x'\n"
+            "[[source]]\nkind = 'mqtt'\nname = 'b'\ntopic = 't'\nqos = 2\n",
+            "source[1].qos: invalid enum value 2 (one of 0, 1)",
+        ),
         ("[pipeline]\nqueue = 3\n", "pipeline: unknown key `queue`"),
         ("typo = 1\n", "unknown key `typo`"),
         ("[uplink]\nport = 70000\n", "uplink.port: expected `int` <= 65535"),

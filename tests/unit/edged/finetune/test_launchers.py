@@ -128,7 +128,10 @@ def test_the_launcher_is_process_or_systemd(launcher: str) -> None:
 @pytest.mark.parametrize(
     ("text", "message"),
     [
-        ('launcher = "docker"', "finetune.launcher: invalid enum value 'docker'"),
+        (
+            'launcher = "docker"',
+            "finetune.launcher: invalid enum value 'docker' (one of 'process', 'systemd')",
+        ),
         ("launcher = 1", "finetune.launcher: expected `str`, got `int`"),
         ("systemd_start_s = 0", "finetune.systemd_start_s: expected `float` > 0.0"),
         ("systemd_start_s = 7200", "finetune.systemd_start_s: expected `float` <= 3600.0"),
