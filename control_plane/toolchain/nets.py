@@ -3,10 +3,13 @@ last) and returns (logits, embedding) so the head can be fine-tuned on the devic
 
 from __future__ import annotations
 
+import copy
+
 import torch
 from torch import nn
+from torch.nn.utils.fusion import fuse_conv_bn_eval
 
-__all__ = ["DigitsCNN", "MobileNetV2", "SensorCNN1D"]
+__all__ = ["DigitsCNN", "MobileNetV2", "SensorCNN1D", "fold_batchnorm"]
 
 
 class DigitsCNN(nn.Module):
@@ -32,25 +35,61 @@ class DigitsCNN(nn.Module):
 
 
 class SensorCNN1D(nn.Module):
-    """1-D CNN for multichannel sensor windows, NLC (time, channel) in."""
+    """1-D CNN for multichannel sensor windows, NLC (time, channel) in: four conv blocks
+    (batch norm, ReLU, max-pool between them), global average pool, the embedding. About
+    140 k weights, so they, not the flatbuffer's fixed overhead, make up the int8 file."""
 
-    def __init__(self, channels: int, classes: int, embedding: int = 32) -> None:
+    def __init__(
+        self,
+        channels: int,
+        classes: int,
+        embedding: int = 32,
+        widths: tuple[int, ...] = (32, 64, 128, 128),
+    ) -> None:
         super().__init__()
-        self.features = nn.Sequential(
-            nn.Conv1d(channels, 16, 5, padding=2),
-            nn.ReLU(),
-            nn.Conv1d(16, 32, 5, padding=2),
-            nn.ReLU(),
-            nn.AdaptiveAvgPool1d(1),
-            nn.Flatten(),
-            nn.Linear(32, embedding),
-            nn.ReLU(),
-        )
+        layers: list[nn.Module] = []
+        width = channels
+        for i, out in enumerate(widths):
+            layers += [nn.Conv1d(width, out, 5, padding=2, bias=False), nn.BatchNorm1d(out)]
+            layers.append(nn.ReLU())
+            if i < len(widths) - 1:
+                layers.append(nn.MaxPool1d(2))
+            width = out
+        layers += [nn.AdaptiveAvgPool1d(1), nn.Flatten(), nn.Linear(width, embedding), nn.ReLU()]
+        self.features = nn.Sequential(*layers)
         self.head = nn.Linear(embedding, classes)
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         embedding = self.features(x.permute(0, 2, 1))
         return self.head(embedding), embedding
+
+
+def fold_batchnorm(module: nn.Module) -> nn.Module:
+    """`module` (eval mode) with each Conv1d/Conv2d + BatchNorm pair of its `nn.Sequential`s
+    fused into one convolution, as the int8 export should see it; the module itself is left
+    as it was."""
+    folded = copy.deepcopy(module).eval()
+
+    def fuse(sequence: nn.Sequential) -> nn.Sequential:
+        children, out = list(sequence.children()), list[nn.Module]()
+        i = 0
+        while i < len(children):
+            child = children[i]
+            following = children[i + 1] if i + 1 < len(children) else None
+            if isinstance(child, (nn.Conv1d, nn.Conv2d)) and isinstance(
+                following, (nn.BatchNorm1d, nn.BatchNorm2d)
+            ):
+                out.append(fuse_conv_bn_eval(child, following))
+                i += 2
+                continue
+            out.append(fuse(child) if isinstance(child, nn.Sequential) else child)
+            i += 1
+        return nn.Sequential(*out)
+
+    for name, child in list(folded.named_children()):
+        if isinstance(child, nn.Sequential):
+            setattr(folded, name, fuse(child))
+    return folded
 
 
 def _conv_bn(inp: int, out: int, stride: int, groups: int = 1, kernel: int = 3) -> nn.Sequential:

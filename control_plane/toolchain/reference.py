@@ -21,7 +21,7 @@ from torch import nn
 
 from control_plane.toolchain.convert import export_float, quantize_int8
 from control_plane.toolchain.datasets import Dataset, digits_dataset
-from control_plane.toolchain.nets import DigitsCNN, SensorCNN1D
+from control_plane.toolchain.nets import DigitsCNN, SensorCNN1D, fold_batchnorm
 from control_plane.toolchain.sensor_data import sensor_dataset
 from edged.atomic import atomic_write
 from edged.engine import Engine, EngineOptions
@@ -45,6 +45,7 @@ class Recipe:
     bundle_name: str
     epochs: int
     lr: float
+    cosine: bool = False  # anneal the learning rate to 0 over the run
 
 
 DATASETS: dict[str, Recipe] = {
@@ -53,7 +54,8 @@ DATASETS: dict[str, Recipe] = {
         lambda d: SensorCNN1D(d.x_train.shape[-1], len(d.labels)),
         "watch-imu-cnn",
         epochs=40,
-        lr=1e-2,
+        lr=3e-3,
+        cosine=True,
     ),
     "digits": Recipe(
         digits_dataset, lambda d: DigitsCNN(len(d.labels)), "digits-cnn", epochs=30, lr=2e-3
@@ -62,13 +64,23 @@ DATASETS: dict[str, Recipe] = {
 
 
 def train(
-    module: nn.Module, data: Dataset, *, epochs: int, lr: float, seed: int = 0, batch_size: int = 64
+    module: nn.Module,
+    data: Dataset,
+    *,
+    epochs: int,
+    lr: float,
+    seed: int = 0,
+    batch_size: int = 64,
+    cosine: bool = False,
 ) -> nn.Module:
-    """Plain Adam + cross-entropy on the training split."""
+    """Adam + cross-entropy on the training split, the learning rate constant or annealed
+    (cosine) to 0 over the run."""
     torch.manual_seed(seed)
     x = torch.from_numpy(data.preprocess(data.x_train))
     y = torch.from_numpy(data.y_train)
     optimiser = torch.optim.Adam(module.parameters(), lr=lr)
+    steps = epochs * -(-len(x) // batch_size)
+    schedule = torch.optim.lr_scheduler.CosineAnnealingLR(optimiser, steps) if cosine else None
     loss_fn = nn.CrossEntropyLoss()
     module.train()
     for _ in range(epochs):
@@ -79,6 +91,8 @@ def train(
             logits, _ = module(x[idx])
             loss_fn(logits, y[idx]).backward()
             optimiser.step()
+            if schedule is not None:
+                schedule.step()
     return module.eval()
 
 
@@ -113,7 +127,9 @@ def build_reference(
     recipe = DATASETS[name]
     data = recipe.dataset()
     torch.manual_seed(seed)
-    module = train(recipe.net(data), data, epochs=recipe.epochs, lr=recipe.lr, seed=seed)
+    module = train(
+        recipe.net(data), data, epochs=recipe.epochs, lr=recipe.lr, seed=seed, cosine=recipe.cosine
+    )
     report = build_bundle(module, data, out_dir, name=recipe.bundle_name, version=version)
     atomic_write(
         out_dir / f"{name}-test.npz", dump_npz(compress=True, x=data.x_test, y=data.y_test)
@@ -136,7 +152,7 @@ def build_bundle(
     bundle fine-tunable; a fine-tunable bundle also gets `REPLAY_PER_CLASS` training samples
     of each class as its replay set, and allows the device to train its last block (the
     FullyConnected op producing the embedding) from the weights in the int8 model."""
-    module = module.eval()
+    module = fold_batchnorm(module)  # the int8 model gets the fused convolutions
     sample = torch.from_numpy(data.preprocess(data.x_train[:1]))
     with torch.no_grad():
         outputs = module(sample)

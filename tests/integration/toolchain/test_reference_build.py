@@ -51,19 +51,18 @@ def test_bundle_is_fine_tunable_and_self_describing(digits_build) -> None:
 
 def test_sensor_model_on_unseen_subjects(sensor_build) -> None:
     """The 1-D CNN on real smartwatch IMU windows (subjects never seen in training): int8
-    stays within a point of torch. Its top-1 agreement is under the 99 % the digits model
-    reaches: a 70-86 %-accurate cross-subject model has many low-margin windows that int8
-    rounding flips (min/max calibration on the whole training split; per-channel input
-    normalisation was tried and does not help). Training is seeded, but float rounding
-    differs between CPUs: seed 0 gave 98.6 % agreement on an Intel machine and 96.5 % on an
-    AMD EPYC one, seeds 1-4 gave 97.5-98.6 %, so the guard is 96 %. The file is 54 % of
-    float because this model's 10 k weights are smaller than the flatbuffer's fixed
-    overhead."""
+    stays within a point of torch and the file within 30 % of float. Its top-1 agreement
+    is guarded at 98 %, under the 99 % the issue asks: a ~90 %-accurate cross-subject model
+    has windows within a logit of a tie that int8 rounding of the input flips (min/max
+    calibration on the whole training split). Training is seeded, but float rounding differs
+    between CPUs; on an Intel Xeon seeds 0-4 gave 98.3-99.4 % (seed 0: 99.2 %, 5 or fewer
+    of the 514 windows is 99 %)."""
     out, report = sensor_build
     assert report.test_samples == 514
-    assert report.torch_accuracy >= 0.80
+    assert report.torch_accuracy >= 0.85
     assert report.accuracy_loss_pts <= 1.0
-    assert report.top1_agreement >= 0.96
+    assert report.top1_agreement >= 0.98
+    assert report.size_ratio <= 0.30
     engine = Engine.from_file(out / report.bundle)
     assert engine.manifest.input.layout == "NLC" and engine.sample_shape == (100, 6)
     assert engine.manifest.reference.granularity == "element"
