@@ -19,13 +19,14 @@ __all__ = ["add_daemon_commands"]
 
 
 M_ARENA_MAX = -8  # glibc mallopt parameter
-MALLOC_ARENAS = 2  # measured: a MobileNetV2 daemon's median RSS -3 MB, worst run -12 MB
+MALLOC_ARENAS = 1  # see docs/daemon.md, "Memory"
 
 
 def _limit_malloc_arenas() -> None:
     """glibc gives each thread that allocates its own heap arena (the loop, inference, paho,
-    aiosqlite): the daemon's threads share two. A no-op where mallopt does not exist, and when
-    MALLOC_ARENA_MAX in the environment already says."""
+    aiosqlite, the model loads in worker threads), and a thread's arena keeps what it freed:
+    the daemon's threads share the main heap, which malloc_trim gives back. A no-op where
+    mallopt does not exist, and when MALLOC_ARENA_MAX in the environment already says."""
     if "MALLOC_ARENA_MAX" in os.environ:
         return
     with contextlib.suppress(OSError, AttributeError):

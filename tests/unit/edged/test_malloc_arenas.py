@@ -1,5 +1,5 @@
-"""`edged run` caps glibc's malloc arenas (edged.daemon_cli): threads share two heaps instead of
-one each. Observed in a child process through glibc's own malloc_stats()."""
+"""`edged run` caps glibc's malloc arenas (edged.daemon_cli): threads share the main heap
+instead of one arena each. Observed in a child process through glibc's own malloc_stats()."""
 
 from __future__ import annotations
 
@@ -40,6 +40,6 @@ def _arenas(mode: str) -> int:
     return done.stderr.count("Arena ")
 
 
-def test_the_daemons_threads_share_two_arenas() -> None:
-    assert _arenas("limited") <= 2
+def test_the_daemons_threads_share_one_arena() -> None:
+    assert _arenas("limited") == 1
     assert _arenas("unlimited") > 2  # the check can fail: six threads, six more arenas
