@@ -62,6 +62,7 @@ from edged.uplink import Uplink, UplinkConfig
 __all__ = ["Daemon", "run_daemon"]
 
 log = logging.getLogger("edged.daemon")
+STOP_MARGIN_S = 10.0  # beyond the drain and the uplink's grace, for telemetry and the flush
 RESTART_ONLY = ("device", "engine", "pipeline", "source", "local_mqtt", "uplink", "outbox")
 # [finetune] changes apply at once, except these (they shape storage and subscriptions)
 FINETUNE_RESTART_ONLY = ("enabled", "truth_topic", "max_labels", "max_label_mb")
@@ -323,7 +324,18 @@ class Daemon:
         else:
             self._spawn(self.installer.install_configured(cfg.device.model), "configured model")
         failed = await self._wait_for_stop(background)
-        await self._stop([*source_tasks, *finetune], background)
+        stop = asyncio.create_task(self._stop([*source_tasks, *finetune], background))
+        bound = cfg.pipeline.drain_timeout_s + cfg.uplink.stop_grace_s + STOP_MARGIN_S
+        done, _ = await asyncio.wait([stop], timeout=bound)
+        if not done:  # a stop is bounded: say what it waits for, and exit non-zero
+            for task in asyncio.all_tasks():
+                if task is not asyncio.current_task():
+                    where = " < ".join(
+                        f"{frame.f_code.co_name}:{frame.f_lineno}" for frame in task.get_stack()
+                    )
+                    log_event(log, "error", "stop_stuck", task=task.get_name(), at=where)
+            log_event(log, "error", "stop_timeout", bound_s=bound)
+            failed = True
         status_server.close()
         await status_server.wait_closed()
         with contextlib.suppress(FileNotFoundError):
