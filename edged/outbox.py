@@ -460,7 +460,8 @@ class Outbox:
         if self._durable_queued == 0:
             self._wake.clear()
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._wake.wait(), self.config.relaxed_flush_s)
+                async with asyncio.timeout(self.config.relaxed_flush_s):
+                    await self._wake.wait()
         closing = False
         while len(group) < self.config.max_group and not self._queue.empty():
             item = self._queue.get_nowait()

@@ -321,7 +321,8 @@ class Uplink:
         while (delay := self._budget.delay(size)) > 0:
             self.stats.state = f"budget wait {delay:.1f}s"
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(link.disconnected.wait(), delay)
+                async with asyncio.timeout(delay):
+                    await link.disconnected.wait()
             if link.disconnected.is_set():
                 raise LinkError(f"connection lost ({link.disconnect_reason})")
         self.stats.state = "connected"

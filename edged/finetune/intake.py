@@ -295,7 +295,8 @@ class LabelIntake:
             except Exception:
                 log.exception("personalisation poll failed")
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._poll.wait(), self.poll_s)
+                async with asyncio.timeout(self.poll_s):
+                    await self._poll.wait()
             self._poll.clear()
 
     async def fetch_missed(self) -> None:

@@ -135,8 +135,11 @@ class Personaliser:
         tasks = [asyncio.create_task(self.intake.poll(), name="personalisation poll")]
         try:
             while True:
+                # not wait_for: on Python 3.11 a cancel that meets a wake-up in the same turn
+                # is lost there, and the daemon's stop waited for this task for ever
                 with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(self._wake.wait(), TICK_S)
+                    async with asyncio.timeout(TICK_S):
+                        await self._wake.wait()
                 self._wake.clear()
                 try:
                     await self.step()

@@ -158,7 +158,8 @@ class Updater:
             except Exception:  # never let one bad update stop the task
                 log.exception("update check failed")
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._wake.wait(), self.poll_s)
+                async with asyncio.timeout(self.poll_s):
+                    await self._wake.wait()
             self._wake.clear()
 
     async def _blocking(self, fn: Callable[..., Any], *args: Any) -> Any:
