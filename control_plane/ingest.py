@@ -228,7 +228,8 @@ class Ingest:
         return self
 
     async def wait_connected(self, timeout: float = 10.0) -> None:
-        await asyncio.wait_for(self._connected.wait(), timeout)
+        async with asyncio.timeout(timeout):
+            await self._connected.wait()
 
     async def __aexit__(self, *_exc: object) -> None:
         for task in self._tasks:
@@ -254,7 +255,8 @@ class Ingest:
                 if timeout <= 0:
                     break
                 try:
-                    batch.append(await asyncio.wait_for(self._queue.get(), timeout))
+                    async with asyncio.timeout(timeout):
+                        batch.append(await self._queue.get())
                 except TimeoutError:
                     break
                 size += len(batch[-1].payload)

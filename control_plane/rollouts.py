@@ -280,7 +280,8 @@ class RolloutEngine:
             except Exception:  # the database may be away; the next tick tries again
                 log.exception("rollout tick failed")
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._wake.wait(), self.tick_s)
+                async with asyncio.timeout(self.tick_s):
+                    await self._wake.wait()
             self._wake.clear()
 
     async def tick(self) -> None:

@@ -384,7 +384,8 @@ class Daemon:
             task.cancel()
         await asyncio.gather(*first, return_exceptions=True)
         try:
-            await asyncio.wait_for(self.pipeline.drain(), self.config.pipeline.drain_timeout_s)
+            async with asyncio.timeout(self.config.pipeline.drain_timeout_s):
+                await self.pipeline.drain()
         except TimeoutError:
             log_event(log, "warning", "drain_timeout", left=self.pipeline.depth)
         await self._send_telemetry()

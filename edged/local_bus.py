@@ -144,7 +144,8 @@ class LocalBus:
         )
         self._client.loop_start()
         try:
-            await asyncio.wait_for(self.connected.wait(), timeout_s)
+            async with asyncio.timeout(timeout_s):
+                await self.connected.wait()
         except TimeoutError:
             log.warning(
                 "local broker %s:%d not reachable yet; retrying in the background",

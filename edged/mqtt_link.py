@@ -158,7 +158,8 @@ class MqttLink:
                 properties=properties,
             )
             self._client.loop_start()
-            await asyncio.wait_for(asyncio.shield(self._connected), self.config.connect_timeout_s)
+            async with asyncio.timeout(self.config.connect_timeout_s):
+                await asyncio.shield(self._connected)
         except (TimeoutError, OSError, LinkError) as exc:
             await self.close()
             if isinstance(exc, LinkError):

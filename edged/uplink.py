@@ -229,7 +229,8 @@ class Uplink:
                 # A clean DISCONNECT discards the will: say "offline" ourselves.
                 with contextlib.suppress(LinkError, MessageRefused, TimeoutError):
                     topic, data = self._state_message(online=False)
-                    await asyncio.wait_for(link.publish(topic, data, retain=True), 2.0)
+                    async with asyncio.timeout(2.0):
+                        await link.publish(topic, data, retain=True)
             await link.close()
 
     # -- draining ---------------------------------------------------------------------------

@@ -59,7 +59,8 @@ async def run_process(job_dir: Path, cfg: FinetuneConfig) -> dict[str, Any]:
     )
     log_event(log, "info", "finetune_started", job=job_dir.name, pid=process.pid)
     try:
-        _, stderr = await asyncio.wait_for(process.communicate(), cfg.timeout_s)
+        async with asyncio.timeout(cfg.timeout_s):
+            _, stderr = await process.communicate()
     except TimeoutError:
         kill_worker(process.pid)
         await process.wait()
