@@ -21,7 +21,12 @@ from torch import nn
 
 from control_plane.toolchain.convert import export_float, quantize_int8
 from control_plane.toolchain.datasets import Dataset, digits_dataset
-from control_plane.toolchain.nets import DigitsCNN, SensorCNN1D, fold_batchnorm
+from control_plane.toolchain.nets import (
+    DigitsCNN,
+    SensorCNN1D,
+    fold_batchnorm,
+    within_input_range,
+)
 from control_plane.toolchain.sensor_data import sensor_dataset
 from edged.atomic import atomic_write
 from edged.engine import Engine, EngineOptions
@@ -38,6 +43,13 @@ CALIBRATION_SAMPLES = 2000  # the whole training split of both reference data se
 REPLAY_PER_CLASS = 50
 
 
+def input_range(data: Dataset, tail: float = 0.01) -> tuple[float, float]:
+    """The preprocessed training inputs' central range, all but `tail` % at either end."""
+    x = data.preprocess(data.x_train)
+    low, high = np.percentile(x, [tail, 100 - tail])
+    return float(low), float(high)
+
+
 @dataclass(frozen=True)
 class Recipe:
     dataset: Callable[[], Dataset]
@@ -51,7 +63,7 @@ class Recipe:
 DATASETS: dict[str, Recipe] = {
     "sensor": Recipe(
         sensor_dataset,
-        lambda d: SensorCNN1D(d.x_train.shape[-1], len(d.labels)),
+        lambda d: SensorCNN1D(d.x_train.shape[-1], len(d.labels), input_range=input_range(d)),
         "watch-imu-cnn",
         epochs=40,
         lr=3e-3,
@@ -160,7 +172,8 @@ def build_bundle(
         getattr(module, "head", None), nn.Linear
     )
     float_model = export_float(module, sample)
-    int8_model = quantize_int8(float_model, data.preprocess(data.x_train[:CALIBRATION_SAMPLES]))
+    calibration = within_input_range(module, data.preprocess(data.x_train[:CALIBRATION_SAMPLES]))
+    int8_model = quantize_int8(float_model, calibration)
     head = getattr(module, "head", None)
     head_weights = (
         (head.weight.detach().numpy(), head.bias.detach().numpy())
