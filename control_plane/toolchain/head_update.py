@@ -22,10 +22,18 @@ def train_head(
     batch: int = 32,
     momentum: float = 0.9,
     seed: int = 0,
+    classes: npt.NDArray[np.integer[Any]] | None = None,
 ) -> tuple[npt.NDArray[np.float32], npt.NDArray[np.float32]]:
-    """Softmax regression from the given head: SGD with momentum on cross-entropy."""
+    """Softmax regression from the given head: SGD with momentum on cross-entropy. With
+    `classes`, only those classes' rows (and biases) move: every other row keeps its exact
+    float weights, so its int8 bytes stay the same and a delta update carries only the rows
+    that changed."""
     rng = np.random.default_rng(seed)
     w, b = weight.astype(np.float64), bias.astype(np.float64)
+    moving = np.ones(len(w), dtype=bool)
+    if classes is not None:
+        moving[:] = False
+        moving[np.asarray(classes)] = True
     vw, vb = np.zeros_like(w), np.zeros_like(b)
     for _ in range(epochs):
         order = rng.permutation(len(embeddings))
@@ -37,8 +45,11 @@ def train_head(
             p /= p.sum(axis=1, keepdims=True)
             p[np.arange(len(idx)), labels[idx]] -= 1.0
             p /= len(idx)
+            p[:, ~moving] = 0.0
             vw = momentum * vw + p.T @ x
             vb = momentum * vb + p.sum(axis=0)
             w -= lr * vw
             b -= lr * vb
-    return w.astype(np.float32), b.astype(np.float32)
+    new_w, new_b = w.astype(np.float32), b.astype(np.float32)
+    new_w[~moving], new_b[~moving] = weight[~moving], bias[~moving]  # bit for bit
+    return new_w, new_b
