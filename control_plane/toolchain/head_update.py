@@ -30,10 +30,8 @@ def train_head(
     that changed."""
     rng = np.random.default_rng(seed)
     w, b = weight.astype(np.float64), bias.astype(np.float64)
-    moving = np.ones(len(w), dtype=bool)
-    if classes is not None:
-        moving[:] = False
-        moving[np.asarray(classes)] = True
+    moving = np.zeros(len(w), dtype=bool)
+    moving[slice(None) if classes is None else np.asarray(classes)] = True
     vw, vb = np.zeros_like(w), np.zeros_like(b)
     for _ in range(epochs):
         order = rng.permutation(len(embeddings))
@@ -45,11 +43,10 @@ def train_head(
             p /= p.sum(axis=1, keepdims=True)
             p[np.arange(len(idx)), labels[idx]] -= 1.0
             p /= len(idx)
-            p[:, ~moving] = 0.0
+            p[:, ~moving] = 0.0  # no gradient, no momentum: those rows stay as they were
             vw = momentum * vw + p.T @ x
             vb = momentum * vb + p.sum(axis=0)
             w -= lr * vw
             b -= lr * vb
-    new_w, new_b = w.astype(np.float32), b.astype(np.float32)
-    new_w[~moving], new_b[~moving] = weight[~moving], bias[~moving]  # bit for bit
-    return new_w, new_b
+    # rows that never get a gradient round-trip float32 -> float64 -> float32 bit for bit
+    return w.astype(np.float32), b.astype(np.float32)
