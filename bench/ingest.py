@@ -14,6 +14,18 @@ from a pool of `BODY_POOL` snapshots per worker (later phases' messages are enco
 each phase, outside its clock). Each worker then holds one paho MQTT 5 client per device (its
 own username, password and client id), all driven by one selector loop.
 
+Two layouts of the control plane, each measured through every phase below on an emptied
+telemetry table, on the same enrolled devices and broker:
+
+- `split` (the value): `INGEST_REPLICAS` `serve` processes consuming one shared subscription
+  group at nice `INGEST_NICE` (systemd's Nice=; the broker holds whatever they have not taken
+  yet), and one more with `ingest = false` that the API client talks to, at nice 0: the
+  scaled-out shape docs/control-plane.md describes;
+- `single_process`: one `serve` process doing both, as a one-machine install runs.
+
+The publishers run at nice `PUBLISHERS_NICE`: they stand in for devices, which are not on the
+control plane's machine.
+
 Phases (every figure of the rounds is their median):
 
 - calibration: the workers publish QoS 1 at paced offered rates (open loop, round-robin over
@@ -56,7 +68,7 @@ import tempfile
 import threading
 import time
 import uuid
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from importlib import metadata
@@ -91,6 +103,18 @@ API_PAUSE_S = 0.02
 API_SINCE_S = 900.0
 API_BUCKET_S = 10.0
 GROUP = "bench"
+INGEST_REPLICAS = 2  # the split layout: this many ingest processes and one API-only process
+# The publishers stand in for devices elsewhere on the network: their CPU is the test rig's,
+# so the control plane's processes come first on these shared cores.
+PUBLISHERS_NICE = 10
+INGEST_NICE = 10  # the split layout's ingest replicas: the broker holds what they have not taken
+# the production ingest defaults, and one shared-subscription group for every replica
+CP_SETTINGS = {
+    "ingest_batch": "2000",
+    "ingest_linger_s": "0.05",
+    "device_cache_s": "5",
+    "ingest_group": "bench-ingest",
+}
 PG_ADMIN_URL = os.environ.get("EDGED_TEST_PG", "postgresql://postgres@127.0.0.1:5432/postgres")
 BROKER_ADMIN = "edged-control-plane"
 PLACEHOLDER = "dev-" + "0" * 16  # every device id has this length
@@ -444,12 +468,12 @@ class _CpuMeter:
     """CPU seconds of the control plane, Mosquitto, every PostgreSQL process, this process
     (publishers' coordinator and the API client) and the whole machine."""
 
-    def __init__(self, cp_pid: int, broker_pid: int, workers: Sequence[int]) -> None:
+    def __init__(self, cp_pids: Sequence[int], broker_pid: int, workers: Sequence[int]) -> None:
         import psutil
 
         self.psutil = psutil
         self.fixed = {
-            "control_plane": [psutil.Process(cp_pid)],
+            "control_plane": [psutil.Process(pid) for pid in cp_pids],
             "mosquitto": [psutil.Process(broker_pid)],
             "publishers": [psutil.Process(pid) for pid in workers],
             "benchmark": [psutil.Process()],
@@ -534,10 +558,10 @@ class _Api:
         self.client.close()
 
 
-async def _pg_admin(statement: str) -> None:
+async def _pg_admin(statement: str, url: str = PG_ADMIN_URL) -> None:
     import asyncpg
 
-    conn = await asyncpg.connect(PG_ADMIN_URL, timeout=10)
+    conn = await asyncpg.connect(url, timeout=10)
     try:
         await conn.execute(statement)
     finally:
@@ -575,23 +599,60 @@ def run() -> Result:
                 max_queued_messages=10_000_000,
             )
         )
-        cp = stack.enter_context(
-            ControlPlaneProcess(
-                sa_url,
-                broker,
-                BROKER_ADMIN,
-                admin_password,
-                tmp / "cp",
-                ingest_batch="2000",
-                ingest_linger_s="0.05",
-                device_cache_s="5",
-            )
-        )
+
+        started_processes: dict[str, Any] = {}
+
+        def control_plane(name: str, **settings: str) -> Any:
+            """The named control-plane process, started on first use (its port picked then:
+            a thousand device connections later, an early pick may be taken)."""
+            if name not in started_processes:
+                settings = {**CP_SETTINGS, **settings}
+                process = ControlPlaneProcess(
+                    sa_url, broker, BROKER_ADMIN, admin_password, tmp / name, **settings
+                )
+                stack.callback(process.stop)
+                process.start()
+                started_processes[name] = process
+            return started_processes[name]
+
+        # "cp" does API and ingest alone, then is the split layout's first ingest replica.
+        layouts = {
+            "single": lambda: _Layout(api=control_plane("cp"), ingest=[control_plane("cp")]),
+            "split": lambda: _Layout(
+                api=control_plane("cp-api", ingest="false"),
+                ingest=[
+                    control_plane(f"cp-ingest-{i}" if i else "cp") for i in range(INGEST_REPLICAS)
+                ],
+                ingest_nice=INGEST_NICE,
+            ),
+        }
         workers: list[_Worker] = []
         stack.callback(_stop_workers, workers)
-        measured = _measure(cp, broker, pg_url, tmp, workers)
+        measured = _measure(layouts, broker, pg_url, tmp, workers)
     measured["total_s"] = time.perf_counter() - started
     return _result(measured, broker_version=_broker_version(str(broker.binary)))
+
+
+@dataclass
+class _Layout:
+    """Which control-plane processes answer the API and which consume the broker."""
+
+    api: Any
+    ingest: list[Any]
+    ingest_nice: int = 0
+
+    @property
+    def pids(self) -> list[int]:
+        return sorted({p.process.pid for p in (self.api, *self.ingest)})
+
+
+def _renice(pid: int, nice: int) -> None:
+    """Every thread of `pid` to `nice` (Linux keeps a niceness per thread; threads started
+    later inherit their creator's), as systemd's Nice= does for a whole service."""
+    import psutil
+
+    for thread in psutil.Process(pid).threads():
+        os.setpriority(os.PRIO_PROCESS, thread.id, nice)
 
 
 def _stop_workers(workers: list[_Worker]) -> None:
@@ -637,24 +698,41 @@ def _per_device(offered: float, seconds: float) -> int:
 
 
 def _measure(
-    cp: Any, broker: Any, pg_url: str, tmp: Path, workers: list[_Worker]
+    layouts: dict[str, Callable[[], _Layout]],
+    broker: Any,
+    pg_url: str,
+    tmp: Path,
+    workers: list[_Worker],
 ) -> dict[str, Any]:
     from edged.identity import DeviceIdentity
 
     identities = [DeviceIdentity.from_seed(os.urandom(32)) for _ in range(DEVICES)]
     _start_workers(broker, identities, workers)
+    for worker in workers:
+        _renice(worker.process.pid, PUBLISHERS_NICE)
     staircase = sum(_per_device(rate, STEP_S) for rate in STEPS)
     for worker in workers:  # the staircase's messages, encoded while the devices enrol
         worker.conn.send(("prepare", staircase))
     started = time.perf_counter()
-    passwords = _enroll(cp, identities, tmp / "devices")
+    passwords = _enroll(layouts["single"]().api, identities, tmp / "devices")
     enroll_s = time.perf_counter() - started
     encode_s = max(w.expect("prepared", 600)[1] for w in workers)
     for worker in workers:
         worker.conn.send(("connect", {d: passwords[d] for d in worker.devices}))
     connect_s = max(w.expect("connected", 120)[1] for w in workers)
-    measured = asyncio.run(_phases(cp, broker, pg_url, workers, sorted(passwords)))
-    return {**measured, "enroll_s": enroll_s, "encode_s": encode_s, "connect_s": connect_s}
+    measured: dict[str, Any] = {"enroll_s": enroll_s, "encode_s": encode_s, "connect_s": connect_s}
+    for index, (name, make_layout) in enumerate(layouts.items()):
+        if index:  # the first layout's staircase was encoded during enrolment
+            for worker in workers:
+                worker.conn.send(("prepare", staircase))
+            measured["encode_s"] += max(w.expect("prepared", 600)[1] for w in workers)
+        layout = make_layout()
+        for process in layout.ingest:
+            _renice(process.process.pid, layout.ingest_nice)
+        # Every layout starts on an empty telemetry table (its size slows inserts down).
+        asyncio.run(_pg_admin("TRUNCATE telemetry, ingest_rejections", pg_url))
+        measured[name] = asyncio.run(_phases(layout, broker, pg_url, workers, sorted(passwords)))
+    return measured
 
 
 def _enroll(cp: Any, identities: Sequence[Any], root: Path) -> dict[str, str]:
@@ -674,11 +752,23 @@ def _enroll(cp: Any, identities: Sequence[Any], root: Path) -> dict[str, str]:
 
 
 class _Load:
-    """The publishers, driven together: prepare, run, collect."""
+    """The publishers, driven together: prepare, run, collect; the ingest replicas' counters
+    since `begin`."""
 
-    def __init__(self, workers: list[_Worker], metrics: Any) -> None:
+    def __init__(self, workers: list[_Worker], metrics: Sequence[Any]) -> None:
         self.workers, self.metrics = workers, metrics
         self.published = 0  # records PUBACKed by the broker, every phase so far
+        self.base = ""
+
+    async def begin(self) -> None:
+        self.base = await self.metrics_text()
+
+    async def metrics_text(self) -> str:
+        """Every ingest replica's /metrics, one after another (`_metric` sums them)."""
+        return "\n".join([(await client.get("/metrics")).text for client in self.metrics])
+
+    def counter(self, text: str, name: str, labels: str = "") -> float:
+        return _metric(text, name, labels) - _metric(self.base, name, labels)
 
     async def prepare(self, offered: float, seconds: float) -> float:
         for worker in self.workers:
@@ -701,8 +791,7 @@ class _Load:
         return sent * RECORDS_PER_MESSAGE, max(r[5] for r in ran)
 
     async def stored(self) -> float:
-        text = (await self.metrics.get("/metrics")).text
-        return _metric(text, "edged_cp_ingest_records_total")
+        return self.counter(await self.metrics_text(), "edged_cp_ingest_records_total")
 
     async def drain(self) -> float:
         """Seconds until ingest has stored every record published so far."""
@@ -718,19 +807,20 @@ class _Load:
 
 
 async def _phases(
-    cp: Any, broker: Any, pg_url: str, workers: list[_Worker], ids: Sequence[str]
+    layout: _Layout, broker: Any, pg_url: str, workers: list[_Worker], ids: Sequence[str]
 ) -> dict[str, Any]:
     import asyncpg
     import httpx
 
     conn = await asyncpg.connect(pg_url)
-    api = _Api(cp.url, cp.admin_token, ids)
-    meter = _CpuMeter(cp.process.pid, broker.pid, [w.process.pid for w in workers])
-    metrics_client = httpx.AsyncClient(base_url=cp.url, timeout=30)
-    load = _Load(workers, metrics_client)
+    api = _Api(layout.api.url, layout.api.admin_token, ids)
+    meter = _CpuMeter(layout.pids, broker.pid, [w.process.pid for w in workers])
+    metrics_clients = [httpx.AsyncClient(base_url=p.url, timeout=30) for p in layout.ingest]
+    load = _Load(workers, metrics_clients)
     rounds = _Rounds()
     pool = await asyncio.to_thread(_ceiling_pool)
     try:
+        await load.begin()
         api.start()  # idle: no device publishing yet
         await asyncio.sleep(IDLE_API_S)
         api.finish()
@@ -748,7 +838,7 @@ async def _phases(
             rounds.ceiling.append(await _ceiling(conn, pool, index, batch))
             rounds.ceiling_copy.append(await _ceiling_copy(conn, pool, index, batch))
         rounds.latencies, rounds.api_errors = api.latencies, api.errors
-        text = (await metrics_client.get("/metrics")).text
+        text = await load.metrics_text()
         stored = await conn.fetchval("SELECT count(*) FROM telemetry WHERE device_id LIKE 'dev-%'")
         rejected_rows = await conn.fetchval("SELECT coalesce(sum(count), 0) FROM ingest_rejections")
         dead = await conn.fetchval(
@@ -757,16 +847,19 @@ async def _phases(
         size = await conn.fetchval("SELECT pg_total_relation_size('telemetry')")
     finally:
         api.close()
-        await metrics_client.aclose()
+        for client in metrics_clients:
+            await client.aclose()
         await conn.close()
     return {
         "rounds": rounds,
         "published": load.published,
         "stored": int(stored),
         "rejected_rows": int(rejected_rows),
-        "rejected_metric": _metric(text, "edged_cp_ingest_rejected_total"),
-        "refused_messages": _metric(text, "edged_cp_ingest_messages_total", 'outcome="refused"'),
-        "duplicates": _metric(text, "edged_cp_ingest_duplicates_total"),
+        "rejected_metric": load.counter(text, "edged_cp_ingest_rejected_total"),
+        "refused_messages": load.counter(
+            text, "edged_cp_ingest_messages_total", 'outcome="refused"'
+        ),
+        "duplicates": load.counter(text, "edged_cp_ingest_duplicates_total"),
         "devices_dead_tuples": dead,
         "telemetry_mb": size / (1 << 20),
     }
@@ -796,7 +889,7 @@ async def _ingest_round(
     encode_s = await load.prepare(offered, duration)
     load.start(offered, duration)
     await asyncio.sleep(WARMUP_S)
-    before_text = (await load.metrics.get("/metrics")).text
+    before_text = await load.metrics_text()
     cpu0, t0 = meter.read(), time.perf_counter()
     count0 = await conn.fetchval("SELECT count(*) FROM telemetry")
     count_s = time.perf_counter() - t0
@@ -807,7 +900,7 @@ async def _ingest_round(
     count1 = await conn.fetchval("SELECT count(*) FROM telemetry")
     count_s = max(count_s, time.perf_counter() - t1)
     cpu1, wall = meter.read(), time.perf_counter() - t0
-    after_text = (await load.metrics.get("/metrics")).text
+    after_text = await load.metrics_text()
     sent, late = await load.finish(duration)
     drain_s = await load.drain()
 
@@ -934,7 +1027,7 @@ async def _ceiling_copy(
 # -- the result -------------------------------------------------------------------------------
 
 
-def _result(measured: dict[str, Any], broker_version: str) -> Result:
+def _layout_metrics(measured: dict[str, Any]) -> dict[str, Any]:
     rounds: _Rounds = measured["rounds"]
     windows = rounds.windows
     ingest = median([w.records_per_s for w in windows])
@@ -985,19 +1078,32 @@ def _result(measured: dict[str, Any], broker_version: str) -> Result:
         "count_query_ms_max": round(max(w.count_query_s for w in windows) * 1000, 1),
         "pacing_late_s_max": round(max(w.pacing_late_s for w in windows), 3),
         "drain_s": [round(rounds.staircase_drain_s, 1)] + [round(w.drain_s, 1) for w in windows],
-        "enroll_s": round(measured["enroll_s"], 1),
-        "enroll_per_s": round(DEVICES / measured["enroll_s"], 2),
-        "encode_s": round(measured["encode_s"] + sum(w.encode_s for w in windows), 1),
-        "connect_s": round(measured["connect_s"], 1),
-        "total_s": round(measured["total_s"], 1),
+        "encode_s": round(sum(w.encode_s for w in windows), 1),
     }
     if rounds.api_errors:
         metrics["api_error_samples"] = rounds.api_errors[:3]
+    return metrics
+
+
+def _result(measured: dict[str, Any], broker_version: str) -> Result:
+    split, single = _layout_metrics(measured["split"]), _layout_metrics(measured["single"])
+    metrics: dict[str, Any] = {
+        **split,
+        # what every layout must hold
+        "lost": split["lost"] + single["lost"],
+        "rejected": split["rejected"] + single["rejected"],
+        "single_process": single,
+        "enroll_s": round(measured["enroll_s"], 1),
+        "enroll_per_s": round(DEVICES / measured["enroll_s"], 2),
+        "encode_s": round(measured["encode_s"] + split["encode_s"] + single["encode_s"], 1),
+        "connect_s": round(measured["connect_s"], 1),
+        "total_s": round(measured["total_s"], 1),
+    }
     return Result(
         name="ingest",
-        value=round(ingest, 1),
+        value=split["records_per_s"],
         unit="records/s",
-        baseline=round(ceiling, 1),
+        baseline=split["ceiling_records_per_s"],
         baseline_is=(
             "the same PostgreSQL database and telemetry table, asyncpg multi-row INSERT ... ON "
             f"CONFLICT DO NOTHING RETURNING seq in {PAGE_ROWS}-row statements, one transaction "
@@ -1016,7 +1122,8 @@ def _result(measured: dict[str, Any], broker_version: str) -> Result:
             publishers=(
                 f"{PUBLISHERS} processes x {math.ceil(DEVICES / PUBLISHERS)} paho-mqtt MQTT 5 "
                 "clients (one socket per device, its own credentials and client id), one "
-                "selector loop per process, QoS 1, paced open loop, round-robin over devices"
+                "selector loop per process, QoS 1, paced open loop, round-robin over devices, "
+                f"at nice {PUBLISHERS_NICE} (devices are not on the control plane's machine)"
             ),
             messages=(
                 f"signed wire batches of {RECORDS_PER_MESSAGE} telemetry records "
@@ -1045,8 +1152,12 @@ def _result(measured: dict[str, Any], broker_version: str) -> Result:
                 "idle_p50_ms, idle_p99_ms)"
             ),
             control_plane=(
-                "edged-control-plane serve (one uvicorn process), ingest batch 2000, linger "
-                "0.05 s, device cache 5 s (the production defaults)"
+                f"split (the value): {INGEST_REPLICAS} `edged-control-plane serve` ingest "
+                "replicas in one shared-subscription group plus one API-only replica "
+                f"(ingest = false) that the API client talks to, the ingest replicas at nice "
+                f"{INGEST_NICE} (systemd Nice=), the API at 0; single_process: one serve "
+                "process doing both. Ingest batch 2000, linger 0.05 s, device cache 5 s (the "
+                "production defaults); each layout starts on an empty telemetry table"
             ),
             broker=(
                 f"{broker_version}, dynamic security, loopback, otherwise the tests' "

@@ -8,10 +8,11 @@ responses are declared in the OpenAPI document as `application/problem+json`."""
 from __future__ import annotations
 
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator
 from contextlib import AsyncExitStack, asynccontextmanager
 
-from fastapi import FastAPI, Request, Response
+from fastapi import FastAPI
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from control_plane.api import (
     audit,
@@ -36,6 +37,35 @@ from control_plane.state import BrokerEndpoint, ControlPlaneState
 from edged_formats import __version__
 
 __all__ = ["create_app"]
+
+
+class RequestMetrics:
+    """Counts every API response by method, route template and status, and times it: a plain
+    ASGI middleware (Starlette's BaseHTTPMiddleware costs a task and streams per request)."""
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        started = time.perf_counter()
+        status = 500  # unless a response starts
+
+        async def send_status(message: Message) -> None:
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = message["status"]
+            await send(message)
+
+        try:
+            await self.app(scope, receive, send_status)
+        finally:
+            path = getattr(scope.get("route"), "path", "unmatched")
+            metrics = scope["app"].state.cp.metrics
+            metrics.requests.labels(scope["method"], path, str(status)).inc()
+            metrics.latency.labels(path).observe(time.perf_counter() - started)
 
 
 def create_app(
@@ -87,17 +117,5 @@ def create_app(
     app.include_router(models.router)
     app.include_router(repository.router)
 
-    @app.middleware("http")
-    async def count_requests(
-        request: Request, call_next: Callable[[Request], Awaitable[Response]]
-    ) -> Response:
-        started = time.perf_counter()
-        response = await call_next(request)
-        route = request.scope.get("route")
-        path = getattr(route, "path", "unmatched")
-        metrics = request.app.state.cp.metrics
-        metrics.requests.labels(request.method, path, str(response.status_code)).inc()
-        metrics.latency.labels(path).observe(time.perf_counter() - started)
-        return response
-
+    app.add_middleware(RequestMetrics)
     return app

@@ -279,6 +279,7 @@ async def _serve(settings: Settings) -> None:
             port=settings.port,
             log_level="info",
             access_log=False,
+            http="httptools",
             lifespan="on",
         )
         server = server_class(config)
@@ -307,7 +308,10 @@ def main(argv: list[str] | None = None) -> int:
         elif args.command in ("keys", "root", "targets"):
             _signing(args, settings)
         else:
-            asyncio.run(_serve(settings))
+            import uvloop  # the event loop in C: less CPU per request and per ingested message
+
+            with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
+                runner.run(_serve(settings))
     except ControlPlaneError as exc:
         print(f"edged-control-plane: {exc}", file=sys.stderr)
         return 2

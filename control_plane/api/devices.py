@@ -9,6 +9,7 @@ from typing import Annotated, Literal
 
 from fastapi import APIRouter, Query
 from sqlalchemy import String, cast, select
+from sqlalchemy.orm import load_only
 
 from control_plane.api.deps import Actor, CurrentDevice, Operator, Session, State, Viewer
 from control_plane.api.problems import Problem, problems
@@ -31,12 +32,17 @@ Limit = Annotated[int, Query(ge=1, le=1000)]
 Status = Literal["active", "quarantined", "decommissioned"]
 
 
+# what DevicePublic shows: a list loads these columns only (not the health and drift JSON)
+_SHOWN = [getattr(Device, name) for name in DevicePublic.model_fields]
+
+
 def public(device: Device, online_timeout_s: float) -> DevicePublic:
     """The device as the API shows it: online while its presence says so and it was heard
     from within `online_timeout_s` (a silent device is offline even without a last will)."""
-    shown = DevicePublic.model_validate(device)
     fresh = device.last_seen is not None and time.time() - device.last_seen <= online_timeout_s
-    return shown.model_copy(update={"online": bool(device.online and fresh)})
+    shown = {name: getattr(device, name) for name in DevicePublic.model_fields}
+    shown["online"] = bool(device.online and fresh)
+    return DevicePublic.model_validate(shown)
 
 
 async def device_in_scope(actor: Actor, session: Session, device_id: str, action: str) -> Device:
@@ -62,7 +68,7 @@ async def list_devices(
 ) -> Page[DevicePublic]:
     """Devices the caller's scope reaches, by id; filters combine."""
     timeout = state.settings.online_timeout_s
-    query = select(Device).order_by(Device.id).limit(limit + 1)
+    query = select(Device).options(load_only(*_SHOWN)).order_by(Device.id).limit(limit + 1)
     if group is not None:
         await actor.check_group("device.list", group, None)
         query = query.where(Device.group == group)
