@@ -55,6 +55,7 @@ CHUNK = 5_000
 FORWARD = ("assigned", "installing", "committed")
 REVERT = ("reverting", "reverted")
 _CONFLICT = "the rollout changed meanwhile; read it again and retry"
+ACT_ATTEMPTS = 3  # an operator action meeting a concurrent change is tried on the new state
 
 
 def _wake(request: Request) -> None:
@@ -392,6 +393,28 @@ async def _act(
     session: Session,
     request: Request,
 ) -> RolloutPublic:
+    """The operator's action, applied to the rollout as it is now: if the engine (or another
+    replica) changed the row meanwhile, the action is tried again on the new state."""
+    for _attempt in range(ACT_ATTEMPTS - 1):
+        try:
+            return await _act_once(rollout_id, action, allowed, actor, session, request)
+        except StaleDataError:
+            await session.rollback()
+    try:
+        return await _act_once(rollout_id, action, allowed, actor, session, request)
+    except StaleDataError as exc:
+        await session.rollback()
+        raise Problem(409, _CONFLICT) from exc
+
+
+async def _act_once(
+    rollout_id: str,
+    action: str,
+    allowed: tuple[str, ...],
+    actor: Actor,
+    session: Session,
+    request: Request,
+) -> RolloutPublic:
     row = await _in_scope(actor, session, rollout_id, f"rollout.{action}")
     if row.status not in allowed:
         raise Problem(409, f"rollout '{rollout_id}' is {row.status}; cannot {action} it")
@@ -415,18 +438,15 @@ async def _act(
         row.status = "aborted"
         row.finished_at = now
         row.reasons = [f"aborted by {actor.principal.actor}"]
-        await release(session, rollout_id)
     row.updated_at = now
     row.history = [
         *row.history,
         {"at": now, "event": action, "by": actor.principal.actor, "stage": row.stage + 1},
     ]
     actor.audit(session, f"rollout.{action}", rollout_id, **detail)
-    try:
-        await session.commit()
-    except StaleDataError as exc:
-        await session.rollback()
-        raise Problem(409, _CONFLICT) from exc
+    if action == "abort":
+        await release(session, rollout_id)  # flushes the row: a conflict shows here or below
+    await session.commit()
     _wake(request)
     return await _public(session, row)
 
