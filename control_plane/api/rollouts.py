@@ -395,16 +395,15 @@ async def _act(
 ) -> RolloutPublic:
     """The operator's action, applied to the rollout as it is now: if the engine (or another
     replica) changed the row meanwhile, the action is tried again on the new state."""
-    for _attempt in range(ACT_ATTEMPTS - 1):
+    attempt = 1
+    while True:
         try:
             return await _act_once(rollout_id, action, allowed, actor, session, request)
-        except StaleDataError:
+        except StaleDataError as exc:
             await session.rollback()
-    try:
-        return await _act_once(rollout_id, action, allowed, actor, session, request)
-    except StaleDataError as exc:
-        await session.rollback()
-        raise Problem(409, _CONFLICT) from exc
+            if attempt == ACT_ATTEMPTS:
+                raise Problem(409, _CONFLICT) from exc
+            attempt += 1
 
 
 async def _act_once(

@@ -44,8 +44,7 @@ __all__ = [
 ]
 
 CP = [sys.executable, "-m", "control_plane.cli"]
-# Ready takes 2-3 s on a quiet machine; a CI run sharing the cores with a package build once
-# took over 30 s.
+# a CI run sharing the cores with a package build once took over 30 s to be ready
 READY_TIMEOUT_S = 90.0
 
 
