@@ -5,7 +5,10 @@ Secrets are 32 random bytes, URL-safe, with a prefix naming their kind (`edcp_` 
 secrets are high-entropy, so a fast hash is enough and lookups stay one indexed equality.
 
 Roles are ordered: viewer < operator < admin. A token with `groups` None reaches every group;
-otherwise only devices in those groups (and an admin is never group-scoped in practice)."""
+otherwise only devices in those groups (and an admin is never group-scoped in practice).
+
+`TokenCache` keeps a known token's principal for a few seconds, so most requests skip the
+token lookup's database round trip; unknown tokens are never cached."""
 
 from __future__ import annotations
 
@@ -14,7 +17,7 @@ import secrets
 from dataclasses import dataclass
 from enum import IntEnum
 
-__all__ = ["Principal", "Role", "hash_secret", "new_secret"]
+__all__ = ["Principal", "Role", "TokenCache", "hash_secret", "new_secret"]
 
 
 class Role(IntEnum):
@@ -49,3 +52,40 @@ class Principal:
     @property
     def actor(self) -> str:
         return f"{self.name} ({self.token_id})"
+
+
+@dataclass(frozen=True, slots=True)
+class _Cached:
+    principal: Principal
+    expires_at: float | None  # the token's own expiry
+    fresh_until: float  # when the cache must ask the database again
+
+
+class TokenCache:
+    """Principals of known tokens by hash, each for `ttl_s` (0: off). A revocation through
+    this process evicts at once; one through another replica holds within `ttl_s`."""
+
+    MAX_ENTRIES = 10_000  # only valid tokens get in; emptied whole if ever reached
+
+    def __init__(self, ttl_s: float) -> None:
+        self.ttl_s = ttl_s
+        self._entries: dict[str, _Cached] = {}
+
+    def get(self, token_hash: str, now: float) -> tuple[Principal, float | None] | None:
+        entry = self._entries.get(token_hash)
+        if entry is None or entry.fresh_until <= now:
+            return None
+        return entry.principal, entry.expires_at
+
+    def put(
+        self, token_hash: str, principal: Principal, expires_at: float | None, now: float
+    ) -> None:
+        if self.ttl_s <= 0:
+            return
+        if len(self._entries) >= self.MAX_ENTRIES:
+            self._entries.clear()
+        self._entries[token_hash] = _Cached(principal, expires_at, now + self.ttl_s)
+
+    def evict(self, token_id: str) -> None:
+        for token_hash in [h for h, e in self._entries.items() if e.principal.token_id == token_id]:
+            del self._entries[token_hash]

@@ -53,6 +53,7 @@ class Settings(BaseSettings):
     enrollment_ttl_s: Annotated[float, Field(gt=0, le=30 * 86_400)] = 3600.0
     online_timeout_s: Annotated[float, Field(gt=0)] = 300.0
     device_cache_s: Annotated[float, Field(ge=0, le=3600)] = 5.0
+    token_cache_s: Annotated[float, Field(ge=0, le=60)] = 2.0
     key_dir: Path | None = None
     repository_dir: Path | None = None
     max_bundle_bytes: Annotated[int, Field(ge=1024, le=512 << 20)] = 256 << 20

@@ -6,6 +6,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
+from control_plane.auth import TokenCache
 from control_plane.db.engine import Database
 from control_plane.metrics import Metrics
 from control_plane.settings import Settings
@@ -33,4 +34,5 @@ class ControlPlaneState:
     broker_admin: BrokerAdmin
     device_broker: BrokerEndpoint
     metrics: Metrics = field(default_factory=Metrics)
+    tokens: TokenCache = field(default_factory=lambda: TokenCache(0))
     ingest: Ingest | None = None

@@ -29,9 +29,11 @@ _device_bearer = HTTPBearer(
     auto_error=False, scheme_name="DeviceToken", description="A device API token: `eddev_...`"
 )
 _CHALLENGE = {"WWW-Authenticate": "Bearer"}
+_READS = frozenset({"GET", "HEAD"})
 
 
-def _state(request: Request) -> ControlPlaneState:
+# async: FastAPI runs a plain `def` dependency on a worker thread, a thread hop per request
+async def _state(request: Request) -> ControlPlaneState:
     state: ControlPlaneState = request.app.state.cp
     return state
 
@@ -39,8 +41,9 @@ def _state(request: Request) -> ControlPlaneState:
 State = Annotated[ControlPlaneState, Depends(_state)]
 
 
-async def _session(state: State) -> AsyncIterator[AsyncSession]:
-    async with state.db.session() as session:
+async def _session(request: Request, state: State) -> AsyncIterator[AsyncSession]:
+    """GET and HEAD routes only read: their statements run in autocommit."""
+    async with state.db.session(read_only=request.method in _READS) as session:
         yield session
 
 
@@ -62,18 +65,21 @@ async def _principal(
             "this route needs an operator API token (Authorization: Bearer)",
             headers=_CHALLENGE,
         )
-    token = await session.scalar(
-        select(OperatorToken).where(
-            OperatorToken.token_hash == hash_secret(credentials.credentials)
+    token_hash, now = hash_secret(credentials.credentials), time.time()
+    cached = state.tokens.get(token_hash, now)
+    if cached is None:
+        token = await session.scalar(
+            select(OperatorToken).where(OperatorToken.token_hash == token_hash)
         )
-    )
-    now = time.time()
-    if token is None or token.revoked_at is not None:
-        raise Problem(401, "the API token is unknown or revoked", headers=_CHALLENGE)
-    if token.expires_at is not None and token.expires_at <= now:
+        if token is None or token.revoked_at is not None:
+            raise Problem(401, "the API token is unknown or revoked", headers=_CHALLENGE)
+        groups = frozenset(token.groups) if token.groups is not None else None
+        cached = Principal(token.id, token.name, Role[token.role], groups), token.expires_at
+        state.tokens.put(token_hash, *cached, now)
+    principal, expires_at = cached
+    if expires_at is not None and expires_at <= now:
         raise Problem(401, "the API token has expired", headers=_CHALLENGE)
-    groups = frozenset(token.groups) if token.groups is not None else None
-    return Principal(token.id, token.name, Role[token.role], groups)
+    return principal
 
 
 @dataclass(slots=True)

@@ -5,11 +5,10 @@ from __future__ import annotations
 
 import logging
 import time
-from typing import Annotated, Literal
+from typing import Annotated, Any, Literal
 
 from fastapi import APIRouter, Query
-from sqlalchemy import String, cast, select
-from sqlalchemy.orm import load_only
+from sqlalchemy import Row, String, cast, select
 
 from control_plane.api.deps import Actor, CurrentDevice, Operator, Session, State, Viewer
 from control_plane.api.problems import Problem, problems
@@ -32,11 +31,12 @@ Limit = Annotated[int, Query(ge=1, le=1000)]
 Status = Literal["active", "quarantined", "decommissioned"]
 
 
-# what DevicePublic shows: a list loads these columns only (not the health and drift JSON)
+# what DevicePublic shows: a list loads these columns only (not the health and drift JSON), as
+# plain rows: a page builds no ORM objects
 _SHOWN = [getattr(Device, name) for name in DevicePublic.model_fields]
 
 
-def public(device: Device, online_timeout_s: float) -> DevicePublic:
+def public(device: Device | Row[Any], online_timeout_s: float) -> DevicePublic:
     """The device as the API shows it: online while its presence says so and it was heard
     from within `online_timeout_s` (a silent device is offline even without a last will)."""
     fresh = device.last_seen is not None and time.time() - device.last_seen <= online_timeout_s
@@ -68,7 +68,7 @@ async def list_devices(
 ) -> Page[DevicePublic]:
     """Devices the caller's scope reaches, by id; filters combine."""
     timeout = state.settings.online_timeout_s
-    query = select(Device).options(load_only(*_SHOWN)).order_by(Device.id).limit(limit + 1)
+    query = select(*_SHOWN).order_by(Device.id).limit(limit + 1)
     if group is not None:
         await actor.check_group("device.list", group, None)
         query = query.where(Device.group == group)
@@ -84,7 +84,7 @@ async def list_devices(
         query = query.where(cast(Device.tags, String).like(pattern, escape="\\"))
     if cursor is not None:
         query = query.where(Device.id > cursor)
-    rows = list(await session.scalars(query))
+    rows = list(await session.execute(query))
     return page_of(rows, limit, lambda d: public(d, timeout), lambda d: d.id)
 
 

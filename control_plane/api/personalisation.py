@@ -58,7 +58,7 @@ Limit = Annotated[int, Query(ge=1, le=1000)]
 After = Annotated[int, Query(ge=0, le=MAX_SEQ, description="labels with a seq above this")]
 
 
-def _notifier(request: Request) -> MqttNotifier | None:
+async def _notifier(request: Request) -> MqttNotifier | None:  # async: no thread hop
     notifier: MqttNotifier | None = getattr(request.app.state, "notifier", None)
     return notifier
 

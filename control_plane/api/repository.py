@@ -52,7 +52,7 @@ _CHALLENGE = {"WWW-Authenticate": "Bearer"}
 _RANGE_START = re.compile(r"^bytes=([0-9]{1,19})-[0-9]{0,19}$")
 
 
-def _store(request: Request) -> RepositoryStore:
+async def _store(request: Request) -> RepositoryStore:  # async: no thread hop
     store: RepositoryStore = request.app.state.repository
     return store
 

@@ -68,7 +68,8 @@ async def list_tokens(
 
 @router.delete("/{token_id}", status_code=204, responses=problems(401, 403, 404))
 async def revoke_token(token_id: TokenIdPath, actor: Admin, session: Session) -> Response:
-    """Revoke a token at once; it answers 401 from the next request on."""
+    """Revoke a token: it answers 401 from the next request on to this replica, and within
+    `token_cache_s` (2 s by default) to every other."""
     token = await session.get(OperatorToken, token_id)
     if token is None:
         raise Problem(404, f"no token with id '{token_id}'")
@@ -76,4 +77,5 @@ async def revoke_token(token_id: TokenIdPath, actor: Admin, session: Session) ->
         token.revoked_at = time.time()
         actor.audit(session, "token.revoke", token_id, name=token.name)
         await session.commit()
+    actor.state.tokens.evict(token_id)
     return Response(status_code=204)

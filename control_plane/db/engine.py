@@ -15,7 +15,7 @@ from alembic.runtime.migration import MigrationContext
 from alembic.script import ScriptDirectory
 from sqlalchemy import event
 from sqlalchemy.engine import Connection
-from sqlalchemy.exc import SQLAlchemyError
+from sqlalchemy.exc import DisconnectionError, SQLAlchemyError
 from sqlalchemy.ext.asyncio import (
     AsyncEngine,
     AsyncSession,
@@ -54,6 +54,14 @@ def _sqlite_pragmas(dbapi_connection: Any, _record: Any) -> None:
     cursor.close()
 
 
+def _refuse_closed(dbapi_connection: Any, _record: Any, _proxy: Any) -> None:
+    """Hand out no connection the server has closed (a restart, pg_terminate_backend): the
+    pool replaces it. asyncpg sees the close on its socket, so this costs no round trip;
+    SQLAlchemy's pool_pre_ping costs three (BEGIN, a ping, ROLLBACK) on every checkout."""
+    if dbapi_connection.driver_connection.is_closed():
+        raise DisconnectionError("the server closed this connection")
+
+
 class Database:
     """One engine per process; `session()` for a unit of work."""
 
@@ -62,15 +70,23 @@ class Database:
         self.dialect = "postgresql" if url.startswith("postgresql") else "sqlite"
         options: dict[str, Any] = {}
         if self.dialect == "postgresql":
-            options.update(pool_size=pool_size, max_overflow=pool_size, pool_pre_ping=True)
+            options.update(pool_size=pool_size, max_overflow=pool_size)
         self.engine: AsyncEngine = create_async_engine(url, json_serializer=dumps_json, **options)
         if self.dialect == "sqlite":
             event.listen(self.engine.sync_engine, "connect", _sqlite_pragmas)
+        else:
+            event.listen(self.engine.sync_engine.pool, "checkout", _refuse_closed)
         self.sessions = async_sessionmaker(self.engine, expire_on_commit=False)
+        # statements outside a transaction: no BEGIN and ROLLBACK round trips around them
+        reader = self.engine.execution_options(isolation_level="AUTOCOMMIT")
+        self.readers = async_sessionmaker(reader, expire_on_commit=False)
 
     @asynccontextmanager
-    async def session(self) -> AsyncIterator[AsyncSession]:
-        async with self.sessions() as session:
+    async def session(self, *, read_only: bool = False) -> AsyncIterator[AsyncSession]:
+        """A unit of work; `read_only`: each statement on its own (autocommit), for work
+        that only reads. PostgreSQL's READ COMMITTED gives each statement its own snapshot
+        either way; SQLite would otherwise keep one across the statements."""
+        async with (self.readers if read_only else self.sessions)() as session:
             yield session
 
     async def migrate(self) -> str | None:

@@ -94,10 +94,13 @@ def test_tokens_missing_revoked_or_not_admin(cp: ControlPlaneProcess) -> None:
         assert api.get("/v1/audit").status_code == 403
     with cp.api(cp.admin_token) as api:
         tokens = api.get("/v1/tokens", params={"limit": 1000}).json()["items"]
-        token_id = next(t["id"] for t in tokens if t["role"] == "operator" and not t["revoked_at"])
+        made = [t for t in tokens if t["role"] == "operator" and not t["revoked_at"]]
+        token_id = max(made, key=lambda t: t["created_at"])["id"]  # the one made above
         for t in tokens:
             assert "token" not in t and "token_hash" not in t
         assert api.delete(f"/v1/tokens/{token_id}").status_code == 204
+    with cp.api(operator) as api:  # it was just used, so this replica had it cached
+        assert api.get("/v1/devices").status_code == 401
     with cp.api("edcp_not-a-real-token") as api:
         assert api.get("/v1/devices").status_code == 401
     with cp.api() as api:

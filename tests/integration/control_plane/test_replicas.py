@@ -1,5 +1,6 @@
 """Several API replicas on one database and one broker: the shared subscription splits the
-devices' traffic between them and every record is stored exactly once."""
+devices' traffic between them and every record is stored exactly once, and a revoked token
+stops working on every replica within the token cache's bound."""
 
 from __future__ import annotations
 
@@ -77,8 +78,31 @@ def test_two_replicas_split_ingest_and_store_each_record_once(
         with replicas[0].api(cp.admin_token) as api:
             listed = api.get("/v1/devices", params={"group": group}).json()["items"]
         assert len(listed) == len(devices)
+        _revocation_reaches_the_other_replica(cp, *replicas)
     finally:
         for device in devices:
             device.close()
         for replica in replicas:
             replica.stop()
+
+
+def _revocation_reaches_the_other_replica(
+    cp: ControlPlaneProcess, here: ControlPlaneProcess, there: ControlPlaneProcess
+) -> None:
+    """A token revoked through one replica is refused by it at once, and by a replica that
+    has it cached within token_cache_s (2 s by default)."""
+    token = cp.new_token("viewer")
+    with there.api(token) as api:
+        assert api.get("/v1/devices").status_code == 200  # cached there now
+    with here.api(cp.admin_token) as api:
+        listed = api.get("/v1/tokens", params={"limit": 1000}).json()["items"]
+        made = max((t for t in listed if t["role"] == "viewer"), key=lambda t: t["created_at"])
+        assert api.delete(f"/v1/tokens/{made['id']}").status_code == 204
+    revoked = time.monotonic()
+    with here.api(token) as api:
+        assert api.get("/v1/devices").status_code == 401
+    with there.api(token) as api:
+        wait_for(lambda: api.get("/v1/devices").status_code == 401, timeout=10)
+    assert (
+        time.monotonic() - revoked <= 2.0 + 3.0
+    )  # the cache's bound, plus slack for a slow machine

@@ -7,9 +7,11 @@ import asyncio
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import httpx
+import pytest
 
 from control_plane.db.engine import Database, head_revision
 from tests.support.control_plane import CP, ControlPlaneProcess
@@ -169,3 +171,47 @@ def test_the_api_keeps_its_openapi_promises(cp: ControlPlaneProcess, tmp_path: P
         cwd=tmp_path,  # its cache directory lands here, not in the checkout
     )
     assert result.returncode == 0, result.stdout[-4000:]
+
+
+def test_lost_database_connections_are_replaced_not_served_as_errors(
+    cp: ControlPlaneProcess, database_url: str
+) -> None:
+    """PostgreSQL ends every connection of the control plane (as a server restart or an
+    administrator's pg_terminate_backend does): the pool replaces them, no request fails."""
+    if not database_url.startswith("postgresql"):
+        pytest.skip("SQLite has no server connections to lose")
+    import asyncpg
+
+    from tests.integration.control_plane.conftest import PG_ADMIN_URL
+
+    name = database_url.rsplit("/", 1)[1]
+
+    async def terminate() -> int:
+        conn = await asyncpg.connect(PG_ADMIN_URL, timeout=5)
+        try:
+            return len(
+                await conn.fetch(
+                    "SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE datname = $1",
+                    name,
+                )
+            )
+        finally:
+            await conn.close()
+
+    with cp.api(cp.admin_token) as api:
+
+        def statuses() -> list[int]:
+            async def burst() -> list[int]:
+                async with httpx.AsyncClient(base_url=cp.url, headers=api.headers) as client:
+                    replies = await asyncio.gather(
+                        *(client.get("/v1/devices", params={"limit": 5}) for _ in range(12))
+                    )
+                return [reply.status_code for reply in replies]
+
+            return asyncio.run(burst())
+
+        assert statuses() == [200] * 12  # the pool holds several connections now
+        assert asyncio.run(terminate()) >= 2
+        time.sleep(0.5)  # the server's goodbye reaches the control plane's sockets
+        assert statuses() == [200] * 12
+        assert api.get("/readyz").status_code == 200

@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 from nacl.signing import SigningKey
 
-from control_plane.auth import Principal, Role, hash_secret, new_secret
+from control_plane.auth import Principal, Role, TokenCache, hash_secret, new_secret
 from control_plane.settings import SettingsError, load_settings
 from edged_formats.enrollment import prove_possession, verify_possession
 from edged_formats.errors import SignatureError
@@ -55,3 +55,21 @@ def test_settings_refuse_unknown_keys_and_bad_urls(tmp_path: Path) -> None:
     good.write_text('database_url = "postgresql+asyncpg://cp@db/cp"\nport = 9000\n')
     settings = load_settings(good)
     assert settings.backend == "postgresql" and settings.port == 9000
+
+
+def test_the_token_cache_holds_known_tokens_for_its_ttl_and_forgets_revoked_ones() -> None:
+    """A cached principal is served until its time is up; evicting its id drops it; with a
+    ttl of 0 nothing is kept."""
+    viewer = Principal("t1", "ops", Role.viewer, None)
+    cache = TokenCache(2.0)
+    assert cache.get("h1", now=100.0) is None
+    cache.put("h1", viewer, None, now=100.0)
+    cache.put("h2", Principal("t2", "other", Role.admin, None), 150.0, now=100.0)
+    assert cache.get("h1", now=101.9) == (viewer, None)
+    assert cache.get("h1", now=102.0) is None
+    assert cache.get("h2", now=101.0) == (Principal("t2", "other", Role.admin, None), 150.0)
+    cache.evict("t2")
+    assert cache.get("h2", now=101.0) is None
+    off = TokenCache(0)
+    off.put("h1", viewer, None, now=100.0)
+    assert off.get("h1", now=100.0) is None
