@@ -27,7 +27,6 @@ from control_plane.api import (
 )
 from control_plane.api import rollouts as rollout_routes
 from control_plane.api.problems import install_handlers
-from control_plane.auth import TokenCache
 from control_plane.broker_admin import BrokerAdmin
 from control_plane.db.engine import Database
 from control_plane.ingest import Ingest, IngestConfig
@@ -84,9 +83,7 @@ def create_app(
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         db = Database(settings.database_url)
-        state = ControlPlaneState(
-            settings, db, broker_admin, device_broker, tokens=TokenCache(settings.token_cache_s)
-        )
+        state = ControlPlaneState(settings, db, broker_admin, device_broker)
         app.state.cp = state
         async with AsyncExitStack() as stack:
             stack.push_async_callback(db.close)

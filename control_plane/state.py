@@ -34,5 +34,8 @@ class ControlPlaneState:
     broker_admin: BrokerAdmin
     device_broker: BrokerEndpoint
     metrics: Metrics = field(default_factory=Metrics)
-    tokens: TokenCache = field(default_factory=lambda: TokenCache(0))
     ingest: Ingest | None = None
+    tokens: TokenCache = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.tokens = TokenCache(self.settings.token_cache_s)

@@ -199,14 +199,19 @@ class ControlPlaneProcess:
         headers = {"Authorization": f"Bearer {token}"} if token else {}
         return httpx.Client(base_url=self.url, headers=headers, timeout=15)
 
-    def new_token(self, role: str, groups: Sequence[str] | None = None) -> str:
+    def create_token(self, role: str, groups: Sequence[str] | None = None) -> dict[str, Any]:
+        """A new operator token as the API returns it: its `id`, the secret `token`, ..."""
         with self.api(self.admin_token) as api:
             body: dict[str, Any] = {"name": f"{role}-{uuid.uuid4().hex[:6]}", "role": role}
             if groups is not None:
                 body["groups"] = list(groups)
             response = api.post("/v1/tokens", json=body)
             assert response.status_code == 201, response.text
-            return str(response.json()["token"])
+            created: dict[str, Any] = response.json()
+            return created
+
+    def new_token(self, role: str, groups: Sequence[str] | None = None) -> str:
+        return str(self.create_token(role, groups)["token"])
 
     def enrollment_token(self, group: str, tags: Sequence[str] = (), **extra: Any) -> str:
         with self.api(self.admin_token) as api:
