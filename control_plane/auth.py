@@ -5,7 +5,10 @@ Secrets are 32 random bytes, URL-safe, with a prefix naming their kind (`edcp_` 
 secrets are high-entropy, so a fast hash is enough and lookups stay one indexed equality.
 
 Roles are ordered: viewer < operator < admin. A token with `groups` None reaches every group;
-otherwise only devices in those groups (and an admin is never group-scoped in practice).
+otherwise only devices in those groups. An admin token is never group-scoped: what only an
+admin does (tokens, the audit log, the repository, revoking models) is fleet-wide, so a scoped
+admin could mint itself an unscoped token. Such tokens are refused when made and, should one
+exist in the database, refused by every admin route.
 
 `TokenCache` keeps a known token's principal for a few seconds, so most requests skip the
 token lookup's database round trip; unknown tokens are never cached."""
@@ -17,7 +20,12 @@ import secrets
 from dataclasses import dataclass
 from enum import IntEnum
 
-__all__ = ["Principal", "Role", "TokenCache", "hash_secret", "new_secret"]
+__all__ = ["SCOPED_ADMIN", "Principal", "Role", "TokenCache", "hash_secret", "new_secret"]
+
+SCOPED_ADMIN = (
+    "an admin token reaches every group (its actions are fleet-wide): leave out groups, "
+    "or give a group-scoped token the operator role"
+)
 
 
 class Role(IntEnum):

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import urlsplit
 
-from control_plane.auth import Role, hash_secret, new_secret
+from control_plane.auth import SCOPED_ADMIN, Role, hash_secret, new_secret
 from control_plane.broker_admin import BrokerAdmin, DynsecAdmin, NullBrokerAdmin
 from control_plane.db.engine import Database
 from control_plane.db.models import AuditEntry, OperatorToken
@@ -34,7 +34,9 @@ async def create_token(
     expires_in_s: float | None = None,
 ) -> tuple[str, str]:
     """(token id, secret) of a new operator token, written straight to the database (the
-    way in for the first admin)."""
+    way in for the first admin). Refused for an admin with groups (auth.SCOPED_ADMIN)."""
+    if role is Role.admin and groups is not None:
+        raise ControlPlaneError(SCOPED_ADMIN)
     now = time.time()
     secret = new_secret("edcp")
     token_id = uuid.uuid4().hex

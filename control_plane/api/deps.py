@@ -148,6 +148,14 @@ class Need:
                 None,
                 f"role '{principal.role.name}' may not do this; it needs '{self.role.name}'",
             )
+        if self.role is Role.admin and principal.groups is not None:
+            raise await actor.deny(
+                route,
+                None,
+                f"token '{principal.name}' is scoped to groups {sorted(principal.groups)}: "
+                "admin actions are fleet-wide and need a token without groups",
+                why="scope",
+            )
         return actor
 
 

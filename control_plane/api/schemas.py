@@ -9,6 +9,7 @@ from typing import Annotated, Generic, Literal, TypeVar
 from fastapi import Path, Query
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
+from control_plane.auth import SCOPED_ADMIN
 from control_plane.rollout_plan import DeviceState
 from control_plane.rollout_plan import Status as RolloutStatus
 
@@ -83,6 +84,12 @@ class TokenCreate(_In):
     role: Literal["admin", "operator", "viewer"]
     groups: list[GroupName] | None = Field(None, description="null: every group")
     expires_in_s: Annotated[float, Field(gt=0, le=3 * 365 * 86_400)] | None = None
+
+    @model_validator(mode="after")
+    def _admin_unscoped(self) -> TokenCreate:
+        if self.role == "admin" and self.groups is not None:
+            raise ValueError(SCOPED_ADMIN)
+        return self
 
 
 class TokenPublic(BaseModel):

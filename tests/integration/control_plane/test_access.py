@@ -109,6 +109,47 @@ def test_tokens_missing_revoked_or_not_admin(cp: ControlPlaneProcess) -> None:
     assert missing.headers["content-type"] == "application/problem+json"
 
 
+def test_an_admin_token_is_never_group_scoped(
+    cp: ControlPlaneProcess, database_url: str, group: str
+) -> None:
+    """Admin actions are fleet-wide (tokens, the audit log): a scoped admin could mint itself
+    an unscoped token. Making one is refused; one already in the database (made before this
+    rule) is refused by every admin route, audited, and keeps only what its groups reach."""
+    from control_plane.auth import SCOPED_ADMIN, hash_secret
+
+    with cp.api(cp.admin_token) as api:
+        made = api.post("/v1/tokens", json={"name": "ga", "role": "admin", "groups": [group]})
+    assert made.status_code == 422, made.text
+    assert SCOPED_ADMIN in made.text
+    cli = cp.run_cli("create-token", "--name", "ga", "--role", "admin", "--group", group)
+    assert cli.returncode == 2 and SCOPED_ADMIN in cli.stderr, cli.stderr
+    secret, token_id = f"edcp_{uuid.uuid4().hex}", uuid.uuid4().hex
+    run_sql(
+        database_url,
+        [
+            "INSERT INTO operator_tokens (id, name, token_hash, role, groups, created_at) "
+            f"VALUES ('{token_id}', 'old-scoped-admin', '{hash_secret(secret)}', 'admin', "
+            f"'[\"{group}\"]', 0)"
+        ],
+    )
+    with cp.api(secret) as api:
+        attempts = [
+            api.post("/v1/tokens", json={"name": "escape", "role": "admin"}),
+            api.get("/v1/tokens"),
+            api.get("/v1/audit"),
+        ]
+        listed = api.get("/v1/devices", params={"group": group})
+        other = api.get("/v1/devices", params={"group": f"{group}-other"})
+    assert [r.status_code for r in attempts] == [403, 403, 403], [r.text for r in attempts]
+    assert "admin actions are fleet-wide" in attempts[0].json()["detail"]
+    assert listed.status_code == 200 and other.status_code == 403
+    denied = [e for e in _audit(cp, outcome="denied") if e["actor"].endswith(f"({token_id})")]
+    assert {e["action"] for e in denied} >= {"POST /v1/tokens", "GET /v1/audit"}
+    with cp.api(cp.admin_token) as api:
+        names = {t["name"] for t in api.get("/v1/tokens", params={"limit": 1000}).json()["items"]}
+    assert "escape" not in names
+
+
 def test_device_list_paginates_and_filters(
     cp: ControlPlaneProcess, group: str, tmp_path: Path
 ) -> None:
