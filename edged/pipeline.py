@@ -18,7 +18,7 @@ import time
 from collections import Counter
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import numpy as np
@@ -222,6 +222,24 @@ class Pipeline:
     async def _handle(
         self, batch: list[Sample], x: npt.NDArray[Any], prediction: Prediction
     ) -> None:
+        finite = np.all(np.isfinite(prediction.probabilities), axis=1, keepdims=False)
+        if not finite.all():  # a finite input the model overflows on (a float model)
+            usable = [bool(ok) for ok in finite]
+            for sample in (s for s, ok in zip(batch, usable, strict=True) if not ok):
+                message = f"{sample.source} {sample.ref}: the model's output is NaN or infinite"
+                self.refuse(sample.source, "not_finite_output", message)
+                if sample.settle is not None:
+                    sample.settle("not_finite_output")
+            if not finite.any():
+                return
+            batch = [s for s, ok in zip(batch, usable, strict=True) if ok]
+            x = x[finite]
+            embeddings = prediction.embeddings
+            prediction = replace(
+                prediction,
+                probabilities=prediction.probabilities[finite],
+                embeddings=None if embeddings is None else embeddings[finite],
+            )
         n = len(batch)
         self.counts.inferred += n
         self.counts.batches += 1

@@ -72,7 +72,8 @@ async def test_backpressure_bounds_the_queue_and_every_sample_settles(
 
 async def test_bad_samples_are_settled_with_their_kind(tmp_path: Path, tf_bundles) -> None:
     """On a float model, NaN and wrong-shape samples are refused with their kind and counted,
-    an int sample is cast and served, and good samples around them are served."""
+    an int sample is cast and served, a finite input the model overflows on (NaN output) is
+    refused after inference, and good samples around them are served."""
     engine = Engine.from_file(tf_bundles["digits_float"])
     shape = engine.sample_shape
     settled: dict[str, str | None] = {}
@@ -100,20 +101,32 @@ async def test_bad_samples_are_settled_with_their_kind(tmp_path: Path, tf_bundle
             "shape": np.zeros((3, 3), np.float32),
             "int": np.zeros(shape, np.int16),
             "complex": np.zeros(shape, np.complex64),
+            "overflow": np.full(shape, 3e38, np.float32),
+            "after": np.ones(shape, np.float32),
         }
         for ref, data in samples.items():
             await pipeline.submit(
                 Sample("t", ref, data, lambda p, ref=ref: settled.__setitem__(ref, p))
             )
         await pipeline.drain()
+        alive = not runner.done()
         runner.cancel()
         pipeline.close()
+    assert alive
     assert settled == {
         "good": None,
         "nan": "not_finite",
         "shape": "wrong_shape",
         "int": None,
         "complex": "wrong_dtype",
+        "overflow": "not_finite_output",
+        "after": None,
     }
-    assert bad_input.counts() == {"not_finite": 1, "wrong_shape": 1, "wrong_dtype": 1}
-    assert pipeline.counts.inferred == 2
+    assert bad_input.counts() == {
+        "not_finite": 1,
+        "wrong_shape": 1,
+        "wrong_dtype": 1,
+        "not_finite_output": 1,
+    }
+    assert pipeline.counts.inferred == 3
+    assert pipeline.drift.samples == 3
