@@ -130,8 +130,17 @@ def _from_image(data: bytes, sample_shape: tuple[int, ...], what: str) -> npt.ND
     channels = sample_shape[-1] if len(sample_shape) == 3 else 1
     try:
         with Image.open(io.BytesIO(data)) as image:
+            # the header's size first: a small file can decode to gigabytes
+            width, height = image.size
+            if len(sample_shape) not in (2, 3) or (height, width) != sample_shape[:2]:
+                raise BadPayload(
+                    "wrong_shape",
+                    f"{what} is a {width}x{height} image; the model takes {list(sample_shape)}",
+                )
             image.load()
             pixels = np.asarray(image.convert("RGB" if channels == 3 else "L"))
+    except BadPayload:
+        raise
     except (UnidentifiedImageError, OSError, ValueError, Image.DecompressionBombError) as exc:
         raise BadPayload("unreadable", f"{what} is not a readable image ({exc})") from exc
     return pixels.reshape(*pixels.shape[:2], channels) if len(sample_shape) == 3 else pixels

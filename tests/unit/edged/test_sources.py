@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import io
+import subprocess
+import sys
 from pathlib import Path
 
 import cbor2
@@ -143,3 +145,28 @@ def test_images_decode_as_grey_or_rgb_by_the_models_channels() -> None:
     with pytest.raises(BadPayload) as caught:
         decode_payload(b"\xff\xd8\xff garbage", "image", SHAPE, "uint8", "f.jpg")
     assert caught.value.kind == "unreadable" and "not a readable image" in str(caught.value)
+
+
+def test_an_image_bomb_is_refused_from_its_header(tmp_path: Path) -> None:
+    """A 62 KB PNG of 8000x8000 pixels is refused as wrong_shape before it is decoded (it
+    took 610 MB when it was decoded first); measured in a process of its own."""
+    from PIL import Image
+
+    bomb = tmp_path / "bomb.png"
+    Image.new("L", (8000, 8000)).save(bomb, format="PNG")
+    assert bomb.stat().st_size < 200_000
+    probe = f"""
+import resource
+from edged.sources import BadPayload, decode_payload
+data = open({str(bomb)!r}, "rb").read()
+before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+try:
+    decode_payload(data, "image", (8, 8, 3), "uint8", "bomb.png")
+except BadPayload as exc:
+    print(exc.kind, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before, exc)
+"""
+    out = subprocess.run(
+        [sys.executable, "-c", probe], capture_output=True, text=True, check=True, timeout=60
+    ).stdout.split(maxsplit=2)
+    assert out[0] == "wrong_shape" and "8000x8000 image" in out[2], out
+    assert int(out[1]) < 20_000, f"decoding grew the peak RSS by {out[1]} KiB"
