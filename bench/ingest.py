@@ -172,6 +172,7 @@ def _status_body(device: str, n: int, rng: random.Random) -> dict[str, Any]:
             "suppressed_class_quota": 0,
         },
         "drift": {
+            "enabled": True,
             "samples": inferred,
             "windows": inferred // 256,
             "reference_confidence": 0.9312,

@@ -101,7 +101,8 @@ class DriftMonitor:
         `channel_stride` change, which start everything again."""
         old, self.config = self.config, config
         self._load(self._reference, self._sample_shape)
-        if (old.window, old.hop, old.channel_stride) != (
+        if (old.enabled, old.window, old.hop, old.channel_stride) != (
+            config.enabled,
             config.window,
             config.hop,
             config.channel_stride,
@@ -173,7 +174,9 @@ class DriftMonitor:
 
     def observe(self, raw: npt.NDArray[Any], confidence: npt.NDArray[Any]) -> list[DriftAlarm]:
         """Account for a batch (`raw` [n, *sample_shape], top-1 `confidence` [n]); the
-        alarms it raised, in the order they were raised."""
+        alarms it raised, in the order they were raised. Nothing while `enabled` is off."""
+        if not self.config.enabled:
+            return []
         raw = np.asarray(raw)
         conf: list[float] = np.asarray(confidence, dtype=np.float64).reshape(-1).tolist()
         if raw.shape[1:] != self._sample_shape or len(raw) != len(conf):
@@ -204,7 +207,11 @@ class DriftMonitor:
 
     def summary(self) -> dict[str, float | int | bool]:
         """Compact telemetry: counters, the latest scores and which alarms are active."""
-        out: dict[str, float | int | bool] = {"samples": self.samples, "windows": self.windows}
+        out: dict[str, float | int | bool] = {
+            "enabled": self.config.enabled,
+            "samples": self.samples,
+            "windows": self.windows,
+        }
         out["reference_confidence"] = round(self.reference_confidence, 4)
         out["window_confidence"] = round(self.window_confidence, 4)
         for kind in KINDS:

@@ -195,6 +195,22 @@ def test_reconfigure_keeps_state_unless_the_window_changes(digits: Digits) -> No
     assert (monitor.samples, monitor.windows) == (40, 1)
 
 
+def test_switched_off_it_observes_nothing_and_on_again_starts_afresh(digits: Digits) -> None:
+    """`enabled = false`: a drift that alarms when on raises nothing and counts no sample;
+    switched back on, it starts from nothing and alarms on the same drift."""
+    x, conf = draw(digits, 400, seed=12)
+    drifted = rotated(x, 30)
+    monitor = DriftMonitor(digits.reference, DriftConfig(enabled=False), SHAPE)
+    assert feed(monitor, drifted, conf) == []
+    summary = monitor.summary()
+    assert (summary["enabled"], summary["samples"], summary["windows"]) == (False, 0, 0)
+    monitor.reconfigure(DriftConfig())
+    assert first(feed(monitor, drifted, conf), "feature_shift")
+    monitor.reconfigure(DriftConfig(enabled=False))
+    assert monitor.samples == 0 and not any(monitor.active.values())
+    assert feed(monitor, drifted, conf) == []
+
+
 def test_summary_is_compact_telemetry(digits: Digits) -> None:
     """The summary holds counters, the three scores, the confidence means and alarm flags."""
     monitor = DriftMonitor(digits.reference, DriftConfig(), SHAPE)
@@ -205,6 +221,7 @@ def test_summary_is_compact_telemetry(digits: Digits) -> None:
     assert summary["confidence_psi_alarm"] is False
     assert 0.9 < summary["window_confidence"] <= 1.0  # type: ignore[operator]
     assert set(summary) == {
+        "enabled",
         "samples",
         "windows",
         "reference_confidence",
