@@ -145,17 +145,23 @@ class Daemon:
             for name, detail in notes:
                 await self._event(name, **detail)
             sinks = [_load_sink(spec) for spec in cfg.plugins]
-            self.pipeline = Pipeline(
-                self.engine,
-                gating=cfg.gating,
-                drift=cfg.drift,
-                outbox=self.outbox,
-                store=store,
-                queue_size=cfg.pipeline.queue_size,
-                max_pending_writes=cfg.pipeline.max_pending_writes,
-                sinks=sinks,
-                bad_input=self.bad_input,
-            )
+            try:
+                self.pipeline = Pipeline(
+                    self.engine,
+                    gating=cfg.gating,
+                    drift=cfg.drift,
+                    outbox=self.outbox,
+                    store=store,
+                    queue_size=cfg.pipeline.queue_size,
+                    max_pending_writes=cfg.pipeline.max_pending_writes,
+                    sinks=sinks,
+                    bad_input=self.bad_input,
+                )
+            except ValueError as exc:  # the [gating] section and this model's outputs
+                manifest = self.engine.manifest
+                raise ConfigError(
+                    f"[gating] does not fit model {manifest.name} {manifest.version}: {exc}"
+                ) from exc
             self.installer = Installer(
                 self.slots,
                 self.engine,

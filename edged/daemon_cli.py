@@ -13,7 +13,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from edged.config import DEFAULT_PATH, load_config
+from edged.config import DEFAULT_PATH, ConfigError, load_config
 
 __all__ = ["add_daemon_commands"]
 
@@ -44,11 +44,30 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 
 def cmd_check_config(args: argparse.Namespace) -> int:
+    """The file on its own, then [gating] against the configured model when it is there
+    (`edged run` would refuse at start what does not fit that model)."""
     config = load_config(Path(args.path))
     sources = ", ".join(
         f"{s.name} ({type(s).__name__.removesuffix('SourceConfig').lower()})" for s in config.source
     )
-    print(f"{args.path}: valid; model {config.device.model}; sources: {sources or 'none'}")
+    model = Path(config.device.model)
+    if model.is_file():
+        from edged.engine import open_bundle
+        from edged.gating import check_fits
+
+        bundle = open_bundle(model)
+        manifest = bundle.manifest
+        try:
+            check_fits(config.gating, manifest, bundle.labels)
+        except ValueError as exc:
+            raise ConfigError(
+                f"{args.path}: [gating] does not fit model {manifest.name} {manifest.version} "
+                f"({model}): {exc}"
+            ) from exc
+        checked = f"model {model} ({manifest.name} {manifest.version}, [gating] fits it)"
+    else:
+        checked = f"model {model} (not there yet: [gating] not checked against it)"
+    print(f"{args.path}: valid; {checked}; sources: {sources or 'none'}")
     return 0
 
 

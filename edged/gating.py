@@ -43,6 +43,7 @@ __all__ = [
     "Suppressed",
     "UploadBudget",
     "UploadBudgetConfig",
+    "check_fits",
     "derived_threshold",
     "signature_of",
 ]
@@ -134,6 +135,12 @@ def derived_threshold(manifest: Manifest, score_name: ScoreName, quantile: float
             f"({qs[0]:g} to {qs[-1]:g}); pick one inside or set a fixed threshold"
         )
     return float(np.interp(quantile, qs, [v for _, v in points]))
+
+
+def check_fits(config: GatingConfig, manifest: Manifest, labels: Sequence[str]) -> None:
+    """ValueError, in one sentence, when `config` cannot gate this model's outputs (a
+    per-class label it lacks, a reference quantile outside its table, no quantiles)."""
+    Gate(config, manifest, labels, np.random.default_rng(0))
 
 
 class Gate:

@@ -312,6 +312,44 @@ def test_check_config_explains_the_first_error(tmp_path) -> None:
     assert result.returncode == 0 and "valid" in result.stdout
 
 
+@pytest.mark.parametrize(
+    ("gating", "expected"),
+    [
+        ({"per_class": {"cat": 0.5}}, "gating.per_class names 'cat', which is not a label"),
+        ({"reference_quantile": 0.99}, "reference_quantile 0.99 is outside the bundle's"),
+    ],
+)
+def test_gating_that_does_not_fit_the_model_is_one_sentence(
+    tmp_path, short_dir, digits, gating, expected
+) -> None:
+    """A [gating] section valid on its own but not for the configured model: check-config
+    names the model and the key, and `edged run` refuses at start the same way (exit 2, one
+    line, no traceback) instead of crashing with a ValueError; without it, check-config
+    says the section fits."""
+    bundle, _ = digits
+    path = config(tmp_path, short_dir, bundle, sources=[], gating=gating)
+    for command in (["check-config", str(path)], ["run", "--config", str(path)]):
+        result = subprocess.run(
+            [sys.executable, "-m", "edged.cli", *command],
+            capture_output=True,
+            text=True,
+            check=False,
+            timeout=120,
+        )
+        assert result.returncode == 2, (command, result.stderr)
+        last = result.stderr.strip().splitlines()[-1]
+        assert "[gating] does not fit model" in last and expected in last, result.stderr
+        assert "Traceback" not in result.stderr
+    path = config(tmp_path, short_dir, bundle, sources=[])
+    checked = subprocess.run(
+        [sys.executable, "-m", "edged.cli", "check-config", str(path)],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    assert checked.returncode == 0 and "[gating] fits it" in checked.stdout, checked.stderr
+
+
 def test_mqtt_backpressure_holds_messages_at_the_broker(
     tmp_path, short_dir, digits, mosquitto
 ) -> None:
