@@ -14,6 +14,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import random
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -132,6 +133,7 @@ class Uplink:
             config.budget, monotonic=monotonic, wall=wall, max_message=config.max_message_bytes
         )
         self._wait = backoff_wait(config.backoff_initial_s, config.backoff_max_s)
+        self._random = random.Random()  # the jitter after a healthy connection ended
         self.stats = UplinkStats()
         self.connected = asyncio.Event()
         # Envelope bytes around the records: an upper bound for any message up to the limit
@@ -155,7 +157,9 @@ class Uplink:
 
     async def run(self) -> None:
         """Connect, drain, and after every loss reconnect with jittered exponential backoff;
-        a connection that stayed up `healthy_after_s` starts the backoff afresh."""
+        a connection that stayed up `healthy_after_s` starts the backoff afresh, after a
+        first jittered wait: a broker that drops its whole fleet at once (a restart, a
+        failover, a NAT timeout) is not met by every device at the same instant."""
         if self.config.budget.bytes_per_day is not None:  # today's spending survives restarts
             day = await self.outbox.recall("budget_day", -1)
             self._budget.restore(int(day), int(await self.outbox.recall("budget_spent", 0)))
@@ -165,10 +169,14 @@ class Uplink:
                 retry=retry_if_exception_type(LinkError),
                 before_sleep=self._on_backoff,
             )
-            with contextlib.suppress(_HealthySessionEnded):
+            try:
                 async for attempt in retrying:
                     with attempt:
                         await self._supervised_session()
+            except _HealthySessionEnded:
+                delay = self._random.uniform(0.0, self.config.backoff_initial_s)
+                self.stats.state = f"backoff {delay:.1f}s"
+                await asyncio.sleep(delay)
 
     async def _supervised_session(self) -> None:
         started = self._monotonic()

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import time
 from pathlib import Path
 
 import paho.mqtt.client as paho
@@ -189,6 +190,43 @@ async def test_last_will_marks_the_device_offline(tmp_path, broker, fault_proxy)
                 20,
             )
     assert decode_all(retained)[-1].records[0].body == {"online": False}
+
+
+async def test_a_fleet_dropped_at_once_does_not_reconnect_at_once(tmp_path, fault_proxy) -> None:
+    """Ten devices whose connections were healthy are cut at the same instant while the
+    broker stays reachable: each waits a jittered 0 to backoff_initial_s (1 s) before it
+    reconnects, so the reconnects spread out instead of arriving together (they came
+    within a few ms of each other when a healthy session restarted at once)."""
+    devices = 10
+    async with contextlib.AsyncExitStack() as stack:
+        uplinks = []
+        for i in range(devices):
+            (tmp_path / str(i)).mkdir()
+            outbox = await stack.enter_async_context(Outbox(outbox_config(tmp_path / str(i))))
+            config = UplinkConfig(
+                f"dev-{i:02d}",
+                LinkConfig("127.0.0.1", fault_proxy.port, client_id=f"dev-{i:02d}"),
+                backoff_initial_s=1.0,
+                healthy_after_s=0.2,
+            )
+            uplink = Uplink(config, outbox, KEY)
+            task = asyncio.create_task(uplink.run())
+            stack.callback(task.cancel)
+            uplinks.append(uplink)
+        await asyncio.wait_for(until(lambda: all(u.stats.connects == 1 for u in uplinks)), 20)
+        await asyncio.sleep(0.4)  # every connection is now a healthy one
+        cut_at = time.monotonic()
+        fault_proxy.cut()
+        back_at: dict[int, float] = {}
+        while len(back_at) < devices and time.monotonic() - cut_at < 10:
+            for i, uplink in enumerate(uplinks):
+                if i not in back_at and uplink.stats.connects == 2:
+                    back_at[i] = time.monotonic() - cut_at
+            await asyncio.sleep(0.005)
+    assert len(back_at) == devices, back_at
+    delays = sorted(back_at.values())
+    assert delays[-1] - delays[0] >= 0.2, delays  # 10 uniform draws on [0, 1]: P < 1e-5
+    assert delays[-1] <= 3.0, delays
 
 
 async def test_bandwidth_budget_holds_messages_back(tmp_path, broker) -> None:
