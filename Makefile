@@ -49,10 +49,11 @@ postgres:
 deb: deb-tools
 	packaging/build-deb
 
-# What building, linting and installing the .deb in a throwaway root takes; installed when
-# missing and we can (root + apt-get), else the package tests say they skipped and why.
+# What building, linting and installing the .deb in a throwaway root takes, and strace (the
+# outbox's fsyncs are checked at the system calls); installed when missing and we can
+# (root + apt-get), else the tests that need them say they skipped and why.
 DEB_TOOLS := dpkg-buildpackage:dpkg-dev dh:debhelper lintian:lintian mmdebstrap:mmdebstrap \
-  systemd-nspawn:systemd-container
+  systemd-nspawn:systemd-container strace:strace
 deb-tools:
 	@missing=""; for pair in $(DEB_TOOLS); do \
 	  command -v "$${pair%%:*}" >/dev/null 2>&1 || missing="$$missing $${pair#*:}"; done; \

@@ -5,7 +5,10 @@ disk, and leaves only once the broker has acknowledged it.
   returns once its record is committed with synchronous=FULL; concurrent puts share one
   transaction (group commit), so speed comes from batching, not from weaker durability.
   Relaxed classes (high-rate telemetry) return at once and commit with synchronous=NORMAL:
-  a power cut may lose the last commits, never corrupts the file.
+  a power cut may lose the last commits, never corrupts the file. A FULL commit follows
+  within `relaxed_sync_s` (1 s) of any relaxed one, by the next group or, when traffic
+  stops, on its own, so what a power cut can take is the last second, not everything since
+  the last checkpoint.
 - Record classes carry a priority, a TTL on the outbox clock (device uptime, immune to wall
   clock jumps) and a share of a disk quota, which also shrinks to keep `min_free_bytes` free
   on the filesystem. Over quota, `plan_eviction` decides: oldest of the lowest class first,
@@ -81,6 +84,7 @@ class OutboxConfig:
     max_record_bytes: int = 512 * 1024  # one record plus its envelope fits a wire message
     max_group: int = 4096
     relaxed_flush_s: float = 0.25
+    relaxed_sync_s: float = 1.0  # relaxed commits are fsynced within this long
     expiry_interval_s: float = 1.0
     drop_report_interval_s: float = 60.0
 
@@ -90,6 +94,8 @@ class OutboxConfig:
             raise ValueError("quota_bytes must be at least 64 KiB")
         if self.max_record_bytes > self.quota_bytes // 4:
             raise ValueError("max_record_bytes must be at most a quarter of quota_bytes")
+        if not 0 < self.relaxed_flush_s <= self.relaxed_sync_s <= 60:
+            raise ValueError("relaxed_flush_s and relaxed_sync_s: 0 < flush <= sync <= 60 s")
 
 
 @dataclass(slots=True)
@@ -182,6 +188,7 @@ class Outbox:
         self._next_seq = 1
         self._durable_queued = 0
         self._wake = asyncio.Event()
+        self._unsynced_since: float | None = None  # the first NORMAL commit since a FULL one
         self.commits = 0
         self._available = asyncio.Event()
         self._available.set()  # whatever the file holds at open
@@ -212,6 +219,7 @@ class Outbox:
         except sqlite3.Error as exc:  # locked, unreadable directory, I/O error: not damage
             raise OutboxError(f"cannot open the outbox at {self.config.path} ({exc})") from exc
         self._store = store
+        self._unsynced_since = None
         self._next_seq = await store.last_seq() + 1
         resume = max(await store.meta("clock", 0.0), await store.max_clock())
         self._clock = OutboxClock(resume, self._monotonic)
@@ -453,7 +461,7 @@ class Outbox:
     async def _gather(self) -> tuple[list[_Put | _Ack], bool]:
         """The next group: everything queued, up to max_group. A group of only relaxed
         records waits up to relaxed_flush_s for more, unless durable work arrives."""
-        first = await self._queue.get()
+        first = await self._next_queued()
         if first is None:
             return [], True
         group: list[_Put | _Ack] = [first]
@@ -474,16 +482,54 @@ class Outbox:
         )
         return group, closing
 
+    async def _next_queued(self) -> _Put | _Ack | None:
+        """The next queued item; while relaxed commits are not on disk yet, waiting no
+        longer than their sync is due, and syncing them when it is."""
+        while self._unsynced_since is not None:
+            due = self._unsynced_since + self.config.relaxed_sync_s - self._monotonic()
+            try:
+                async with asyncio.timeout(max(0.0, due)):
+                    return await self._queue.get()
+            except TimeoutError:
+                await self._sync()
+        return await self._queue.get()
+
+    def _sync_due(self) -> bool:
+        since = self._unsynced_since
+        return since is not None and self._monotonic() - since >= self.config.relaxed_sync_s
+
+    async def _sync(self) -> None:
+        """A FULL commit of the clock alone: its fsync of the WAL puts every earlier relaxed
+        commit on disk too."""
+        store = self._require_store()
+        try:
+            await store.set_synchronous(full=True)
+            await store.begin()
+            await store.set_meta("clock", self._clock.now())
+            await store.commit()
+        except sqlite3.DatabaseError as exc:
+            log.warning("outbox: relaxed commits not synced (%s); trying again", exc)
+            with contextlib.suppress(sqlite3.Error):
+                await store.rollback()
+            self._unsynced_since = self._monotonic()
+            await self._recover_if_damaged(exc)
+            return
+        self._unsynced_since = None
+
     async def _commit_group(self, group: list[_Put | _Ack]) -> None:
         puts = [item for item in group if isinstance(item, _Put)]
         acks = [item for item in group if isinstance(item, _Ack)]
-        durable = any(p.klass.durable for p in puts)
+        durable = any(p.klass.durable for p in puts) or self._sync_due()
         try:
             accepted, refused = await self._transaction(puts, acks, durable)
         except sqlite3.DatabaseError as exc:
             self._fail_group(group, OutboxError(f"the outbox could not commit ({exc})"))
             await self._recover_if_damaged(exc)
             return
+        if durable:
+            self._unsynced_since = None
+        elif self._unsynced_since is None:
+            self._unsynced_since = self._monotonic()
         if accepted:
             self._available.set()
         for item in accepted:

@@ -25,6 +25,81 @@ def config(tmp_path: Path, **overrides) -> OutboxConfig:
     return OutboxConfig(tmp_path / "outbox.db", min_free_bytes=0, **overrides)
 
 
+_FSYNC_CHILD = """
+import asyncio, os, sys
+from pathlib import Path
+from edged.outbox import Outbox, OutboxConfig
+
+def mark(name):
+    os.write(2, f"MARK {name}\\n".encode())
+
+async def main():
+    config = OutboxConfig(Path(sys.argv[1]), min_free_bytes=0)
+    async with Outbox(config) as outbox:
+        await outbox.flush()
+        mark("durable-start")
+        await outbox.put("event", {"alarm": 1})
+        mark("durable-returned")
+        for i in range(200):
+            assert await outbox.put("telemetry", {"i": i}) is None  # relaxed: at once
+        await outbox.flush()
+        mark("relaxed-committed")
+        await asyncio.sleep(2.5)  # no traffic at all
+        mark("idle-end")
+        os._exit(0)  # no close: closing would checkpoint (and fsync) anyway
+
+asyncio.run(main())
+"""
+
+
+def _fsyncs_between_marks(log: str) -> dict[str, list[float]]:
+    """Times of the WAL's fsyncs after each mark (strace -f -ttt -y), by the mark before them."""
+    after: dict[str, list[float]] = {}
+    current, marked_at = "", 0.0
+    for line in log.splitlines():
+        fields = line.split()
+        stamps = [f for f in fields[:2] if "." in f and f.replace(".", "").isdigit()]
+        stamp = float(stamps[0]) if stamps else None
+        if stamp is None:
+            continue
+        if "MARK " in line:
+            current, marked_at = line.split("MARK ", 1)[1].split("\\n", 1)[0], stamp
+            after[current] = []
+        elif "sync(" in line and "outbox.db-wal" in line and current:
+            after[current].append(stamp - marked_at)
+    return after
+
+
+def test_durable_puts_are_fsynced_and_relaxed_ones_within_a_second(tmp_path) -> None:
+    """Under strace, at the system calls: a durable put returns only after an fsync of the
+    WAL; relaxed puts return at once and, although no traffic follows, the WAL is fsynced
+    within relaxed_sync_s (1 s) of their commit (before, nothing synced them until the
+    next checkpoint or durable commit, however long that took)."""
+    import shutil
+
+    if shutil.which("strace") is None:
+        if os.environ.get("CI"):
+            pytest.fail("strace is missing (CI must not skip the fsync test)")
+        pytest.skip("strace is not installed: the WAL's fsyncs cannot be counted")
+    trace = tmp_path / "strace.log"
+    command = ["strace", "-f", "-qq", "-ttt", "-y", "-o", str(trace)]
+    command += ["-e", "trace=fsync,fdatasync,write", sys.executable, "-c", _FSYNC_CHILD]
+    done = subprocess.run(
+        [*command, str(tmp_path / "outbox.db")],
+        cwd=REPO,
+        capture_output=True,
+        timeout=120,
+        check=False,
+    )
+    assert done.returncode == 0, done.stderr.decode()[-2000:]
+    after = _fsyncs_between_marks(trace.read_text())
+    assert set(after) == {"durable-start", "durable-returned", "relaxed-committed", "idle-end"}
+    assert after["durable-start"], "the durable put returned before any fsync of the WAL"
+    synced = after["relaxed-committed"]
+    assert synced, "relaxed commits were not fsynced during 2.5 s without traffic"
+    assert synced[0] <= 1.5, synced
+
+
 async def test_durable_put_survives_reopen_and_keys_never_repeat(tmp_path) -> None:
     """A returned durable put is on disk after reopening; sequences continue and the boot
     epoch moves on, so (boot, seq) never repeats."""
