@@ -54,6 +54,9 @@ class Settings(BaseSettings):
     online_timeout_s: Annotated[float, Field(gt=0)] = 300.0
     device_cache_s: Annotated[float, Field(ge=0, le=3600)] = 5.0
     token_cache_s: Annotated[float, Field(ge=0, le=60)] = 2.0
+    # per source address and replica, a minute's moving window (0: no limit)
+    enroll_per_minute: Annotated[int, Field(ge=0, le=1_000_000)] = 60
+    auth_failures_per_minute: Annotated[int, Field(ge=0, le=1_000_000)] = 20
     key_dir: Path | None = None
     repository_dir: Path | None = None
     max_bundle_bytes: Annotated[int, Field(ge=1024, le=512 << 20)] = 256 << 20

@@ -9,6 +9,7 @@ from typing import TYPE_CHECKING
 from control_plane.auth import TokenCache
 from control_plane.db.engine import Database
 from control_plane.metrics import Metrics
+from control_plane.rate_limits import RateLimits
 from control_plane.settings import Settings
 
 if TYPE_CHECKING:
@@ -36,6 +37,10 @@ class ControlPlaneState:
     metrics: Metrics = field(default_factory=Metrics)
     ingest: Ingest | None = None
     tokens: TokenCache = field(init=False)
+    limits: RateLimits = field(init=False)
 
     def __post_init__(self) -> None:
         self.tokens = TokenCache(self.settings.token_cache_s)
+        self.limits = RateLimits(
+            self.settings.enroll_per_minute, self.settings.auth_failures_per_minute
+        )

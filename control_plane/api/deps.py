@@ -22,7 +22,17 @@ from control_plane.auth import Principal, Role, hash_secret
 from control_plane.db.models import AuditEntry, Device, OperatorToken
 from control_plane.state import ControlPlaneState
 
-__all__ = ["Actor", "Admin", "CurrentDevice", "Need", "Operator", "Session", "State", "Viewer"]
+__all__ = [
+    "Actor",
+    "Admin",
+    "CurrentDevice",
+    "Need",
+    "Operator",
+    "Session",
+    "State",
+    "Viewer",
+    "too_many",
+]
 
 _bearer = HTTPBearer(auto_error=False, description="An operator API token: `Bearer edcp_...`")
 _device_bearer = HTTPBearer(
@@ -54,7 +64,28 @@ def _source(request: Request) -> str | None:
     return request.client.host if request.client else None
 
 
+def too_many(wait_s: int, what: str, source: str | None) -> Problem:
+    return Problem(
+        429,
+        f"too many {what} from {source or 'this address'}: try again in {wait_s} s",
+        headers={"Retry-After": str(wait_s)},
+    )
+
+
+def _refused_token(state: ControlPlaneState, source: str | None, detail: str) -> Problem:
+    """A token that does not check out: counted against its source address."""
+    state.limits.auth_failed(source)
+    return Problem(401, detail, headers=_CHALLENGE)
+
+
+def _check_not_locked_out(state: ControlPlaneState, source: str | None) -> None:
+    wait = state.limits.auth_wait(source)
+    if wait is not None:
+        raise too_many(wait, "failed token checks", source)
+
+
 async def _principal(
+    request: Request,
     state: State,
     session: Session,
     credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(_bearer)],
@@ -65,6 +96,8 @@ async def _principal(
             "this route needs an operator API token (Authorization: Bearer)",
             headers=_CHALLENGE,
         )
+    source = _source(request)
+    _check_not_locked_out(state, source)
     token_hash, now = hash_secret(credentials.credentials), time.time()
     cached = state.tokens.get(token_hash, now)
     if cached is None:
@@ -72,13 +105,13 @@ async def _principal(
             select(OperatorToken).where(OperatorToken.token_hash == token_hash)
         )
         if token is None or token.revoked_at is not None:
-            raise Problem(401, "the API token is unknown or revoked", headers=_CHALLENGE)
+            raise _refused_token(state, source, "the API token is unknown or revoked")
         groups = frozenset(token.groups) if token.groups is not None else None
         cached = Principal(token.id, token.name, Role[token.role], groups), token.expires_at
         state.tokens.put(token_hash, *cached, now)
     principal, expires_at = cached
     if expires_at is not None and expires_at <= now:
-        raise Problem(401, "the API token has expired", headers=_CHALLENGE)
+        raise _refused_token(state, source, "the API token has expired")
     return principal
 
 
@@ -165,6 +198,8 @@ Admin = Annotated[Actor, Depends(Need(Role.admin))]
 
 
 async def _device(
+    request: Request,
+    state: State,
     session: Session,
     credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(_device_bearer)],
 ) -> Device:
@@ -172,12 +207,14 @@ async def _device(
         raise Problem(
             401, "this route needs a device API token (Authorization: Bearer)", headers=_CHALLENGE
         )
+    source = _source(request)
+    _check_not_locked_out(state, source)
     device = await session.scalar(
         select(Device).where(Device.api_token_hash == hash_secret(credentials.credentials))
     )
     if device is None or device.status == "decommissioned":
-        raise Problem(
-            401, "the device token is unknown or its device is decommissioned", headers=_CHALLENGE
+        raise _refused_token(
+            state, source, "the device token is unknown or its device is decommissioned"
         )
     return device
 

@@ -14,7 +14,7 @@ from fastapi import APIRouter, Request
 from sqlalchemy import select, update
 from sqlalchemy.exc import IntegrityError
 
-from control_plane.api.deps import Operator, Session, State
+from control_plane.api.deps import Operator, Session, State, too_many
 from control_plane.api.problems import Problem, problems
 from control_plane.api.schemas import (
     BrokerCredentials,
@@ -67,7 +67,7 @@ async def create_enrollment_token(
 @router.post(
     "/v1/enroll",
     status_code=201,
-    responses=problems(400, 401, 403, 409, 410, 502),
+    responses=problems(400, 401, 409, 410, 429, 502),
     openapi_extra={"security": []},
 )
 async def enroll(
@@ -75,7 +75,11 @@ async def enroll(
 ) -> EnrollResponse:
     """Redeem an enrollment token: no operator token needed, the enrollment token is the
     credential. Refused: unknown, used or expired tokens, a proof that does not verify, a key
-    already enrolled."""
+    already enrolled; over `enroll_per_minute` from one address, 429."""
+    source = request.client.host if request.client else None
+    wait = state.limits.enroll_wait(source)
+    if wait is not None:
+        raise too_many(wait, "enrollment attempts", source)
     public_key = bytes.fromhex(body.public_key)
     try:
         verify_possession(public_key, body.token, bytes.fromhex(body.proof))

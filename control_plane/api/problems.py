@@ -27,6 +27,7 @@ TITLES = {
     410: "Gone",
     413: "Payload too large",
     422: "Unprocessable content",
+    429: "Too many requests",
     500: "Internal server error",
     502: "Bad gateway",
     503: "Service unavailable",
@@ -88,12 +89,14 @@ def install_handlers(app: FastAPI) -> None:
 
 def problems(*statuses: int) -> dict[int | str, dict[str, Any]]:
     """OpenAPI entries for the error responses a route can give (400 for a body that is not
-    JSON and 422 for one that breaks the schema are always added)."""
+    JSON and 422 for one that breaks the schema are always added; a route that checks a token,
+    401, also answers 429 to an address over its failed token checks)."""
+    throttled = {429} if 401 in statuses else set()
     return {
         status: {
             "model": ProblemDocument,
             "description": TITLES.get(status, "Error"),
             "content": {MEDIA_TYPE: {}},
         }
-        for status in sorted({*statuses, 400, 422})
+        for status in sorted({*statuses, *throttled, 400, 422})
     }

@@ -127,6 +127,10 @@ class ControlPlaneProcess:
             "EDGED_CP_INGEST_GROUP": f"ingest-{uuid.uuid4().hex[:8]}",
             "EDGED_CP_INGEST_LINGER_S": "0.02",
             "EDGED_CP_DEVICE_CACHE_S": "0",
+            # every test device and operator calls from 127.0.0.1: per-address limits off,
+            # except where a test sets them (test_enrollment)
+            "EDGED_CP_ENROLL_PER_MINUTE": "0",
+            "EDGED_CP_AUTH_FAILURES_PER_MINUTE": "0",
             **{f"EDGED_CP_{k.upper()}": v for k, v in settings.items()},
         }
         self.log_path = workdir / "control-plane.log"

@@ -144,3 +144,51 @@ def test_edged_enroll_command(cp: ControlPlaneProcess, group: str, tmp_path: Pat
     assert again.returncode != 0
     assert "the enrollment token was already used" in again.stderr
     assert _device_count(cp, group) == 1
+
+
+def test_one_address_is_slowed_down_after_its_limits(
+    cp: ControlPlaneProcess, database_url: str, dynsec_mosquitto, tmp_path: Path
+) -> None:
+    """On a replica with enroll_per_minute = 3 and auth_failures_per_minute = 4: the 4th
+    enrollment attempt from one address within a minute is 429 with Retry-After, however
+    good it is; after 4 refused tokens (operator or device) every token from that address,
+    a valid one too, is 429 without being checked, so guessing stops there."""
+    from tests.integration.control_plane.conftest import BROKER_ADMIN, BROKER_ADMIN_PASSWORD
+
+    with ControlPlaneProcess(
+        database_url,
+        dynsec_mosquitto,
+        BROKER_ADMIN,
+        BROKER_ADMIN_PASSWORD,
+        tmp_path / "limited",
+        ingest="false",
+        enroll_per_minute="3",
+        auth_failures_per_minute="4",
+    ) as limited:
+        identity = DeviceIdentity.load_or_create(tmp_path / "device.key")
+        with limited.api() as api:
+            tries = [
+                api.post("/v1/enroll", json=_request(identity, f"edenr_guess-{i}"))
+                for i in range(3)
+            ]
+            token = cp.enrollment_token("g-limits")
+            throttled = api.post("/v1/enroll", json=_request(identity, token))
+        assert [t.status_code for t in tries] == [401, 401, 401]
+        assert throttled.status_code == 429, throttled.text
+        assert throttled.headers["content-type"] == "application/problem+json"
+        assert 1 <= int(throttled.headers["Retry-After"]) <= 60
+        assert "too many enrollment attempts from 127.0.0.1" in throttled.json()["detail"]
+        assert _device_count(cp, "g-limits") == 0
+        refused = []
+        for i in range(2):
+            with limited.api(f"edcp_wrong-{i}") as api:
+                refused.append(api.get("/v1/devices").status_code)
+            with limited.api(f"eddev_wrong-{i}") as api:
+                refused.append(api.get("/v1/device/self").status_code)
+        assert refused == [401, 401, 401, 401]
+        with limited.api(cp.admin_token) as api:
+            locked = api.get("/v1/devices")
+        assert locked.status_code == 429, locked.text
+        assert "too many failed token checks" in locked.json()["detail"]
+    with cp.api(cp.admin_token) as api:  # another replica keeps its own count
+        assert api.get("/v1/devices").status_code == 200
