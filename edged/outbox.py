@@ -189,6 +189,7 @@ class Outbox:
         self._durable_queued = 0
         self._wake = asyncio.Event()
         self._unsynced_since: float | None = None  # the first NORMAL commit since a FULL one
+        self._damage_seen: sqlite3.DatabaseError | None = None  # by a lease, for the writer
         self.commits = 0
         self._available = asyncio.Event()
         self._available.set()  # whatever the file holds at open
@@ -357,7 +358,21 @@ class Outbox:
     async def _lease_rows(
         self, max_records: int, max_bytes: int, skip: Collection[str] = ()
     ) -> list[tuple[str, int, int, float, bytes]]:
+        """The rows to lease; none when the file cannot be read. Damage is handed to the
+        writer, which owns the file and replaces it (leases never raise for it)."""
         store = self._require_store()
+        try:
+            return await self._read_leases(store, max_records, max_bytes, skip)
+        except sqlite3.DatabaseError as exc:
+            log.error("outbox: leasing failed: %s", exc)
+            if not isinstance(exc, sqlite3.OperationalError) and self._damage_seen is None:
+                self._damage_seen = exc
+                self.ack_nowait([])  # wakes the writer, which recovers before its next group
+            return []
+
+    async def _read_leases(
+        self, store: Store, max_records: int, max_bytes: int, skip: Collection[str]
+    ) -> list[tuple[str, int, int, float, bytes]]:
         leased: list[tuple[str, int, int, float, bytes]] = []
         budget = max_bytes
         for cls in self._by_priority:
@@ -517,6 +532,9 @@ class Outbox:
         self._unsynced_since = None
 
     async def _commit_group(self, group: list[_Put | _Ack]) -> None:
+        if self._damage_seen is not None:  # found by a lease: replace the file first
+            damage, self._damage_seen = self._damage_seen, None
+            await self._recover_if_damaged(damage)
         puts = [item for item in group if isinstance(item, _Put)]
         acks = [item for item in group if isinstance(item, _Ack)]
         durable = any(p.klass.durable for p in puts) or self._sync_due()

@@ -331,6 +331,31 @@ def test_kill_9_loses_no_acknowledged_record(tmp_path) -> None:
     assert len(acknowledged) > 1000
 
 
+async def test_damage_found_by_a_lease_is_recovered_not_raised(tmp_path) -> None:
+    """Damage the uplink's lease finds first (its read connection) is handed to the writer:
+    the lease returns nothing instead of raising (it killed the uplink and the daemon), the
+    file is replaced with an event, and records put afterwards are leased from the new one."""
+    cfg = config(tmp_path)
+    async with Outbox(cfg) as outbox:
+        await outbox.put_many("sample", [b"s" * 3000 for _ in range(300)])
+        old_boot = outbox.boot
+        with sqlite3.connect(cfg.path) as conn:
+            conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+        conn.close()
+        data = bytearray(cfg.path.read_bytes())
+        data[4096:] = os.urandom(len(data) - 4096)
+        cfg.path.write_bytes(bytes(data))
+        assert await outbox.lease(50, 1 << 20) == []
+        await outbox.flush()
+        assert outbox.stats().recovered and outbox.boot > old_boot
+        seq = await outbox.put("event", {"after": "recovery"})
+        leased = await outbox.lease(50, 1 << 20)
+    assert [(r.seq, r.body) for r in leased if r.kind == "event" and "after" in r.body] == [
+        (seq, {"after": "recovery"})
+    ]
+    assert {r.boot for r in leased} == {outbox.boot}
+
+
 async def test_damage_found_mid_run_starts_a_new_boot_and_voids_old_acks(tmp_path) -> None:
     """When the file is damaged under a running outbox, the replacement gets a new boot
     epoch (no key is reused), and PUBACKs for records leased from the old file delete
