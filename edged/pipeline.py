@@ -331,6 +331,10 @@ class Pipeline:
         task.add_done_callback(self._pending.discard)
 
     async def _write(self, sample: Sample, kept: KeptSample, *, upload: bool) -> None:
+        """Store (and queue) a kept sample; the sample settles only after, as `write` when
+        that failed, so its source keeps the input (the spool's rejected/) rather than
+        forgetting a sample gating meant to keep."""
+        problem: str | None = None
         try:
             await self.store.add(kept)
             self.counts.kept += 1
@@ -351,15 +355,17 @@ class Pipeline:
                 await self.outbox.put("sample", body)
                 self.counts.uploaded += 1
         except (OutboxError, OSError) as exc:
+            problem = "write"
             self.counts.write_failures += 1
             self.refuse(sample.source, "write", f"kept sample {kept.id} not stored: {exc}")
         except Exception as exc:  # sqlite3 errors from the store; counted, never fatal
+            problem = "write"
             self.counts.write_failures += 1
             self.refuse(sample.source, "write", f"kept sample {kept.id} not stored: {exc!r}")
         finally:
             self._writes.release()
             if sample.settle is not None:
-                sample.settle(None)
+                sample.settle(problem)
 
     # -- drift --------------------------------------------------------------------------------
 

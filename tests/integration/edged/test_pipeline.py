@@ -130,3 +130,54 @@ async def test_bad_samples_are_settled_with_their_kind(tmp_path: Path, tf_bundle
     }
     assert pipeline.counts.inferred == 3
     assert pipeline.drift.samples == 3
+
+
+async def test_a_kept_sample_that_cannot_be_stored_settles_as_a_write_failure(
+    tmp_path: Path, digits_build
+) -> None:
+    """When the sample store refuses a write (here its table is gone, dropped by another
+    connection), the samples gating kept settle as `write`, so their source keeps the input
+    (the spool's rejected/) instead of forgetting it; the confident ones settle as processed
+    and the daemon keeps serving. (Every sample settled as processed before.)"""
+    import sqlite3
+
+    out, report = digits_build
+    engine = Engine.from_file(out / report.bundle)
+    x = np.load(out / "digits-test.npz")["x"][:40]
+    settled: dict[str, str | None] = {}
+    results: list[Result] = []
+    bad_input = RateLimitedLog(logging.getLogger("test"))
+    async with (
+        Outbox(OutboxConfig(tmp_path / "outbox.db", min_free_bytes=0)) as outbox,
+        SampleStore(tmp_path / "samples.db") as store,
+    ):
+        with sqlite3.connect(tmp_path / "samples.db") as other:
+            other.execute("DROP TABLE samples")
+        other.close()
+        pipeline = Pipeline(
+            engine,
+            gating=GatingConfig(threshold=0.99),
+            drift=DriftConfig(),
+            outbox=outbox,
+            store=store,
+            queue_size=8,
+            max_pending_writes=8,
+            sinks=[results.append],
+            bad_input=bad_input,
+            seed=1,
+        )
+        runner = asyncio.create_task(pipeline.run())
+        for i, sample in enumerate(x):
+            await pipeline.submit(
+                Sample("t", str(i), sample, lambda p, ref=str(i): settled.__setitem__(ref, p))
+            )
+        await pipeline.drain()
+        alive = not runner.done()
+        runner.cancel()
+        pipeline.close()
+    kept = {r.ref for r in results if r.sample_id is not None}
+    assert alive and kept and len(results) == len(x)
+    assert {ref for ref, problem in settled.items() if problem == "write"} == kept
+    assert all(settled[r.ref] is None for r in results if r.ref not in kept)
+    assert pipeline.counts.write_failures == len(kept) and pipeline.counts.kept == 0
+    assert bad_input.counts() == {"write": len(kept)}
