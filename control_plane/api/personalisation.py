@@ -298,7 +298,7 @@ async def set_device_personalisation(
     return shown
 
 
-@router.put("/v1/groups/{group}/personalisation", responses=problems(401, 403))
+@router.put("/v1/groups/{group}/personalisation", responses=problems(401, 403, 409))
 async def set_group_personalisation(
     group: GroupPath,
     body: PersonalisationUpdate,
@@ -324,10 +324,12 @@ async def set_group_personalisation(
         try:
             await session.commit()
             break
-        except IntegrityError:
+        except IntegrityError as exc:
             await session.rollback()
             if attempt == 2:
-                raise
+                raise Problem(
+                    409, f"group '{group}' personalisation changed under this request; try again"
+                ) from exc
     inheriting = await session.scalar(
         select(func.count()).select_from(Device).where(*_inheriting(group))
     )

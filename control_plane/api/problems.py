@@ -88,9 +88,10 @@ def install_handlers(app: FastAPI) -> None:
 
 
 def problems(*statuses: int) -> dict[int | str, dict[str, Any]]:
-    """OpenAPI entries for the error responses a route can give (400 for a body that is not
-    JSON and 422 for one that breaks the schema are always added; a route that checks a token,
-    401, also answers 429 to an address over its failed token checks)."""
+    """OpenAPI entries for the error responses a route can give. Always added: 422 for a
+    request that breaks the schema (a body that is not JSON included) and 400, which routes
+    raise for what the schema cannot say; a route that checks a token (401) also answers 429
+    to an address over its failed token checks."""
     throttled = {429} if 401 in statuses else set()
     return {
         status: {

@@ -4,8 +4,10 @@ metadata signed offline, offline targets signatures, and the repository's status
 `GET /v1/repository/metadata/<file>` and `GET /v1/repository/targets/<path>` serve the
 consistent-snapshot layout of docs/ota.md: versioned files never change, so they are sent
 `immutable` with their sha256 as ETag; `timestamp.json` is `no-cache`. Artifacts go through
-Starlette's FileResponse, which answers Range requests with 206 (and multipart ranges); a range
-starting past the end is a 416 problem naming the file's size."""
+Starlette's FileResponse, which answers Range requests with 206 (and multipart ranges). The
+Range header is checked here first, so what FileResponse would answer in plain text is a
+problem document: a header that is not `bytes=` ranges is 400, a range starting past the end
+416, naming the file's size."""
 
 from __future__ import annotations
 
@@ -49,7 +51,30 @@ _reader_bearer = HTTPBearer(
     description="A device API token (`eddev_...`) or an operator API token (`edcp_...`)",
 )
 _CHALLENGE = {"WWW-Authenticate": "Bearer"}
-_RANGE_START = re.compile(r"^bytes=([0-9]{1,19})-[0-9]{0,19}$")
+_BYTE_RANGES = re.compile(r"^\s*bytes\s*=(.*)$", re.IGNORECASE)
+_RANGE_PART = re.compile(r"^\s*([0-9]{0,19})\s*-\s*([0-9]{0,19})\s*$")
+
+
+def _check_range(header: str, size: int) -> None:
+    """A Problem unless `header` is byte ranges (`START-END`, `START-`, `-SUFFIX`) that all
+    start inside the `size`-byte file."""
+    ranges = _BYTE_RANGES.match(header)
+    parts = [p for p in (ranges[1] if ranges else "").split(",") if p.strip() not in ("", "-")]
+    if not parts:
+        raise Problem(400, f"the Range header {header[:80]!r} is not bytes=START-END[, ...]")
+    for part in parts:
+        bounds = _RANGE_PART.match(part)
+        if bounds is None or not (bounds[1] or bounds[2]):
+            raise Problem(400, f"the Range header's {part.strip()[:40]!r} is not START-END")
+        if bounds[1] and bounds[2] and int(bounds[1]) > int(bounds[2]):
+            raise Problem(400, f"the Range header's {part.strip()!r} ends before it starts")
+        start = int(bounds[1]) if bounds[1] else size - int(bounds[2])
+        if start >= size:
+            raise Problem(
+                416,
+                f"the range {part.strip()!r} starts past the end of the {size}-byte file",
+                headers={"Content-Range": f"bytes */{size}"},
+            )
 
 
 async def _store(request: Request) -> RepositoryStore:  # async: no thread hop
@@ -167,7 +192,7 @@ async def metadata_file(
             "description": "Partial content (Range)",
             "content": {"application/octet-stream": {}},
         },
-        **problems(401, 404, 416),
+        **problems(400, 401, 404, 416),
     },
 )
 async def target_file(
@@ -178,14 +203,9 @@ async def target_file(
     found = store.artifact(path)
     if found is None:
         raise Problem(404, f"the repository has no target file {path}")
-    size = found.stat().st_size
-    asked = _RANGE_START.match(request.headers.get("range", ""))
-    if asked is not None and int(asked[1]) >= size:
-        raise Problem(
-            416,
-            f"the range starts at byte {asked[1]}, past the end of the {size}-byte file",
-            headers={"Content-Range": f"bytes */{size}"},
-        )
+    asked = request.headers.get("range")
+    if asked is not None:
+        _check_range(asked, found.stat().st_size)
     sha = found.name.split(".", 1)[0]
     headers = {"ETag": f'"{sha}"', "Cache-Control": IMMUTABLE}
     return FileResponse(found, media_type="application/octet-stream", headers=headers)

@@ -133,8 +133,9 @@ def test_downloads_resume_with_range_through_the_real_server(
     uploaded: dict[str, object],
     parent: bytes,
 ) -> None:
-    """206 with Content-Range for a range, 416 past the end; a half-downloaded artifact is
-    completed from where it stopped."""
+    """206 with Content-Range for a range, 416 past the end; a Range header that is not byte
+    ranges is a 400 problem (Starlette answered those in plain text); a half-downloaded
+    artifact is completed from where it stopped."""
     client = updater
     target = client.refresh().target(f"models/{NAME}/1.0.0.edb", "any", "stable")
     served = f"/v1/repository/{artifact_path(target)}"
@@ -142,12 +143,31 @@ def test_downloads_resume_with_range_through_the_real_server(
         part = api.get(served, headers={"Range": "bytes=100-199"})
         tail = api.get(served, headers={"Range": "bytes=1000-"})
         past = api.get(served, headers={"Range": f"bytes={len(parent)}-"})
+        suffix = api.get(served, headers={"Range": "bytes=-100"})
+        several = api.get(served, headers={"Range": "bytes=0-9, 20-29"})
+        bad = {
+            header: api.get(served, headers={"Range": header})
+            for header in ("bytes=abc", "items=0-1", "bytes=9-2", "bytes=", "bytes=-0")
+        }
         whole = api.get(served)
     assert part.status_code == 206 and part.content == parent[100:200]
     assert part.headers["content-range"] == f"bytes 100-199/{len(parent)}"
     assert tail.status_code == 206 and tail.content == parent[1000:]
     assert past.status_code == 416 and past.headers["content-range"] == f"bytes */{len(parent)}"
     assert past.headers["content-type"] == "application/problem+json"
+    assert suffix.status_code == 206 and suffix.content == parent[-100:]
+    assert several.status_code == 206
+    assert several.headers["content-type"].startswith("multipart/byteranges")
+    assert {h: r.status_code for h, r in bad.items()} == {
+        "bytes=abc": 400,
+        "items=0-1": 400,
+        "bytes=9-2": 400,
+        "bytes=": 400,
+        "bytes=-0": 416,
+    }
+    for response in bad.values():
+        assert response.headers["content-type"] == "application/problem+json", response.text
+        assert "range" in response.json()["detail"].lower()
     assert whole.headers["etag"] == f'"{target.sha256}"'
     assert "immutable" in whole.headers["cache-control"]
     half = len(parent) // 2
