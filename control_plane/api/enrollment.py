@@ -9,19 +9,26 @@ import logging
 import secrets
 import time
 import uuid
+from typing import Annotated
 
-from fastapi import APIRouter, Request
+from fastapi import APIRouter, Query, Request, Response
 from sqlalchemy import select, update
 from sqlalchemy.exc import IntegrityError
 
-from control_plane.api.deps import Operator, Session, State, too_many
+from control_plane.api.deps import Operator, Session, State, Viewer, too_many
 from control_plane.api.problems import Problem, problems
 from control_plane.api.schemas import (
     BrokerCredentials,
+    EnrollmentState,
     EnrollmentTokenCreate,
     EnrollmentTokenCreated,
+    EnrollmentTokenPublic,
     EnrollRequest,
     EnrollResponse,
+    GroupQuery,
+    Page,
+    TokenIdPath,
+    page_of,
 )
 from control_plane.auth import hash_secret, new_secret
 from control_plane.db.models import AuditEntry, Device, EnrollmentToken
@@ -31,6 +38,8 @@ from edged_formats.enrollment import verify_possession
 from edged_formats.errors import SignatureError
 
 router = APIRouter(tags=["enrollment"])
+Limit = Annotated[int, Query(ge=1, le=1000)]
+TokenCursor = Annotated[str | None, Query(pattern=r"^[0-9a-f]{32}$")]
 log = logging.getLogger("control_plane.enrollment")
 
 
@@ -64,6 +73,74 @@ async def create_enrollment_token(
     )
 
 
+def _token_state(token: EnrollmentToken, now: float) -> EnrollmentState:
+    if token.used_at is not None:
+        return "used"
+    if token.revoked_at is not None:
+        return "revoked"
+    return "expired" if token.expires_at <= now else "pending"
+
+
+def _token_public(token: EnrollmentToken, now: float) -> EnrollmentTokenPublic:
+    return EnrollmentTokenPublic(
+        id=token.id,
+        group=token.group,
+        tags=list(token.tags),
+        created_at=token.created_at,
+        created_by=token.created_by,
+        expires_at=token.expires_at,
+        state=_token_state(token, now),
+        used_at=token.used_at,
+        device_id=token.device_id,
+        revoked_at=token.revoked_at,
+        revoked_by=token.revoked_by,
+    )
+
+
+@router.get("/v1/enrollment-tokens", responses=problems(401, 403))
+async def list_enrollment_tokens(
+    actor: Viewer,
+    session: Session,
+    group: GroupQuery = None,
+    cursor: TokenCursor = None,
+    limit: Limit = 100,
+) -> Page[EnrollmentTokenPublic]:
+    """Enrollment tokens the caller's scope reaches (never their secrets), by id, with their
+    state: pending, used (and by which device), expired or revoked."""
+    query = select(EnrollmentToken).order_by(EnrollmentToken.id).limit(limit + 1)
+    if group is not None:
+        await actor.check_group("enrollment.list", group, None)
+        query = query.where(EnrollmentToken.group == group)
+    elif actor.principal.groups is not None:
+        query = query.where(EnrollmentToken.group.in_(sorted(actor.principal.groups)))
+    if cursor is not None:
+        query = query.where(EnrollmentToken.id > cursor)
+    rows = list(await session.scalars(query))
+    now = time.time()
+    return page_of(rows, limit, lambda t: _token_public(t, now), lambda t: t.id)
+
+
+@router.delete(
+    "/v1/enrollment-tokens/{token_id}", status_code=204, responses=problems(401, 403, 404, 409)
+)
+async def revoke_enrollment_token(
+    token_id: TokenIdPath, actor: Operator, session: Session
+) -> Response:
+    """Revoke a token not yet used (a leaked one): `POST /v1/enroll` then refuses it with
+    410. A used token is a 409: decommission its device instead."""
+    token = await session.get(EnrollmentToken, token_id)
+    if token is None:
+        raise Problem(404, f"no enrollment token with id '{token_id}'")
+    await actor.check_group("enrollment.revoke", token.group, token_id)
+    if token.used_at is not None:
+        raise Problem(409, f"enrollment token '{token_id}' was used by device '{token.device_id}'")
+    if token.revoked_at is None:
+        token.revoked_at, token.revoked_by = time.time(), actor.principal.token_id
+        actor.audit(session, "enrollment.revoke", token_id, group=token.group)
+        await session.commit()
+    return Response(status_code=204)
+
+
 @router.post(
     "/v1/enroll",
     status_code=201,
@@ -93,6 +170,8 @@ async def enroll(
         raise Problem(401, "the enrollment token is unknown")
     if token.used_at is not None:
         raise Problem(410, "the enrollment token was already used")
+    if token.revoked_at is not None:
+        raise Problem(410, "the enrollment token was revoked")
     if token.expires_at <= now:
         raise Problem(410, "the enrollment token has expired")
     device_id = device_id_for(public_key)
@@ -101,11 +180,15 @@ async def enroll(
     # One-time: only the request whose UPDATE claims the row goes on.
     claimed = await session.execute(
         update(EnrollmentToken)
-        .where(EnrollmentToken.id == token.id, EnrollmentToken.used_at.is_(None))
+        .where(
+            EnrollmentToken.id == token.id,
+            EnrollmentToken.used_at.is_(None),
+            EnrollmentToken.revoked_at.is_(None),
+        )
         .values(used_at=now, device_id=device_id)
     )
     if claimed.rowcount != 1:  # type: ignore[attr-defined]
-        raise Problem(410, "the enrollment token was already used")
+        raise Problem(410, "the enrollment token was already used or revoked")
     api_token, password = new_secret("eddev"), secrets.token_urlsafe(32)
     session.add(
         Device(

@@ -121,6 +121,23 @@ class EnrollmentTokenCreated(BaseModel):
     expires_at: float
 
 
+EnrollmentState = Literal["pending", "used", "expired", "revoked"]
+
+
+class EnrollmentTokenPublic(BaseModel):
+    id: str
+    group: str
+    tags: list[str]
+    created_at: float
+    created_by: str
+    expires_at: float
+    state: EnrollmentState
+    used_at: float | None
+    device_id: str | None = Field(description="the device that redeemed it")
+    revoked_at: float | None
+    revoked_by: str | None
+
+
 class EnrollRequest(_In):
     token: Annotated[str, Field(min_length=8, max_length=256)]
     public_key: Annotated[Hex, Field(min_length=64, max_length=64)]

@@ -102,6 +102,8 @@ class EnrollmentToken(Base):
     expires_at: Mapped[float] = mapped_column(Float)
     used_at: Mapped[float | None] = mapped_column(Float, nullable=True)
     device_id: Mapped[str | None] = mapped_column(String(64), nullable=True)
+    revoked_at: Mapped[float | None] = mapped_column(Float, nullable=True)
+    revoked_by: Mapped[str | None] = mapped_column(String(32), nullable=True)
 
 
 class Device(Base):

@@ -192,3 +192,51 @@ def test_one_address_is_slowed_down_after_its_limits(
         assert "too many failed token checks" in locked.json()["detail"]
     with cp.api(cp.admin_token) as api:  # another replica keeps its own count
         assert api.get("/v1/devices").status_code == 200
+
+
+def test_enrollment_tokens_are_listed_and_a_leaked_one_revoked(
+    cp: ControlPlaneProcess, group: str, tmp_path: Path
+) -> None:
+    """An operator lists its group's enrollment tokens with their state and revokes one
+    before it is used: redeeming it is then 410 and it shows as revoked; a used token
+    cannot be revoked (409); another group's operator sees neither and may not revoke."""
+    made = cp.create_token("operator", groups=[group])
+    outsider = cp.new_token("operator", groups=[f"{group}-other"])
+    with cp.api(made["token"]) as api:
+        leaked, kept = (
+            api.post("/v1/enrollment-tokens", json={"group": group}).json() for _ in range(2)
+        )
+        before = api.get("/v1/enrollment-tokens", params={"group": group}).json()["items"]
+        revoked = api.delete(f"/v1/enrollment-tokens/{leaked['id']}")
+    assert {t["id"]: t["state"] for t in before} == {leaked["id"]: "pending", kept["id"]: "pending"}
+    assert all("token" not in t and "token_hash" not in t for t in before)
+    assert revoked.status_code == 204
+    identity = DeviceIdentity.load_or_create(tmp_path / "device.key")
+    with httpx.Client(base_url=cp.url) as client:
+        refused = client.post("/v1/enroll", json=_request(identity, leaked["token"]))
+        enrolled = client.post("/v1/enroll", json=_request(identity, kept["token"]))
+    assert (refused.status_code, refused.json()["detail"]) == (
+        410,
+        "the enrollment token was revoked",
+    )
+    assert enrolled.status_code == 201
+    with cp.api(made["token"]) as api:
+        after = {t["id"]: t for t in api.get("/v1/enrollment-tokens").json()["items"]}
+        used_again = api.delete(f"/v1/enrollment-tokens/{kept['id']}")
+        missing = api.delete(f"/v1/enrollment-tokens/{'0' * 32}")
+    assert after[leaked["id"]]["state"] == "revoked"
+    assert after[leaked["id"]]["revoked_by"] == made["id"]
+    assert after[kept["id"]]["state"] == "used"
+    assert after[kept["id"]]["device_id"] == enrolled.json()["device_id"]
+    assert used_again.status_code == 409 and missing.status_code == 404
+    with cp.api(outsider) as api:
+        seen = api.get("/v1/enrollment-tokens").json()["items"]
+        foreign = api.delete(f"/v1/enrollment-tokens/{leaked['id']}")
+    assert {leaked["id"], kept["id"]}.isdisjoint({t["id"] for t in seen})
+    assert foreign.status_code == 403
+    with cp.api(cp.admin_token) as api:
+        audit = api.get("/v1/audit", params={"target": leaked["id"]}).json()["items"]
+    assert {(e["action"], e["outcome"]) for e in audit} >= {
+        ("enrollment.revoke", "ok"),
+        ("enrollment.revoke", "denied"),
+    }

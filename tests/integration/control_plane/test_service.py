@@ -92,7 +92,7 @@ def test_serve_refuses_a_database_behind_the_migrations(
         finally:
             await db.close()
 
-    assert asyncio.run(revision()) == head_revision() == "0005_personalisation"
+    assert asyncio.run(revision()) == head_revision() == "0006_enrollment_revocation"
 
 
 def test_bad_settings_exit_with_one_sentence(cp: ControlPlaneProcess) -> None:
