@@ -3,7 +3,8 @@ role a route needs (`Actor` with `Need(Role.operator)`), and the calling device.
 
 Every denial (missing role, group out of scope) is written to the audit log in its own
 transaction before the 403 goes out; successful mutations add their audit entry to the route's
-own transaction, so the change and its record commit together."""
+own transaction, so the change and its record commit together; any other refusal of a
+mutating call is audited by the error handlers (problems.py)."""
 
 from __future__ import annotations
 
@@ -112,6 +113,7 @@ async def _principal(
     principal, expires_at = cached
     if expires_at is not None and expires_at <= now:
         raise _refused_token(state, source, "the API token has expired")
+    request.state.principal = principal  # for the audit of a refusal (problems.py)
     return principal
 
 
@@ -216,6 +218,7 @@ async def _device(
         raise _refused_token(
             state, source, "the device token is unknown or its device is decommissioned"
         )
+    request.state.device_id = device.id  # for the audit of a refusal (problems.py)
     return device
 
 

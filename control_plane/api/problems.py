@@ -1,10 +1,16 @@
 """Errors as RFC 9457 `application/problem+json`: one `Problem` exception the routes raise,
 handlers that turn it (and FastAPI's validation and HTTP errors) into problem documents, and
-`problems(...)` to declare the error responses of a route in the OpenAPI document."""
+`problems(...)` to declare the error responses of a route in the OpenAPI document.
+
+The handlers also put every refused mutating call (POST, PUT, PATCH, DELETE answered 4xx or
+5xx) in the audit log, with the caller as far as it is known (an operator, a device, or
+anonymous), in a transaction of its own. Two kinds are left to others: 403s, audited by the
+role and scope checks themselves, and 429s, which answer a flood and would be one."""
 
 from __future__ import annotations
 
 import logging
+import time
 from typing import Any
 
 from fastapi import FastAPI, Request
@@ -64,21 +70,62 @@ def _validation_sentence(exc: RequestValidationError) -> str:
     return f"{where}: {message[:1].lower()}{message[1:]}"
 
 
+_MUTATING = frozenset({"POST", "PUT", "PATCH", "DELETE"})
+_AUDITED_ELSEWHERE = frozenset({403, 429})
+
+
+async def audit_refusal(request: Request, status: int, detail: str) -> None:
+    """One audit entry for a refused mutating call (module docstring); never raises."""
+    if request.method not in _MUTATING or status in _AUDITED_ELSEWHERE:
+        return
+    state = getattr(request.app.state, "cp", None)
+    if state is None:
+        return
+    from control_plane.db.models import AuditEntry
+
+    principal = getattr(request.state, "principal", None)
+    device = getattr(request.state, "device_id", None)
+    actor = principal.actor if principal else f"device {device}" if device else "anonymous"
+    route = request.scope.get("route")
+    template = getattr(route, "path", None) or request.url.path
+    entry = AuditEntry(
+        at=time.time(),
+        actor=actor[:160],
+        role=principal.role.name if principal else None,
+        action=f"{request.method} {template}"[:64],
+        target=request.url.path[:200],
+        outcome="refused" if status < 500 else "failed",
+        source=(request.client.host if request.client else None),
+        detail={"status": status, "reason": detail[:500]},
+    )
+    try:
+        async with state.db.session() as session:
+            session.add(entry)
+            await session.commit()
+    except Exception:  # the answer goes out all the same
+        log.exception("the refusal of %s %s was not audited", request.method, request.url.path)
+
+
 def install_handlers(app: FastAPI) -> None:
-    async def on_problem(_request: Request, exc: Exception) -> JSONResponse:
+    async def on_problem(request: Request, exc: Exception) -> JSONResponse:
         assert isinstance(exc, Problem)
+        await audit_refusal(request, exc.status, exc.detail)
         return _response(exc.status, exc.detail, exc.headers)
 
-    async def on_validation(_request: Request, exc: Exception) -> JSONResponse:
+    async def on_validation(request: Request, exc: Exception) -> JSONResponse:
         assert isinstance(exc, RequestValidationError)
-        return _response(422, _validation_sentence(exc))
+        sentence = _validation_sentence(exc)
+        await audit_refusal(request, 422, sentence)
+        return _response(422, sentence)
 
-    async def on_http(_request: Request, exc: Exception) -> JSONResponse:
+    async def on_http(request: Request, exc: Exception) -> JSONResponse:
         assert isinstance(exc, StarletteHTTPException)
+        await audit_refusal(request, exc.status_code, str(exc.detail))
         return _response(exc.status_code, str(exc.detail), getattr(exc, "headers", None))
 
     async def on_error(request: Request, exc: Exception) -> JSONResponse:
         log.exception("unhandled error on %s %s", request.method, request.url.path)
+        await audit_refusal(request, 500, f"unhandled {type(exc).__name__}; see the log")
         return _response(500, "the server failed to handle the request; see its log")
 
     app.add_exception_handler(Problem, on_problem)

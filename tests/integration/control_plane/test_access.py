@@ -150,6 +150,40 @@ def test_an_admin_token_is_never_group_scoped(
     assert "escape" not in names
 
 
+def test_refused_mutations_are_audited_with_the_caller_as_far_as_known(
+    cp: ControlPlaneProcess, group: str
+) -> None:
+    """Not only 403s: a mutating call refused for any reason lands in the audit log, with
+    the operator when its token checked out, else as anonymous; reads are not audited."""
+    made = cp.create_token("operator", groups=[group])
+    missing = f"dev-{uuid.uuid4().hex[:16]}"
+    with cp.api(made["token"]) as api:
+        not_found = api.post(f"/v1/devices/{missing}/quarantine")
+        invalid = api.patch(f"/v1/devices/{missing}", json={"tags": "not-a-list"})
+        read = api.get(f"/v1/devices/{missing}")
+    with cp.api() as api:
+        anonymous = api.post("/v1/tokens", json={"name": "x", "role": "viewer"})
+        enroll = api.post("/v1/enroll", json={"token": "edenr_" + "x" * 40})
+    assert [r.status_code for r in (not_found, invalid, read, anonymous, enroll)] == [
+        404,
+        422,
+        404,
+        401,
+        422,
+    ]
+    newest_first = _audit(cp, outcome="refused", limit="1000")
+    refused = {e["target"]: e for e in reversed(newest_first)}  # the newest per target
+    mine = refused[f"/v1/devices/{missing}/quarantine"]
+    assert mine["actor"] == f"{made['name']} ({made['id']})" and mine["role"] == "operator"
+    assert mine["action"] == "POST /v1/devices/{device_id}/quarantine"
+    assert mine["detail"]["status"] == 404 and missing in mine["detail"]["reason"]
+    assert refused[f"/v1/devices/{missing}"]["detail"]["status"] == 422  # the PATCH, not the GET
+    assert refused["/v1/tokens"]["actor"] == "anonymous"
+    assert refused["/v1/tokens"]["detail"]["status"] == 401
+    assert refused["/v1/enroll"]["detail"]["status"] == 422
+    assert all(e["action"].split()[0] != "GET" for e in refused.values())
+
+
 def test_device_list_paginates_and_filters(
     cp: ControlPlaneProcess, group: str, tmp_path: Path
 ) -> None:
