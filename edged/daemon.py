@@ -528,7 +528,8 @@ class Daemon:
     # -- periodic work ----------------------------------------------------------------------
 
     async def _ticker(self) -> None:
-        """Every second: rates, STATUS=, and WATCHDOG=1 while inference makes progress."""
+        """Every second: rates, STATUS=, and WATCHDOG=1 while the pipeline makes progress
+        (an invoke or a post stage stuck for two intervals stops the pings)."""
         interval = self.notifier.watchdog_interval_s
         tick = min(1.0, interval) if interval else 1.0
         last_status = time.monotonic()  # READY=1 carried the first STATUS

@@ -188,6 +188,7 @@ class Pipeline:
             if self._queue.empty():
                 self.last_progress = self._clock()
             batch = [await self._queue.get()]
+            self.last_progress = self._clock()  # an idle wait is not a stall
             while len(batch) < max_batch and not self._queue.empty():
                 batch.append(self._queue.get_nowait())
             x = np.stack([s.data for s in batch])
@@ -202,8 +203,16 @@ class Pipeline:
             await self._done.put((batch, x, outcome))
 
     def stalled_for(self) -> float:
-        """How long the current invoke has been running (0 when idle)."""
-        return 0.0 if self._busy_since is None else self._clock() - self._busy_since
+        """How long the pipeline has been stuck: the current invoke's time, or, while samples
+        wait (in the queue, or inferred and waiting for the post stage), the time since
+        anything moved (a batch went in or came out, a kept sample got its write slot): a
+        post stage wedged on a write holds inference behind it. 0 when idle."""
+        now = self._clock()
+        if self._busy_since is not None:
+            return now - self._busy_since
+        if self._queue.empty() and self._done.empty():
+            return 0.0
+        return now - self.last_progress
 
     async def _post_loop(self) -> None:
         while True:
@@ -326,6 +335,7 @@ class Pipeline:
             embedding,
         )
         await self._writes.acquire()
+        self.last_progress = self._clock()  # a write slot came free: the post stage moves
         task = asyncio.create_task(self._write(sample, kept, upload=refusal is None))
         self._pending.add(task)
         task.add_done_callback(self._pending.discard)

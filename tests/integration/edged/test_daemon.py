@@ -127,6 +127,47 @@ def test_a_stuck_loop_stops_the_watchdog(tmp_path, short_dir, digits) -> None:
         assert daemon.terminate() == 0
 
 
+def test_a_wedged_sample_write_stops_the_watchdog(tmp_path, short_dir, digits) -> None:
+    """Another process holds the sample store's write lock for 4 s: kept samples' writes
+    wait, the post stage waits for a free write slot, inference waits behind it, and the
+    pings stop for that long (they went on before: only a hung invoke stopped them); after
+    the lock is released the pings resume and the daemon serves on."""
+    import sqlite3
+
+    bundle, data = digits
+    path = config(
+        tmp_path,
+        short_dir,
+        bundle,
+        sources=[{"kind": "replay", "name": "digits", "path": str(data), "rate_hz": 100}],
+        gating={"threshold": 0.999},
+        pipeline={"max_pending_writes": 1},
+    )
+    with DaemonProcess(path, tmp_path, watchdog_s=1.0) as daemon:
+        daemon.wait_ready()
+        daemon.wait_for(lambda: daemon.status()["counts"]["kept"] > 0, 20, "a kept sample")
+        store = sqlite3.connect(tmp_path / "state" / "samples.db", isolation_level=None)
+        store.execute("BEGIN EXCLUSIVE")
+        locked_at = time.monotonic()
+        time.sleep(4.0)
+        store.execute("ROLLBACK")
+        store.close()
+        released_at = time.monotonic()
+        kept = daemon.status()["counts"]["kept"]
+        daemon.wait_for(lambda: daemon.status()["counts"]["kept"] > kept, 20, "writes again")
+
+        def pings() -> list[float]:
+            return [t for t, line in daemon.notifications if line == "WATCHDOG=1"]
+
+        daemon.wait_for(lambda: any(t > released_at for t in pings()), 10, "pings again")
+        times = pings()
+        during = [t for t in times if locked_at + 1.0 < t < released_at]
+        gaps = np.diff([t for t in times if t > locked_at - 1.0])
+        assert gaps.max() >= 2.5, gaps  # silent while the write was wedged
+        assert len(during) <= 1, during
+        assert daemon.terminate() == 0
+
+
 def test_spool_files_are_removed_once_processed_and_bad_ones_set_aside(
     tmp_path, short_dir, digits
 ) -> None:
