@@ -58,8 +58,10 @@ class Budget:
 
     def delay(self, size: int) -> float:
         today = self._day_of(self._wall())
-        if today != self._day:
+        if today > self._day:
             self._day, self.spent_today = today, 0
+        elif today < self._day:  # the clock went back: a new day, not a fresh allowance
+            self._day = today
         limit = self.config.bytes_per_day
         # A message bigger than the whole allowance goes first thing in a day, alone, rather
         # than never: the day then counts as spent.
@@ -84,9 +86,11 @@ class Budget:
         return self._day
 
     def restore(self, day: int, spent: int) -> None:
-        """Carry over what was sent today before a restart."""
-        if day == self._day_of(self._wall()):
-            self._day, self.spent_today = day, max(spent, 0)
+        """Carry over what was sent today before a restart (and on a later day by the saved
+        reckoning: the clock went back over the restart)."""
+        today = self._day_of(self._wall())
+        if day >= today:
+            self._day, self.spent_today = today, max(spent, 0)
 
     @property
     def unlimited(self) -> bool:

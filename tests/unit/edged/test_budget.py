@@ -7,8 +7,8 @@ import pytest
 from edged.budget import DAY, Budget, BudgetConfig
 
 
-def make(config: BudgetConfig, max_message: int = 1000):
-    clock = {"mono": 0.0, "wall": 10 * DAY + 3600.0}
+def make(config: BudgetConfig, max_message: int = 1000, clock: dict | None = None):
+    clock = clock if clock is not None else {"mono": 0.0, "wall": 10 * DAY + 3600.0}
     budget = Budget(
         config, monotonic=lambda: clock["mono"], wall=lambda: clock["wall"], max_message=max_message
     )
@@ -47,6 +47,21 @@ def test_daily_allowance_waits_for_the_next_utc_day() -> None:
     assert [budget.delay(1000) for _ in range(3)] == [0, 0, 0]
     assert budget.delay(1) == pytest.approx(DAY - 3600.0)
     clock["wall"] += DAY - 3600.0
+    assert budget.delay(1000) == 0 and budget.spent_today == 1000
+
+
+def test_a_clock_set_back_grants_no_fresh_allowance() -> None:
+    """The wall clock jumps back a day (an NTP correction, a dead RTC): what was spent still
+    counts, before and after a restart; the next day, reached forward, is fresh (before, any
+    change of day reset the spending, backwards too)."""
+    budget, clock = make(BudgetConfig(bytes_per_day=3000))
+    assert [budget.delay(1000) for _ in range(3)] == [0, 0, 0]
+    clock["wall"] -= DAY
+    assert budget.delay(1000) > 0 and budget.spent_today == 3000
+    restarted, _ = make(BudgetConfig(bytes_per_day=3000), clock=clock)
+    restarted.restore(budget.day + 1, 3000)  # saved on the later day
+    assert restarted.delay(1000) > 0 and restarted.spent_today == 3000
+    clock["wall"] += DAY
     assert budget.delay(1000) == 0 and budget.spent_today == 1000
 
 
