@@ -65,6 +65,46 @@ def test_operator_out_of_scope_gets_403_and_an_audit_entry(
     assert updated[0]["outcome"] == "ok" and updated[0]["detail"]["tags"] == ["kept"]
 
 
+def test_a_scoped_token_reads_only_its_groups_data(
+    cp: ControlPlaneProcess, group: str, tmp_path: Path
+) -> None:
+    """Every read of device data checks the scope: a viewer scoped to one group gets 200 for
+    its device and group and 403 (audited) for another's, on telemetry, health, drift,
+    events, samples, labels and personalisation; rejections are filtered to its devices."""
+    mine = cp.enroll(tmp_path / "mine", group)
+    other = f"{group}-other"
+    theirs = cp.enroll(tmp_path / "theirs", other)
+    viewer = cp.create_token("viewer", groups=[group])
+
+    def reads(device: str, in_group: str) -> list[str]:
+        return [
+            f"/v1/devices/{device}/telemetry",
+            f"/v1/groups/{in_group}/telemetry",
+            f"/v1/devices/{device}/health",
+            f"/v1/devices/{device}/drift",
+            f"/v1/groups/{in_group}/drift",
+            f"/v1/events?device_id={device}",
+            f"/v1/events?group={in_group}",
+            f"/v1/samples?device_id={device}",
+            f"/v1/devices/{device}/labels",
+            f"/v1/devices/{device}/personalisation",
+        ]
+
+    with cp.api(viewer["token"]) as api:
+        own = {url: api.get(url).status_code for url in reads(mine.device_id, group)}
+        foreign = {url: api.get(url).status_code for url in reads(theirs.device_id, other)}
+        rejections = api.get("/v1/ingest/rejections", params={"device_id": theirs.device_id})
+    assert set(own.values()) <= {200, 404}, own  # 404: no health report yet
+    assert set(foreign.values()) == {403}, foreign
+    assert rejections.status_code == 200 and rejections.json()["items"] == []
+    denied = [
+        e
+        for e in _audit(cp, outcome="denied", limit="1000")
+        if e["actor"].endswith(f"({viewer['id']})")
+    ]
+    assert len(denied) >= len(foreign)
+
+
 def test_every_mutation_is_audited_with_who_what_when_where(
     cp: ControlPlaneProcess, group: str, tmp_path: Path
 ) -> None:
