@@ -27,8 +27,10 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
+import fcntl
 import logging
 import math
+import os
 import shutil
 import sqlite3
 import time
@@ -190,6 +192,7 @@ class Outbox:
         self._wake = asyncio.Event()
         self._unsynced_since: float | None = None  # the first NORMAL commit since a FULL one
         self._damage_seen: sqlite3.DatabaseError | None = None  # by a lease, for the writer
+        self._lock_fd: int | None = None
         self.commits = 0
         self._available = asyncio.Event()
         self._available.set()  # whatever the file holds at open
@@ -205,8 +208,41 @@ class Outbox:
 
     async def open(self) -> None:
         self._closing = False
-        await self._open_store()
+        self._lock_file()
+        try:
+            await self._open_store()
+        except BaseException:
+            self._unlock_file()
+            raise
         self._writer = asyncio.create_task(self._write_loop(), name="outbox-writer")
+
+    def _lock_file(self) -> None:
+        """One writer: an exclusive lock on `<file>.lock`, held until `close`, so a second
+        process (another daemon, `edged replay` on the same state directory) is refused
+        instead of writing sequence numbers the first one also writes."""
+        path = self.config.path.with_name(self.config.path.name + ".lock")
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
+        except OSError as exc:
+            raise OutboxError(f"cannot open the outbox's lock {path} ({exc.strerror})") from exc
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            holder = os.pread(fd, 32, 0).decode(errors="replace").strip() or "unknown"
+            os.close(fd)
+            raise OutboxError(
+                f"the outbox at {self.config.path} is open in another process (pid {holder}); "
+                "it takes one writer"
+            ) from None
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+        self._lock_fd = fd
+
+    def _unlock_file(self) -> None:
+        if self._lock_fd is not None:
+            os.close(self._lock_fd)  # closing releases the lock
+            self._lock_fd = None
 
     async def _open_store(self) -> None:
         """Open (or, after damage, reopen) the file. Every opening is a new boot epoch, and
@@ -249,6 +285,7 @@ class Outbox:
         if self._store is not None:
             await self._store.close()
             self._store = None
+        self._unlock_file()
 
     def _next_boot_epoch(self) -> int:
         """Boot epochs count up in a file beside the database. Without one (a new device or

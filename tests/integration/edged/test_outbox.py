@@ -100,6 +100,48 @@ def test_durable_puts_are_fsynced_and_relaxed_ones_within_a_second(tmp_path) -> 
     assert synced[0] <= 1.5, synced
 
 
+async def test_a_second_writer_process_is_refused(tmp_path) -> None:
+    """While one process has the outbox open, another (a second daemon, `edged replay` on
+    the same state directory) is refused in one sentence naming the holder's pid, rather
+    than writing the sequence numbers the first one writes; once the holder is killed (-9)
+    the file opens again with every record the holder acknowledged."""
+    cfg = config(tmp_path)
+    holder = subprocess.Popen(
+        [sys.executable, "-c", _HOLDER, str(cfg.path)],
+        cwd=REPO,
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert holder.stdout is not None and holder.stdout.readline().strip() == "open"
+        with pytest.raises(OutboxError, match=rf"open in another process \(pid {holder.pid}\)"):
+            async with Outbox(cfg):
+                pass
+    finally:
+        holder.kill()
+        holder.wait()
+        if holder.stdout is not None:
+            holder.stdout.close()
+    async with Outbox(cfg) as outbox:
+        records = await outbox.lease(10, 1 << 20)
+    assert [r.body for r in records] == [{"held": True}]
+
+
+_HOLDER = """
+import asyncio, sys
+from pathlib import Path
+from edged.outbox import Outbox, OutboxConfig
+
+async def main():
+    async with Outbox(OutboxConfig(Path(sys.argv[1]), min_free_bytes=0)) as outbox:
+        await outbox.put("event", {"held": True})
+        print("open", flush=True)
+        await asyncio.sleep(60)
+
+asyncio.run(main())
+"""
+
+
 async def test_durable_put_survives_reopen_and_keys_never_repeat(tmp_path) -> None:
     """A returned durable put is on disk after reopening; sequences continue and the boot
     epoch moves on, so (boot, seq) never repeats."""

@@ -105,7 +105,10 @@ async def test_drains_signed_packed_messages_in_priority_order(tmp_path, broker)
 
 async def test_broker_outage_under_load_loses_nothing(tmp_path, broker_factory) -> None:
     """The broker goes away for a while under load: the outbox holds within its quota,
-    drains completely when it returns, and every surviving record arrives exactly once."""
+    applies the policy when full (the oldest samples go, the events written meanwhile all
+    stay), drains completely when it returns, and every surviving record arrives exactly
+    once: the samples missing are one block, the oldest undelivered ones, as many as were
+    counted dropped (a lost survivor would leave a second gap)."""
     broker = broker_factory(persistence=True)
     with MqttSubscriber(
         broker.host, broker.port, f"edged/v1/{DEVICE}/#", clean_start=False, session_expiry=600
@@ -125,8 +128,10 @@ async def test_broker_outage_under_load_loses_nothing(tmp_path, broker_factory) 
                 await produce(200)
                 broker.stop()
                 await asyncio.wait_for(until(lambda: not uplink.connected.is_set()), 10)
+                events = [await outbox.put("event", {"outage": i}) for i in range(50)]
                 await produce(1500)  # ~0.8 MB into a 0.5 MB quota while the broker is down
                 stats = outbox.stats()
+                assert stats.by_class["event"].dropped_quota == 0
                 assert stats.stored_bytes <= 512 * 1024
                 assert stats.by_class["sample"].dropped_quota > 0
                 assert uplink.stats.state != "connected"
@@ -144,6 +149,11 @@ async def test_broker_outage_under_load_loses_nothing(tmp_path, broker_factory) 
 
         received = await arrived(sub, complete, 30)
     records = unique_records(received, "samples")
+    assert set(events) <= {seq for _, seq in unique_records(received, "events")}
+    seen = {seq for _, seq in records}
+    missing = [i for i, seq in enumerate(produced) if seq not in seen]
+    assert missing == list(range(missing[0], missing[0] + len(missing))), "a second gap"
+    assert len(missing) <= dropped
     # a record evicted while its message was in flight may still arrive: at most a window
     assert expected <= len(records) <= expected + 32 * 64
     assert {seq for _, seq in records} <= set(produced)
