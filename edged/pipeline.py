@@ -75,6 +75,38 @@ class Result:
 ResultSink = Callable[[Result], None]
 
 
+UPLOAD_OVERHEAD = 512  # a sample record's keys, id, verdict, model, dtype, shape
+
+
+def upload_body(sample: Sample, kept: KeptSample) -> dict[str, Any]:
+    """The `sample` record a kept sample is uploaded as (docs/wire-format.md)."""
+    body: dict[str, Any] = {
+        "id": kept.id,
+        "source": sample.source,
+        "ref": sample.ref,
+        "verdict": kept.verdict,
+        "model": kept.model,
+        "input": np.ascontiguousarray(kept.input).tobytes(),
+        "dtype": kept.input.dtype.str,
+        "shape": list(kept.input.shape),
+        "probabilities": kept.probabilities.tolist(),
+    }
+    if kept.embedding is not None:
+        body["embedding"] = kept.embedding.tolist()
+    return body
+
+
+def upload_size(
+    sample: Sample, probabilities: npt.NDArray[Any], embedding: npt.NDArray[Any] | None
+) -> int:
+    """What `upload_body` costs the daily bytes budget, without encoding it: the raw input,
+    the probabilities and embedding as CBOR floats (9 bytes each), source and ref, and at
+    most UPLOAD_OVERHEAD for the rest (tests/unit/edged/test_pipeline_upload.py)."""
+    floats = probabilities.size + (0 if embedding is None else embedding.size)
+    text = len(sample.source.encode()) + len(sample.ref.encode())
+    return int(sample.data.nbytes) + 9 * int(floats) + text + UPLOAD_OVERHEAD
+
+
 @dataclass(slots=True)
 class PipelineCounts:
     received: int = 0
@@ -319,7 +351,8 @@ class Pipeline:
     ) -> None:
         embedding = None if prediction.embeddings is None else prediction.embeddings[i]
         signature = signature_of(sample.data, embedding)
-        refusal = self.budget.admit(top1, sample.data.nbytes, signature, audit=verdict == AUDIT)
+        size = upload_size(sample, prediction.probabilities[i], embedding)
+        refusal = self.budget.admit(top1, size, signature, audit=verdict == AUDIT)
         if refusal == "duplicate":
             if sample.settle is not None:
                 sample.settle(None)
@@ -349,20 +382,7 @@ class Pipeline:
             await self.store.add(kept)
             self.counts.kept += 1
             if upload:
-                body: dict[str, Any] = {
-                    "id": kept.id,
-                    "source": sample.source,
-                    "ref": sample.ref,
-                    "verdict": kept.verdict,
-                    "model": kept.model,
-                    "input": np.ascontiguousarray(kept.input).tobytes(),
-                    "dtype": kept.input.dtype.str,
-                    "shape": list(kept.input.shape),
-                    "probabilities": kept.probabilities.tolist(),
-                }
-                if kept.embedding is not None:
-                    body["embedding"] = kept.embedding.tolist()
-                await self.outbox.put("sample", body)
+                await self.outbox.put("sample", upload_body(sample, kept))
                 self.counts.uploaded += 1
         except (OutboxError, OSError) as exc:
             problem = "write"
