@@ -156,6 +156,7 @@ class Daemon:
                     max_pending_writes=cfg.pipeline.max_pending_writes,
                     sinks=sinks,
                     bad_input=self.bad_input,
+                    budget_file=cfg.device.state_dir / "gating-budget.json",
                 )
             except ValueError as exc:  # the [gating] section and this model's outputs
                 manifest = self.engine.manifest

@@ -19,11 +19,13 @@ from collections import Counter
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field, replace
+from pathlib import Path
 from typing import Any
 
 import numpy as np
 import numpy.typing as npt
 
+from edged.atomic import atomic_write
 from edged.drift import DriftAlarm, DriftConfig, DriftMonitor
 from edged.engine import Engine, Prediction
 from edged.gating import AUDIT, CONFIDENT, UNCERTAIN, Gate, GatingConfig
@@ -135,6 +137,7 @@ class Pipeline:
         bad_input: RateLimitedLog,
         clock: Callable[[], float] = time.monotonic,
         seed: int | None = None,
+        budget_file: Path | None = None,
     ) -> None:
         self.engine = engine
         self.outbox = outbox
@@ -150,6 +153,8 @@ class Pipeline:
         self.gating_counts = GatingCounters()
         self.gate = Gate(gating, engine.manifest, engine.labels, self._rng, self.gating_counts)
         self.budget = UploadBudget(gating.budget, clock, self.gating_counts)
+        self._budget_file = budget_file
+        self._restore_budget()
         self.drift = DriftMonitor(engine.manifest.reference, drift, engine.sample_shape)
         self._queue: asyncio.Queue[Sample] = asyncio.Queue(queue_size)
         self._done: asyncio.Queue[tuple[list[Sample], npt.NDArray[Any], Prediction | Exception]]
@@ -340,6 +345,27 @@ class Pipeline:
 
     # -- kept samples -----------------------------------------------------------------------
 
+    def _restore_budget(self) -> None:
+        """The upload budget's spending as the last run left it (`budget_file`), refilled by
+        the wall-clock time since: a daemon restarting in a loop gets no fresh allowance."""
+        if self._budget_file is None:
+            return
+        try:
+            saved = json.loads(self._budget_file.read_text())
+            self.budget.restore(saved["spent"], time.time() - float(saved["saved_at"]))
+        except FileNotFoundError:
+            return
+        except (OSError, ValueError, KeyError, TypeError) as exc:
+            log_event(log, logging.WARNING, "budget_not_restored", reason=repr(exc)[:200])
+
+    def _save_budget(self, spent: dict[str, Any]) -> None:
+        assert self._budget_file is not None
+        data = json.dumps({"saved_at": time.time(), "spent": spent}).encode()
+        try:
+            atomic_write(self._budget_file, data, 0o600)
+        except OSError as exc:  # the budget holds in memory; only a restart would forget it
+            log_event(log, logging.WARNING, "budget_not_saved", reason=str(exc)[:200])
+
     async def _keep(
         self,
         sample: Sample,
@@ -353,6 +379,8 @@ class Pipeline:
         signature = signature_of(sample.data, embedding)
         size = upload_size(sample, prediction.probabilities[i], embedding)
         refusal = self.budget.admit(top1, size, signature, audit=verdict == AUDIT)
+        if refusal is None and self._budget_file is not None:
+            await asyncio.to_thread(self._save_budget, self.budget.spent())
         if refusal == "duplicate":
             if sample.settle is not None:
                 sample.settle(None)

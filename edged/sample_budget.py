@@ -9,11 +9,14 @@ unbiased random share of confident ones) have their own budget, `audit_per_hour`
 `audit_share` of the bytes, so an uncertain flood never starves them; they skip the class quota
 and the duplicate check, which would bias them. Every bucket starts full and refills
 continuously (an hour's or a day's allowance over that hour or day, on the monotonic clock, not
-aligned to UTC midnight). docs/gating.md has the defaults.
+aligned to UTC midnight). `spent()` and `restore()` carry the spending over a restart (the
+caller keeps it on disk), so a daemon restarting in a loop does not get a fresh allowance each
+time. docs/gating.md has the defaults.
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from enum import StrEnum
@@ -111,6 +114,9 @@ class _Bucket:
         self.has(0.0, now)
         return self.capacity - self.tokens
 
+    def refill(self, seconds: float) -> None:
+        self.tokens = min(self.capacity, self.tokens + seconds * self.rate)
+
 
 class _Recent:
     """Unit signatures of the last `size` admitted samples, in a ring."""
@@ -175,22 +181,47 @@ class UploadBudget:
         self._bytes = _Bucket(config.bytes_per_day - audit_bytes, DAY, now, spent.get("bytes", 0.0))
         self._audit_hourly = _Bucket(config.audit_per_hour, HOUR, now, spent.get("audit", 0.0))
         self._audit_bytes = _Bucket(audit_bytes, DAY, now, spent.get("audit_bytes", 0.0))
-        self._classes = {
+        self._classes = {  # (class, spent) pairs
             klass: _Bucket(config.class_per_hour, HOUR, now, used)
-            for klass, used in spent.get("classes", {}).items()
+            for klass, used in spent.get("classes", [])
         }
 
-    def reconfigure(self, config: UploadBudgetConfig) -> None:
-        """New limits, same spending: what was used in the current hour and day still counts,
-        and the remembered signatures stay (the newest, if the window shrinks)."""
+    def spent(self) -> dict[str, Any]:
+        """What each allowance has used now (plain numbers, for a JSON file)."""
         now = self._clock()
-        spent = {
+        return {
             "hourly": self._hourly.spent(now),
             "bytes": self._bytes.spent(now),
             "audit": self._audit_hourly.spent(now),
             "audit_bytes": self._audit_bytes.spent(now),
-            "classes": {klass: b.spent(now) for klass, b in self._classes.items()},
+            # pairs, not a map: JSON would turn class indices into strings
+            "classes": [[klass, b.spent(now)] for klass, b in self._classes.items()],
         }
+
+    def restore(self, spent: dict[str, Any], elapsed_s: float) -> None:
+        """Take over `spent()` as saved `elapsed_s` ago (each allowance has refilled for that
+        long since); anything malformed counts as nothing spent."""
+        elapsed = max(0.0, float(elapsed_s)) if math.isfinite(elapsed_s) else 0.0
+        names = ("hourly", "bytes", "audit", "audit_bytes")
+        try:
+            used: dict[str, Any] = {name: float(spent.get(name, 0.0)) for name in names}
+            used["classes"] = [
+                (klass, float(value))
+                for klass, value in spent.get("classes", [])
+                if isinstance(klass, int | str) and not isinstance(klass, bool)
+            ]
+        except (TypeError, ValueError, AttributeError):
+            return
+        self._apply(self.config, used)
+        for bucket in (self._hourly, self._bytes, self._audit_hourly, self._audit_bytes):
+            bucket.refill(elapsed)
+        for bucket in self._classes.values():
+            bucket.refill(elapsed)
+
+    def reconfigure(self, config: UploadBudgetConfig) -> None:
+        """New limits, same spending: what was used in the current hour and day still counts,
+        and the remembered signatures stay (the newest, if the window shrinks)."""
+        spent = self.spent()
         kept = self._recent.ordered()[-config.dedup_window :] if config.dedup_window else []
         self._apply(config, spent)
         self._recent = _Recent(config.dedup_window)

@@ -181,3 +181,47 @@ async def test_a_kept_sample_that_cannot_be_stored_settles_as_a_write_failure(
     assert all(settled[r.ref] is None for r in results if r.ref not in kept)
     assert pipeline.counts.write_failures == len(kept) and pipeline.counts.kept == 0
     assert bad_input.counts() == {"write": len(kept)}
+
+
+async def test_the_upload_budget_survives_a_restart(tmp_path: Path, digits_build) -> None:
+    """samples_per_hour = 3: the first run uploads 3 of its uncertain samples; a second
+    pipeline on the same state file (a restart, seconds later) uploads none, where it
+    uploaded 3 again before (the buckets started full at every start)."""
+    from edged.sample_budget import UploadBudgetConfig
+
+    out, report = digits_build
+    engine = Engine.from_file(out / report.bundle)
+    x = np.load(out / "digits-test.npz")["x"][:60]
+    gating = GatingConfig(
+        threshold=0.999,
+        audit_rate=0.0,
+        budget=UploadBudgetConfig(samples_per_hour=3, audit_per_hour=0, dedup_window=0),
+    )
+    uploaded = []
+    for run in range(2):
+        async with (
+            Outbox(OutboxConfig(tmp_path / "outbox.db", min_free_bytes=0)) as outbox,
+            SampleStore(tmp_path / "samples.db") as store,
+        ):
+            pipeline = Pipeline(
+                engine,
+                gating=gating,
+                drift=DriftConfig(),
+                outbox=outbox,
+                store=store,
+                queue_size=8,
+                max_pending_writes=8,
+                sinks=[],
+                bad_input=RateLimitedLog(logging.getLogger("test")),
+                seed=run,
+                budget_file=tmp_path / "gating-budget.json",
+            )
+            runner = asyncio.create_task(pipeline.run())
+            for i, sample in enumerate(x):
+                await pipeline.submit(Sample("t", str(i), sample))
+            await pipeline.drain()
+            runner.cancel()
+            pipeline.close()
+        assert pipeline.counts.kept > 3
+        uploaded.append(pipeline.counts.uploaded)
+    assert uploaded == [3, 0]

@@ -203,3 +203,26 @@ def test_config_refuses_out_of_bounds(kwargs: dict[str, Any], message: str) -> N
     """Each bound is refused with one sentence naming the field."""
     with pytest.raises(ValueError, match=message):
         UploadBudgetConfig(**kwargs)
+
+
+def test_spending_carries_over_a_restart_and_refills_for_the_time_between() -> None:
+    """`spent()` through JSON into a new budget: the hour's allowance, the class quota (class
+    indices stay integers) and the bytes stay spent; saved half an hour ago, half of the
+    hourly allowance is back; malformed state counts as nothing spent."""
+    import json
+
+    budget, _ = make(samples_per_hour=4, class_per_hour=2, dedup_window=0)
+    signs = frames(6, seed=9)
+    assert [budget.admit(i % 2, 100, signs[i], audit=False) for i in range(4)] == [None] * 4
+    saved = json.loads(json.dumps(budget.spent()))
+    again, _ = make(samples_per_hour=4, class_per_hour=2, dedup_window=0)
+    again.restore(saved, 0.0)
+    assert again.admit(0, 100, signs[4], audit=False) == Suppressed.CLASS_QUOTA
+    assert again.admit(2, 100, signs[4], audit=False) == Suppressed.HOURLY_BUDGET
+    later, _ = make(samples_per_hour=4, class_per_hour=2, dedup_window=0)
+    later.restore(saved, HOUR / 2)
+    assert [later.admit(2 + i, 100, signs[4 + i], audit=False) for i in range(2)] == [None, None]
+    assert later.admit(4, 100, frames(1, seed=10)[0], audit=False) == Suppressed.HOURLY_BUDGET
+    broken, _ = make(samples_per_hour=4)
+    broken.restore({"hourly": "lots", "classes": 7}, 0.0)
+    assert broken.admit(0, 100, signs[5], audit=False) is None
