@@ -615,6 +615,8 @@ class Daemon:
                 "depth": outbox.depth,
                 "bytes": outbox.stored_bytes,
                 "dropped": sum(c.dropped_quota + c.expired for c in outbox.by_class.values()),
+                "refused": sum(c.refused for c in outbox.by_class.values()),  # no room at all
+                "recovered": outbox.recovered,  # why a damaged file was replaced, if it was
             },
             "uplink": None
             if uplink is None

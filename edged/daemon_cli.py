@@ -132,7 +132,11 @@ def _show(status: dict[str, Any]) -> None:
     )
     if status["bad_input"]:
         print("bad in   " + ", ".join(f"{k} {v}" for k, v in status["bad_input"].items()))
-    print(f"outbox   depth {outbox['depth']}, {outbox['bytes']} bytes, dropped {outbox['dropped']}")
+    print(
+        f"outbox   depth {outbox['depth']}, {outbox['bytes']} bytes, dropped "
+        f"{outbox['dropped']}, refused {outbox.get('refused', 0)}"
+        + (f"; replaced a damaged file: {outbox['recovered']}" if outbox.get("recovered") else "")
+    )
     if uplink is None:
         print("uplink   disabled")
     else:

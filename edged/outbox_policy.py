@@ -21,7 +21,8 @@ __all__ = [
 @dataclass(frozen=True, slots=True)
 class RecordClass:
     """One kind of record: its drain priority (0 drains first and is dropped last), how long it
-    may wait (seconds of device uptime), its guaranteed share of the disk quota, whether an
+    may wait (seconds of device uptime), its share of the disk quota (what it may hold while
+    others need room; higher classes may still take it when the quota is full), whether an
     enqueue waits for the record to be durable, and the uplink channel it travels on."""
 
     name: str

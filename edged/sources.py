@@ -3,7 +3,9 @@ its input into `Sample`s and awaits `submit`, which blocks while the pipeline's 
 (backpressure). Each sample is settled exactly once: `None` when it was processed (its result is
 out and any kept copy is durable), or the kind of problem when it was refused. Only then does a
 source forget it: the spool deletes the file, MQTT acknowledges the message, replay moves its
-bookmark. The firmware bridge plugs in as one more source with the same interface.
+bookmark. The firmware bridge (its own process: systemd/edged-firmware-bridge.service) will
+publish its sensors' samples on the local broker, where an `mqtt` source takes them like any
+other; a source inside the daemon needs only this interface.
 
     Source (protocol)
     ├── ReplaySource   a dataset file, paced, resuming at its bookmark after a restart

@@ -74,6 +74,7 @@ def test_ready_status_watchdog_and_clean_stop(tmp_path, short_dir, digits) -> No
         daemon.wait_ready()
         ready = daemon.notified("READY=1")
         assert any("model digits-cnn 1.0.0" in line for line in daemon.notified("STATUS="))
+        assert any("; queue " in line for line in daemon.notified("STATUS="))
         assert ready
         daemon.wait_for(lambda: len(daemon.notified("WATCHDOG=1")) >= 3, 10, "watchdog pings")
         shown = subprocess.run(
@@ -95,6 +96,7 @@ def test_ready_status_watchdog_and_clean_stop(tmp_path, short_dir, digits) -> No
         assert status["state"] == "running"
         assert status["counts"]["inferred"] > 0
         assert status["latency_ms"]["p99_ms"] is not None
+        assert status["outbox"]["refused"] == 0 and status["outbox"]["recovered"] is None
         assert daemon.terminate() == 0
         assert daemon.notified("STOPPING=1")
         assert "event=stopped" in daemon.log()
