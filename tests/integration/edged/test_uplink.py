@@ -183,6 +183,48 @@ async def test_lost_puback_is_redelivered_and_deduplicated(tmp_path, broker, fau
     assert unique_records(messages) == {keys[0]: {"alarm": "overheat"}}
 
 
+async def test_a_half_open_connection_is_found_by_keepalive(tmp_path, broker, fault_proxy) -> None:
+    """The link goes silent without a reset (the broker's answers stop arriving, as on a
+    dead NAT mapping): the keep-alive's unanswered PINGREQ ends the connection within about
+    1.5 keep-alive periods, the uplink reconnects once answers flow again, and an event put
+    while the link was silent arrives (once, after de-duplication)."""
+    keepalive = 2
+    config = UplinkConfig(
+        DEVICE,
+        LinkConfig(
+            "127.0.0.1",
+            fault_proxy.port,
+            client_id=DEVICE,
+            keepalive_s=keepalive,
+            connect_timeout_s=3,
+        ),
+        backoff_initial_s=0.2,
+        backoff_max_s=1.0,
+        healthy_after_s=60,
+    )
+    with MqttSubscriber(broker.host, broker.port, f"edged/v1/{DEVICE}/events") as sub:
+        async with Outbox(outbox_config(tmp_path)) as outbox:
+            uplink = Uplink(config, outbox, KEY)
+            task = asyncio.create_task(uplink.run())
+            try:
+                await asyncio.wait_for(uplink.connected.wait(), 10)
+                fault_proxy.pause_downstream()
+                silent_at = time.monotonic()
+                await outbox.put("event", {"during": "silence"})
+                await asyncio.wait_for(until(lambda: not uplink.connected.is_set()), 20)
+                found_after = time.monotonic() - silent_at
+                fault_proxy.resume_downstream()
+                await asyncio.wait_for(until(lambda: uplink.stats.connects >= 2), 30)
+                await drained(outbox)
+            finally:
+                task.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await task
+        messages = await arrived(sub, lambda ms: len(unique_records(ms)) >= 1)
+    assert found_after <= 3 * keepalive + 1, found_after
+    assert list(unique_records(messages).values()) == [{"during": "silence"}]
+
+
 async def test_last_will_marks_the_device_offline(tmp_path, broker, fault_proxy) -> None:
     """When the connection dies without a goodbye, the broker publishes the device's signed,
     retained offline state."""
