@@ -185,9 +185,10 @@ async def test_lost_puback_is_redelivered_and_deduplicated(tmp_path, broker, fau
 
 async def test_a_half_open_connection_is_found_by_keepalive(tmp_path, broker, fault_proxy) -> None:
     """The link goes silent without a reset (the broker's answers stop arriving, as on a
-    dead NAT mapping): the keep-alive's unanswered PINGREQ ends the connection within about
-    1.5 keep-alive periods, the uplink reconnects once answers flow again, and an event put
-    while the link was silent arrives (once, after de-duplication)."""
+    dead NAT mapping): the keep-alive's unanswered PINGREQ ends the connection (5.0 s with a
+    2 s keep-alive: one idle period before the PINGREQ, one waiting for its answer), the
+    uplink reconnects once answers flow again, and an event put while the link was silent
+    arrives (once, after de-duplication)."""
     keepalive = 2
     config = UplinkConfig(
         DEVICE,
