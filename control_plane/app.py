@@ -11,7 +11,9 @@ import time
 from collections.abc import AsyncIterator
 from contextlib import AsyncExitStack, asynccontextmanager
 
-from fastapi import FastAPI
+from fastapi import FastAPI, Request
+from starlette.datastructures import Headers
+from starlette.exceptions import HTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from control_plane.api import (
@@ -26,7 +28,7 @@ from control_plane.api import (
     tokens,
 )
 from control_plane.api import rollouts as rollout_routes
-from control_plane.api.problems import install_handlers
+from control_plane.api.problems import audit_refusal, install_handlers, problem_response
 from control_plane.broker_admin import BrokerAdmin
 from control_plane.db.engine import Database
 from control_plane.ingest import Ingest, IngestConfig
@@ -66,6 +68,43 @@ class RequestMetrics:
             metrics = scope["app"].state.cp.metrics
             metrics.requests.labels(scope["method"], path, str(status)).inc()
             metrics.latency.labels(path).observe(time.perf_counter() - started)
+
+
+class BodyLimit:
+    """Request bodies over `max_bytes` are refused (413, a problem document) before anything
+    reads them whole, authentication included (`POST /v1/enroll` has none): at once when the
+    declared Content-Length is over, else as soon as the streamed bytes are. Bundle uploads
+    (`POST /v1/models`) are bounded by max_bundle_bytes instead, where they are read.
+    (Starlette's own limit answers a declared length in plain text.)"""
+
+    def __init__(self, app: ASGIApp, max_bytes: int) -> None:
+        self.app, self.max_bytes = app, max_bytes
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http" or (
+            scope["method"] == "POST" and scope["path"].rstrip("/") == "/v1/models"
+        ):
+            await self.app(scope, receive, send)
+            return
+        detail = f"the request body is over the {self.max_bytes}-byte limit"
+        declared = Headers(scope=scope).get("content-length", "")
+        if declared.isdigit() and int(declared) > self.max_bytes:
+            request = Request(scope, receive)
+            await audit_refusal(request, 413, detail)
+            await problem_response(413, detail)(scope, receive, send)
+            return
+        seen = 0
+
+        async def counted() -> Message:
+            nonlocal seen
+            message = await receive()
+            if message["type"] == "http.request":
+                seen += len(message.get("body", b""))
+                if seen > self.max_bytes:  # FastAPI passes HTTPException on as it is
+                    raise HTTPException(413, detail)
+            return message
+
+        await self.app(scope, counted, send)
 
 
 def create_app(
@@ -117,5 +156,6 @@ def create_app(
     app.include_router(models.router)
     app.include_router(repository.router)
 
+    app.add_middleware(BodyLimit, max_bytes=settings.max_request_bytes)
     app.add_middleware(RequestMetrics)
     return app

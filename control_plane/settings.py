@@ -60,6 +60,8 @@ class Settings(BaseSettings):
     key_dir: Path | None = None
     repository_dir: Path | None = None
     max_bundle_bytes: Annotated[int, Field(ge=1024, le=512 << 20)] = 256 << 20
+    # every request body but a bundle upload (max_bundle_bytes)
+    max_request_bytes: Annotated[int, Field(ge=64 << 10, le=256 << 20)] = 4 << 20
     targets_expiry_s: Annotated[int, Field(ge=4, le=366 * 86_400)] = 90 * 86_400
     snapshot_expiry_s: Annotated[int, Field(ge=4, le=366 * 86_400)] = 7 * 86_400
     timestamp_expiry_s: Annotated[int, Field(ge=4, le=366 * 86_400)] = 86_400

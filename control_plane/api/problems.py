@@ -19,7 +19,14 @@ from fastapi.responses import JSONResponse
 from pydantic import BaseModel
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-__all__ = ["Problem", "ProblemDocument", "install_handlers", "problems"]
+__all__ = [
+    "Problem",
+    "ProblemDocument",
+    "audit_refusal",
+    "install_handlers",
+    "problem_response",
+    "problems",
+]
 
 log = logging.getLogger("control_plane.api")
 MEDIA_TYPE = "application/problem+json"
@@ -55,7 +62,9 @@ class Problem(Exception):
         self.status, self.detail, self.headers = status, detail, headers
 
 
-def _response(status: int, detail: str, headers: dict[str, str] | None = None) -> JSONResponse:
+def problem_response(
+    status: int, detail: str, headers: dict[str, str] | None = None
+) -> JSONResponse:
     body = ProblemDocument(title=TITLES.get(status, "Error"), status=status, detail=detail)
     return JSONResponse(body.model_dump(), status, headers=headers, media_type=MEDIA_TYPE)
 
@@ -110,23 +119,23 @@ def install_handlers(app: FastAPI) -> None:
     async def on_problem(request: Request, exc: Exception) -> JSONResponse:
         assert isinstance(exc, Problem)
         await audit_refusal(request, exc.status, exc.detail)
-        return _response(exc.status, exc.detail, exc.headers)
+        return problem_response(exc.status, exc.detail, exc.headers)
 
     async def on_validation(request: Request, exc: Exception) -> JSONResponse:
         assert isinstance(exc, RequestValidationError)
         sentence = _validation_sentence(exc)
         await audit_refusal(request, 422, sentence)
-        return _response(422, sentence)
+        return problem_response(422, sentence)
 
     async def on_http(request: Request, exc: Exception) -> JSONResponse:
         assert isinstance(exc, StarletteHTTPException)
         await audit_refusal(request, exc.status_code, str(exc.detail))
-        return _response(exc.status_code, str(exc.detail), getattr(exc, "headers", None))
+        return problem_response(exc.status_code, str(exc.detail), getattr(exc, "headers", None))
 
     async def on_error(request: Request, exc: Exception) -> JSONResponse:
         log.exception("unhandled error on %s %s", request.method, request.url.path)
         await audit_refusal(request, 500, f"unhandled {type(exc).__name__}; see the log")
-        return _response(500, "the server failed to handle the request; see its log")
+        return problem_response(500, "the server failed to handle the request; see its log")
 
     app.add_exception_handler(Problem, on_problem)
     app.add_exception_handler(RequestValidationError, on_validation)
@@ -136,9 +145,10 @@ def install_handlers(app: FastAPI) -> None:
 
 def problems(*statuses: int) -> dict[int | str, dict[str, Any]]:
     """OpenAPI entries for the error responses a route can give. Always added: 422 for a
-    request that breaks the schema (a body that is not JSON included) and 400, which routes
-    raise for what the schema cannot say; a route that checks a token (401) also answers 429
-    to an address over its failed token checks."""
+    request that breaks the schema (a body that is not JSON included), 400, which routes
+    raise for what the schema cannot say, and 413 for a body over max_request_bytes
+    (app.BodyLimit); a route that checks a token (401) also answers 429 to an address over
+    its failed token checks."""
     throttled = {429} if 401 in statuses else set()
     return {
         status: {
@@ -146,5 +156,5 @@ def problems(*statuses: int) -> dict[int | str, dict[str, Any]]:
             "description": TITLES.get(status, "Error"),
             "content": {MEDIA_TYPE: {}},
         }
-        for status in sorted({*statuses, *throttled, 400, 422})
+        for status in sorted({*statuses, *throttled, 400, 413, 422})
     }

@@ -149,10 +149,12 @@ def test_edged_enroll_command(cp: ControlPlaneProcess, group: str, tmp_path: Pat
 def test_one_address_is_slowed_down_after_its_limits(
     cp: ControlPlaneProcess, database_url: str, dynsec_mosquitto, tmp_path: Path
 ) -> None:
-    """On a replica with enroll_per_minute = 3 and auth_failures_per_minute = 4: the 4th
-    enrollment attempt from one address within a minute is 429 with Retry-After, however
-    good it is; after 4 refused tokens (operator or device) every token from that address,
-    a valid one too, is 429 without being checked, so guessing stops there."""
+    """On a replica with enroll_per_minute = 3, auth_failures_per_minute = 4 and
+    max_request_bytes = 64 KiB: a bigger body is 413 before anything else, declared or
+    streamed (a bundle upload is bounded by max_bundle_bytes instead); the 4th enrollment
+    attempt from one address within a minute is 429 with Retry-After, however good it is;
+    after 4 refused tokens (operator or device) every token from that address, a valid one
+    too, is 429 without being checked, so guessing stops there."""
     from tests.integration.control_plane.conftest import BROKER_ADMIN, BROKER_ADMIN_PASSWORD
 
     with ControlPlaneProcess(
@@ -164,7 +166,21 @@ def test_one_address_is_slowed_down_after_its_limits(
         ingest="false",
         enroll_per_minute="3",
         auth_failures_per_minute="4",
+        max_request_bytes=str(64 << 10),
     ) as limited:
+        huge = {"token": "edenr_" + "x" * 40, "public_key": "ab" * 32, "pad": "y" * (100 << 10)}
+        with limited.api() as api:
+            declared = api.post("/v1/enroll", json=huge)
+            streamed = api.post(
+                "/v1/enroll",
+                content=(b"z" * 4096 for _ in range(25)),
+                headers={"content-type": "application/json"},
+            )
+        with limited.api(cp.admin_token) as api:
+            bundle = api.post("/v1/models", content=b"not a bundle" * 10_000)
+        assert [declared.status_code, streamed.status_code] == [413, 413], streamed.text
+        assert declared.headers["content-type"] == "application/problem+json"
+        assert bundle.status_code == 400, bundle.text  # read whole, refused as a bundle
         identity = DeviceIdentity.load_or_create(tmp_path / "device.key")
         with limited.api() as api:
             tries = [
