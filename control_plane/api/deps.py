@@ -141,6 +141,16 @@ class Actor:
         self.state.metrics.denied.labels(reason=why).inc()
         return Problem(403, reason)
 
+    async def group_filter(self, column: Any, group: str | None, action: str) -> Any:
+        """A list's WHERE clause on a group `column`: the asked `group` (403, audited, out of
+        scope), else the groups the scope reaches; None for every group."""
+        if group is not None:
+            await self.check_group(action, group, None)
+            return column == group
+        if self.principal.groups is not None:
+            return column.in_(sorted(self.principal.groups))
+        return None
+
     async def check_group(self, action: str, group: str, target: str | None) -> None:
         if not self.principal.reaches(group):
             raise await self.deny(

@@ -69,11 +69,9 @@ async def list_devices(
     """Devices the caller's scope reaches, by id; filters combine."""
     timeout = state.settings.online_timeout_s
     query = select(*_SHOWN).order_by(Device.id).limit(limit + 1)
-    if group is not None:
-        await actor.check_group("device.list", group, None)
-        query = query.where(Device.group == group)
-    elif actor.principal.groups is not None:
-        query = query.where(Device.group.in_(sorted(actor.principal.groups)))
+    in_scope = await actor.group_filter(Device.group, group, "device.list")
+    if in_scope is not None:
+        query = query.where(in_scope)
     if status is not None:
         query = query.where(Device.status == status)
     if online is not None:

@@ -108,11 +108,9 @@ async def list_enrollment_tokens(
     """Enrollment tokens the caller's scope reaches (never their secrets), by id, with their
     state: pending, used (and by which device), expired or revoked."""
     query = select(EnrollmentToken).order_by(EnrollmentToken.id).limit(limit + 1)
-    if group is not None:
-        await actor.check_group("enrollment.list", group, None)
-        query = query.where(EnrollmentToken.group == group)
-    elif actor.principal.groups is not None:
-        query = query.where(EnrollmentToken.group.in_(sorted(actor.principal.groups)))
+    in_scope = await actor.group_filter(EnrollmentToken.group, group, "enrollment.list")
+    if in_scope is not None:
+        query = query.where(in_scope)
     if cursor is not None:
         query = query.where(EnrollmentToken.id > cursor)
     rows = list(await session.scalars(query))

@@ -373,6 +373,17 @@ def test_kill_9_loses_no_acknowledged_record(tmp_path) -> None:
     assert len(acknowledged) > 1000
 
 
+def damage_under(path: Path) -> None:
+    """Everything past the file's first page overwritten with garbage while it is open (its
+    WAL checkpointed into it first, so the damage is what SQLite reads next)."""
+    with sqlite3.connect(path) as conn:
+        conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+    conn.close()
+    data = bytearray(path.read_bytes())
+    data[4096:] = os.urandom(len(data) - 4096)
+    path.write_bytes(bytes(data))
+
+
 async def test_damage_found_by_a_lease_is_recovered_not_raised(tmp_path) -> None:
     """Damage the uplink's lease finds first (its read connection) is handed to the writer:
     the lease returns nothing instead of raising (it killed the uplink and the daemon), the
@@ -381,12 +392,7 @@ async def test_damage_found_by_a_lease_is_recovered_not_raised(tmp_path) -> None
     async with Outbox(cfg) as outbox:
         await outbox.put_many("sample", [b"s" * 3000 for _ in range(300)])
         old_boot = outbox.boot
-        with sqlite3.connect(cfg.path) as conn:
-            conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
-        conn.close()
-        data = bytearray(cfg.path.read_bytes())
-        data[4096:] = os.urandom(len(data) - 4096)
-        cfg.path.write_bytes(bytes(data))
+        damage_under(cfg.path)
         assert await outbox.lease(50, 1 << 20) == []
         await outbox.flush()
         assert outbox.stats().recovered and outbox.boot > old_boot
@@ -407,12 +413,7 @@ async def test_damage_found_mid_run_starts_a_new_boot_and_voids_old_acks(tmp_pat
         await outbox.put_many("sample", [b"s" * 3000 for _ in range(300)])
         in_flight = await outbox.lease(20, 1 << 20)
         old_boot = outbox.boot
-        with sqlite3.connect(cfg.path) as conn:
-            conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
-        conn.close()
-        data = bytearray(cfg.path.read_bytes())
-        data[4096:] = os.urandom(len(data) - 4096)
-        cfg.path.write_bytes(bytes(data))
+        damage_under(cfg.path)
         for attempt in range(5):  # the first commits find the damage and recover
             with contextlib.suppress(OutboxError):
                 await outbox.put("event", {"try": attempt})

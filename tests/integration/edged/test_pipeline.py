@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import logging
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -16,6 +17,20 @@ from edged.outbox import Outbox, OutboxConfig
 from edged.pipeline import Pipeline, Result
 from edged.sample_store import SampleStore
 from edged.sources import Sample
+
+
+def make_pipeline(engine: Engine, outbox: Outbox, store: SampleStore, **overrides: Any) -> Pipeline:
+    """A pipeline on the test's outbox and store: default gating and drift, a queue of 8,
+    8 pending writes, no sinks, unless `overrides` say otherwise."""
+    options: dict[str, Any] = {
+        "gating": GatingConfig(),
+        "drift": DriftConfig(),
+        "queue_size": 8,
+        "max_pending_writes": 8,
+        "sinks": [],
+        "bad_input": RateLimitedLog(logging.getLogger("test")),
+    }
+    return Pipeline(engine, outbox=outbox, store=store, **(options | overrides))
 
 
 async def test_backpressure_bounds_the_queue_and_every_sample_settles(
@@ -32,16 +47,13 @@ async def test_backpressure_bounds_the_queue_and_every_sample_settles(
         Outbox(OutboxConfig(tmp_path / "outbox.db", min_free_bytes=0)) as outbox,
         SampleStore(tmp_path / "samples.db") as store,
     ):
-        pipeline = Pipeline(
+        pipeline = make_pipeline(
             engine,
+            outbox,
+            store,
             gating=GatingConfig(threshold=0.99),
-            drift=DriftConfig(),
-            outbox=outbox,
-            store=store,
             queue_size=4,
-            max_pending_writes=8,
             sinks=[results.append],
-            bad_input=RateLimitedLog(logging.getLogger("test")),
             seed=1,
         )
         runner = asyncio.create_task(pipeline.run())
@@ -82,17 +94,7 @@ async def test_bad_samples_are_settled_with_their_kind(tmp_path: Path, tf_bundle
         Outbox(OutboxConfig(tmp_path / "outbox.db", min_free_bytes=0)) as outbox,
         SampleStore(tmp_path / "samples.db") as store,
     ):
-        pipeline = Pipeline(
-            engine,
-            gating=GatingConfig(),
-            drift=DriftConfig(),
-            outbox=outbox,
-            store=store,
-            queue_size=8,
-            max_pending_writes=8,
-            sinks=[],
-            bad_input=bad_input,
-        )
+        pipeline = make_pipeline(engine, outbox, store, bad_input=bad_input)
         runner = asyncio.create_task(pipeline.run())
         nan = np.full(shape, np.nan, np.float32)
         samples = {
@@ -154,14 +156,11 @@ async def test_a_kept_sample_that_cannot_be_stored_settles_as_a_write_failure(
         with sqlite3.connect(tmp_path / "samples.db") as other:
             other.execute("DROP TABLE samples")
         other.close()
-        pipeline = Pipeline(
+        pipeline = make_pipeline(
             engine,
+            outbox,
+            store,
             gating=GatingConfig(threshold=0.99),
-            drift=DriftConfig(),
-            outbox=outbox,
-            store=store,
-            queue_size=8,
-            max_pending_writes=8,
             sinks=[results.append],
             bad_input=bad_input,
             seed=1,
@@ -203,16 +202,11 @@ async def test_the_upload_budget_survives_a_restart(tmp_path: Path, digits_build
             Outbox(OutboxConfig(tmp_path / "outbox.db", min_free_bytes=0)) as outbox,
             SampleStore(tmp_path / "samples.db") as store,
         ):
-            pipeline = Pipeline(
+            pipeline = make_pipeline(
                 engine,
+                outbox,
+                store,
                 gating=gating,
-                drift=DriftConfig(),
-                outbox=outbox,
-                store=store,
-                queue_size=8,
-                max_pending_writes=8,
-                sinks=[],
-                bad_input=RateLimitedLog(logging.getLogger("test")),
                 seed=run,
                 budget_file=tmp_path / "gating-budget.json",
             )
