@@ -106,6 +106,17 @@ def _serving(ours: dict[str, dict[str, Any]], image: list[files.Instruction]) ->
     return found
 
 
+def _ingesting(
+    ours: dict[str, dict[str, Any]], image: list[files.Instruction], monkeypatch: pytest.MonkeyPatch
+) -> dict[str, bool]:
+    """Each serving replica: whether it consumes ingest (the `ingest` setting it loads)."""
+    found = {}
+    for name in _serving(ours, image):
+        with monkeypatch.context() as patch:
+            found[name] = _settings_from(files.environment(ours[name]), patch).ingest
+    return found
+
+
 def _parse(parser: argparse.ArgumentParser, args: list[str]) -> argparse.Namespace:
     """`args` through a real parser; a refusal fails the test with argparse's own sentence."""
     err = io.StringIO()
@@ -162,12 +173,28 @@ def test_every_variable_is_a_real_setting(
             _settings_from(env, patch)
 
 
-def test_replicas_share_everything_but_their_ingest_client_id(
+def test_api_and_ingest_replicas_apart_ingest_at_a_lower_cpu_share(
+    ours: dict[str, dict[str, Any]], image: list[files.Instruction], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The capacity docs' layout: at least two API replicas with `ingest = false` and at least
+    two ingest replicas, the ingest ones at a smaller cpu_shares than the API ones (1024 when
+    unset), so under ingest load API requests get the CPU first."""
+    ingesting = _ingesting(ours, image, monkeypatch)
+    api = [n for n, ingest in ingesting.items() if not ingest]
+    ingest = [n for n, ingest in ingesting.items() if ingest]
+    assert len(api) >= 2 and len(ingest) >= 2, ingesting
+    assert max(ours[n].get("cpu_shares", 1024) for n in ingest) < min(
+        ours[n].get("cpu_shares", 1024) for n in api
+    )
+
+
+def test_replicas_share_everything_but_their_ingest_role_and_client_id(
     ours: dict[str, dict[str, Any]], image: list[files.Instruction], monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """The replicas run one configuration on PostgreSQL and the shared broker (never the
     per-process local broker or SQLite), one ingest group, and each its own client id (two
-    replicas with one id would take each other's session; a random one leaves orphans)."""
+    replicas with one id would take each other's session; a random one leaves orphans);
+    only whether they consume ingest differs."""
     replicas = _serving(ours, image)
     loaded = {}
     for name in replicas:
@@ -178,10 +205,9 @@ def test_replicas_share_everything_but_their_ingest_client_id(
     assert first.backend == "postgresql"
     assert first.broker_url is not None and first.broker_dynsec
     assert first.device_broker_url is not None and first.device_broker_url.startswith("mqtts://")
-    assert first.ingest
     for other in rest:
-        assert other.model_dump(exclude={"ingest_client_id"}) == first.model_dump(
-            exclude={"ingest_client_id"}
+        assert other.model_dump(exclude={"ingest_client_id", "ingest"}) == first.model_dump(
+            exclude={"ingest_client_id", "ingest"}
         )
     ids = [s.ingest_client_id for s in loaded.values()]
     assert None not in ids and len(set(ids)) == len(ids), ids
@@ -403,14 +429,16 @@ def test_the_proxy_serves_every_replica_over_https(
     image: list[files.Instruction],
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    """nginx balances over exactly the serving replicas at their serve port, listens with TLS
-    on the published 443 with the certificate from its read-only tls mount, passes bundles
-    up to max_bundle_bytes, and sets the X-Forwarded-For the replicas trust from its network
-    alone."""
+    """nginx balances over exactly the API replicas (`ingest = false`) at their serve port,
+    listens with TLS on the published 443 with the certificate from its read-only tls mount,
+    passes bundles up to max_bundle_bytes, and sets the X-Forwarded-For the replicas trust
+    from its network alone; the ingest replicas are not on the proxy's network at all."""
     conf = files.nginx()
     (http,) = conf.all("http")
     upstream = http.first("upstream")
-    replicas = _serving(ours, image)
+    ingesting = _ingesting(ours, image, monkeypatch)
+    replicas = {n: a for n, a in _serving(ours, image).items() if not ingesting[n]}
+    assert all("edge" not in ours[n]["networks"] for n, ingest in ingesting.items() if ingest)
     assert sorted(s.args[0] for s in upstream.all("server")) == sorted(
         f"{name}:{args.port}" for name, args in replicas.items()
     )
@@ -431,14 +459,14 @@ def test_the_proxy_serves_every_replica_over_https(
     limit = _nginx_size(body[-1].args[0])
     subnet = ipaddress.ip_network(compose["networks"]["edge"]["ipam"]["config"][0]["subnet"])
     assert services["proxy"]["networks"] == ["edge"]
-    for name in replicas:
+    for name, args in replicas.items():
         env = files.environment(ours[name])
         with monkeypatch.context() as patch:
             settings = _settings_from(env, patch)
         assert limit >= settings.max_bundle_bytes, (limit, settings.max_bundle_bytes)
         assert ipaddress.ip_network(env["FORWARDED_ALLOW_IPS"]) == subnet
         assert "edge" in ours[name]["networks"]
-        assert replicas[name].host == "0.0.0.0"
+        assert args.host == "0.0.0.0"
 
 
 def _nginx_size(text: str) -> int:
