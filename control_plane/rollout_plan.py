@@ -28,7 +28,8 @@ A stage's verdict looks at the devices that stage added:
               below min_install_success, mean confidence drop (before − after) over
               max_confidence_drop, mean latency ratio over max_latency_ratio
     pending   fewer than min_devices_reporting × its devices reported (committed or failed),
-              or soak_s has not passed since that share was reached
+              or soak_s has not passed since that share was reached; a current stage still
+              short of its reports stage_timeout_s after it started fails instead
     passed    otherwise (a stage that adds no device passes at once)
 
 `decide` fails the rollout when any stage reached so far fails (a late report counts), unless
@@ -139,6 +140,7 @@ class Criteria:
     max_latency_ratio: float | None = 2.0
     min_devices_reporting: float = 1.0
     soak_s: float = 300.0
+    stage_timeout_s: float | None = None  # the reports a stage needs must come within this
 
     def __post_init__(self) -> None:
         if not 0 <= self.min_install_success <= 1:
@@ -147,6 +149,8 @@ class Criteria:
             raise PlanError("min_devices_reporting is a share in (0, 1]")
         if self.soak_s < 0:
             raise PlanError("soak_s cannot be negative")
+        if self.stage_timeout_s is not None and self.stage_timeout_s <= 0:
+            raise PlanError("stage_timeout_s must be positive (or null: no timeout)")
 
 
 @dataclass(frozen=True, slots=True)
@@ -196,6 +200,7 @@ class RolloutState:
     stage: int = -1
     approved_through: int = -1
     accepted_through: int = -1
+    stage_started_at: float | None = None  # when the current stage assigned its devices
 
 
 @dataclass(frozen=True, slots=True)
@@ -408,6 +413,26 @@ def _cohorts(devices: Sequence[Progress], stages: int) -> list[list[Progress]]:
     return cohorts
 
 
+def _timed_out(verdict: Verdict, rollout: RolloutState, now: float, *, current: bool) -> Verdict:
+    """The current stage still short of its reports `stage_timeout_s` after it started fails
+    (a soaking stage has its reports and only waits)."""
+    timeout, started = rollout.criteria.stage_timeout_s, rollout.stage_started_at
+    if (
+        not current
+        or verdict.status != "pending"
+        or verdict.soak_until is not None
+        or timeout is None
+        or started is None
+        or now - started < timeout
+    ):
+        return verdict
+    reason = (
+        f"only {verdict.reported} of {verdict.devices} devices reported within the "
+        f"{timeout:g} s stage timeout"
+    )
+    return Verdict("failed", (reason,), verdict.devices, verdict.reported)
+
+
 def decide(rollout: RolloutState, devices: Sequence[Progress], now: float) -> Decision:
     """The next action for `rollout` given its devices' progress, at `now`."""
     stage = rollout.stage
@@ -426,6 +451,7 @@ def decide(rollout: RolloutState, devices: Sequence[Progress], now: float) -> De
                 current = Verdict("passed", ("accepted by an operator",))
             continue
         verdict = stage_verdict(cohorts[index], rollout.criteria, now)
+        verdict = _timed_out(verdict, rollout, now, current=index == stage)
         if verdict.status == "failed":
             reasons = tuple(f"stage {index + 1}: {r}" for r in verdict.reasons)
             if rollout.on_failure == "rollback":

@@ -152,6 +152,7 @@ def rollout_state(row: Rollout) -> RolloutState:
         stage=row.stage,
         approved_through=row.approved_through,
         accepted_through=row.accepted_through,
+        stage_started_at=row.stage_started_at,
     )
 
 

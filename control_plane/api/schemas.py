@@ -437,6 +437,18 @@ class RolloutCriteria(_In):
         float,
         Field(ge=0, le=30 * 86_400, description="how long after that share reported it waits"),
     ] = 300.0
+    stage_timeout_s: (
+        Annotated[
+            float,
+            Field(
+                gt=0,
+                le=90 * 86_400,
+                description="a stage still short of that share this long after it started fails "
+                "(on_failure applies); null: it waits for ever",
+            ),
+        ]
+        | None
+    ) = None
 
 
 class RolloutCreate(_In):

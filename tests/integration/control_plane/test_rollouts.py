@@ -262,6 +262,32 @@ def test_a_failed_device_pauses_the_rollout_with_its_reason(
         _close(devices)
 
 
+def test_a_stage_whose_devices_do_not_report_in_time_pauses(
+    cp: ControlPlaneProcess, group: str, tmp_path: Path
+) -> None:
+    """criteria.stage_timeout_s = 2: the stage-1 device never reports (it is offline), and
+    2 s after the stage started the rollout pauses, saying how many reported, instead of
+    waiting for ever; the next stage is not started."""
+    devices = _fleet(cp, tmp_path, group, 2)
+    try:
+        rid = _create(
+            cp,
+            selector={"group": group},
+            stages=[{"count": 1}, {"percent": 100}],
+            criteria={"soak_s": 0, "stage_timeout_s": 2},
+        )["id"]
+        started = _until(cp, rid, lambda r: r["stage"] == 1)
+        paused = _until(cp, rid, lambda r: r["status"] == "paused")
+        assert paused["criteria"]["stage_timeout_s"] == 2
+        assert paused["reasons"] == [
+            "stage 1: only 0 of 1 devices reported within the 2 s stage timeout"
+        ]
+        assert paused["stage"] == 1 and paused["states"] == {"assigned": 1, "pending": 1}
+        assert paused["updated_at"] - started["stage_started_at"] >= 2
+    finally:
+        _close(devices)
+
+
 def test_a_failure_rolls_back_to_the_previous_target_when_asked(
     cp: ControlPlaneProcess, group: str, tmp_path: Path
 ) -> None:

@@ -251,6 +251,32 @@ def test_a_failure_pauses_by_default_and_rolls_back_when_asked() -> None:
     assert set(rollback.devices) == {d for d, s in members.items() if s == 1}
 
 
+def test_a_stage_short_of_its_reports_past_its_timeout_fails() -> None:
+    """stage_timeout_s: a stage whose devices have not reported 1 h after it started fails
+    (pause, or rollback when asked), naming how many reported; before the timeout it waits,
+    a soaking stage (its reports in) is not failed by it, and without one it waits for ever.
+    Before, a stage whose devices never reported held the rollout for ever."""
+    members = membership("r", _devices(20), STAGES)
+    timed = replace(FAST, stage_timeout_s=3600.0)
+    fleet = [replace(p, state="assigned") if p.stage == 0 else p for p in _fleet(members)]
+
+    def at_stage_0(criteria: Criteria, **extra: object) -> RolloutState:
+        return replace(_rollout(stage=0, **extra), criteria=criteria, stage_started_at=1000.0)
+
+    assert decide(at_stage_0(timed), fleet, 1000.0 + 3599).action == "wait"
+    late = decide(at_stage_0(timed), fleet, 1000.0 + 3600)
+    assert late.action == "pause"
+    assert late.reasons == (
+        "stage 1: only 0 of 1 devices reported within the 3600 s stage timeout",
+    )
+    assert decide(at_stage_0(timed, on_failure="rollback"), fleet, 9999).action == "rollback"
+    assert decide(at_stage_0(FAST), fleet, 1e9).action == "wait"
+    soaking = [replace(p, state="committed", at=4590.0) if p.stage == 0 else p for p in fleet]
+    assert decide(at_stage_0(timed), soaking, 4595.0).action == "wait"
+    with pytest.raises(PlanError, match="stage_timeout_s must be positive"):
+        Criteria(stage_timeout_s=0)
+
+
 def test_a_late_failure_in_an_earlier_stage_still_counts() -> None:
     """A stage that passed fails the rollout when one of its devices reports a failure later."""
     members = membership("r", _devices(20), STAGES)
