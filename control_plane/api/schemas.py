@@ -4,10 +4,10 @@ in a request are refused."""
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from typing import Annotated, Generic, Literal, TypeVar
+from typing import Annotated, Any, Generic, Literal, TypeVar
 
 from fastapi import Path, Query
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from control_plane.auth import SCOPED_ADMIN
 from control_plane.rollout_plan import DeviceState
@@ -58,8 +58,26 @@ RejectionCursor = Annotated[str | None, Query(pattern=r"^[^:\x00]{1,64}:[a-z_]{1
 DeviceCursor = Annotated[str | None, Query(pattern=r"^[a-z0-9-]{1,64}$")]
 
 
+def _without_nul(value: Any) -> bool:
+    if isinstance(value, str):
+        return "\x00" not in value
+    if isinstance(value, list | tuple):
+        return all(_without_nul(v) for v in value)
+    return True
+
+
 class _In(BaseModel):
+    """A request body: unknown fields refused, and no text with a NUL character anywhere (a
+    PostgreSQL text column refuses it, which was a 500 found by schemathesis)."""
+
     model_config = ConfigDict(extra="forbid")
+
+    @field_validator("*")
+    @classmethod
+    def _no_nul(cls, value: Any) -> Any:
+        if not _without_nul(value):
+            raise ValueError("text must not contain NUL characters")
+        return value
 
 
 class Page(BaseModel, Generic[T]):
