@@ -33,6 +33,21 @@ def make_pipeline(engine: Engine, outbox: Outbox, store: SampleStore, **override
     return Pipeline(engine, outbox=outbox, store=store, **(options | overrides))
 
 
+async def feed(pipeline: Pipeline, samples: dict[str, Any], settled: dict[str, Any]) -> bool:
+    """Run `pipeline` over `samples` (ref -> array), each settling into `settled[ref]`, until
+    drained; whether it was still running then."""
+    runner = asyncio.create_task(pipeline.run())
+    for ref, data in samples.items():
+        await pipeline.submit(
+            Sample("t", ref, data, lambda p, ref=ref: settled.__setitem__(ref, p))
+        )
+    await pipeline.drain()
+    alive = not runner.done()
+    runner.cancel()
+    pipeline.close()
+    return alive
+
+
 async def test_backpressure_bounds_the_queue_and_every_sample_settles(
     tmp_path: Path, digits_build
 ) -> None:
@@ -95,7 +110,6 @@ async def test_bad_samples_are_settled_with_their_kind(tmp_path: Path, tf_bundle
         SampleStore(tmp_path / "samples.db") as store,
     ):
         pipeline = make_pipeline(engine, outbox, store, bad_input=bad_input)
-        runner = asyncio.create_task(pipeline.run())
         nan = np.full(shape, np.nan, np.float32)
         samples = {
             "good": np.zeros(shape, np.float32),
@@ -106,14 +120,7 @@ async def test_bad_samples_are_settled_with_their_kind(tmp_path: Path, tf_bundle
             "overflow": np.full(shape, 3e38, np.float32),
             "after": np.ones(shape, np.float32),
         }
-        for ref, data in samples.items():
-            await pipeline.submit(
-                Sample("t", ref, data, lambda p, ref=ref: settled.__setitem__(ref, p))
-            )
-        await pipeline.drain()
-        alive = not runner.done()
-        runner.cancel()
-        pipeline.close()
+        alive = await feed(pipeline, samples, settled)
     assert alive
     assert settled == {
         "good": None,
@@ -165,15 +172,7 @@ async def test_a_kept_sample_that_cannot_be_stored_settles_as_a_write_failure(
             bad_input=bad_input,
             seed=1,
         )
-        runner = asyncio.create_task(pipeline.run())
-        for i, sample in enumerate(x):
-            await pipeline.submit(
-                Sample("t", str(i), sample, lambda p, ref=str(i): settled.__setitem__(ref, p))
-            )
-        await pipeline.drain()
-        alive = not runner.done()
-        runner.cancel()
-        pipeline.close()
+        alive = await feed(pipeline, {str(i): sample for i, sample in enumerate(x)}, settled)
     kept = {r.ref for r in results if r.sample_id is not None}
     assert alive and kept and len(results) == len(x)
     assert {ref for ref, problem in settled.items() if problem == "write"} == kept
@@ -210,12 +209,7 @@ async def test_the_upload_budget_survives_a_restart(tmp_path: Path, digits_build
                 seed=run,
                 budget_file=tmp_path / "gating-budget.json",
             )
-            runner = asyncio.create_task(pipeline.run())
-            for i, sample in enumerate(x):
-                await pipeline.submit(Sample("t", str(i), sample))
-            await pipeline.drain()
-            runner.cancel()
-            pipeline.close()
+            await feed(pipeline, {str(i): sample for i, sample in enumerate(x)}, {})
         assert pipeline.counts.kept > 3
         uploaded.append(pipeline.counts.uploaded)
     assert uploaded == [3, 0]
